@@ -1,0 +1,5 @@
+"""Diffusion inferers, re-exported from MONAI core."""
+
+from monai.inferers import DiffusionInferer, LatentDiffusionInferer
+
+__all__ = ["DiffusionInferer", "LatentDiffusionInferer"]

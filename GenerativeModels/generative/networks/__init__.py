@@ -1,0 +1,1 @@
+"""Networks, layers and schedulers under MONAI Generative's import paths."""

@@ -1,0 +1,1 @@
+"""3D latent diffusion toolkit: config, data, training loops, memory tools and CLIs."""

@@ -1,0 +1,94 @@
+"""Command-line plumbing shared by the scripts in ``monai_diffusion/3d_ldm/`` and the console commands.
+
+Every user mistake ends as one line on stderr and exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from monai_diffusion.config import Config, ConfigError, load_config
+from monai_diffusion.data import DataError
+from monai_diffusion.perceptual import PerceptualWeightsError
+
+__all__ = ["config_parser", "resolve_config_path", "run_main", "train_autoencoder_main"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from monai_diffusion.training.autoencoder import RunError
+    from monai_diffusion.training.checkpoint import CheckpointError
+    from monai_diffusion.training.loop import TrainingError
+
+    return (ConfigError, DataError, PerceptualWeightsError, RunError, CheckpointError, TrainingError)
+
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    """--config, repeatable --set dotted.key=value, --debug."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=str(CONFIG_DIR / "ldm_config.yaml"),
+                        help="YAML config (a bare name is also looked up in monai_diffusion/config/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set autoencoder.training.batch_size=1 (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def resolve_config_path(value: str) -> Path:
+    """The path as given, or else the file of that name in the package's config folder."""
+    path = Path(value)
+    if path.exists() or path.is_absolute():
+        return path
+    for candidate in (CONFIG_DIR / value, CONFIG_DIR / path.name, CONFIG_DIR / "examples" / path.name):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
+def load_cli_config(args: argparse.Namespace) -> Config:
+    return load_config(resolve_config_path(args.config), args.overrides)
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout)
+    for noisy in ("PIL",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(body: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse arguments, run ``body``, turn user errors into one line and exit code 2."""
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        body(args)
+    except _user_errors() as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def train_autoencoder_main(argv: Sequence[str] | None = None) -> int:
+    """``train_autoencoder.py`` / ``ldm-train-autoencoder``."""
+    parser = config_parser("Train the 3D AutoencoderKL (stage 1 of the latent diffusion model).")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+
+    def body(args: argparse.Namespace) -> None:
+        from monai_diffusion.training.autoencoder import train_autoencoder
+
+        train_autoencoder(load_cli_config(args), resume=args.resume)
+
+    return run_main(body, parser, argv)

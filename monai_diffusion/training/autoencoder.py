@@ -1,0 +1,369 @@
+"""Stage 1: the AutoencoderKL training step (the established 3D LDM recipe) and the run that drives it.
+
+Loss of the autoencoder (generator):
+    L1(x, x̂) + kl_weight · KL(q(z|x) || N(0, I)) [+ perceptual_weight · MedicalNet distance]
+    [+ adversarial_weight · least-squares patch-GAN term, after the warm-up epochs]
+Loss of the discriminator: adversarial_weight · ½ (LS(D(x̂), fake) + LS(D(x), real)).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
+from monai.metrics import PSNRMetric, SSIMMetric
+from monai.networks.nets import PatchDiscriminator
+
+from generative.networks.nets import AutoencoderKL
+from monai_diffusion.config import Config, config_from_dict, config_to_dict, save_config
+from monai_diffusion.data import build_datasets
+from monai_diffusion.perceptual import MedicalNetPerceptualLoss
+from monai_diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from monai_diffusion.training.loop import LoopSettings, LoopState, Optimization, build_loaders, fit
+from monai_diffusion.training.runtime import Precision, Runtime, restore_rng, seed_everything, setup_runtime
+from monai_diffusion.training.visualize import volume_grid
+
+__all__ = ["AutoencoderTask", "kl_divergence", "train_autoencoder", "RunError"]
+
+log = logging.getLogger("monai_diffusion")
+
+
+class RunError(ValueError):
+    """The run folder does not allow what was asked (existing run without --resume, nothing to resume, ...)."""
+
+
+def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma²) || N(0, 1)) summed over latent voxels and channels, averaged over the batch."""
+    z_mu, z_sigma = z_mu.float(), z_sigma.float()
+    per_voxel = z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2)) - 1
+    return 0.5 * per_voxel.flatten(1).sum(dim=1).mean()
+
+
+def _ssim_window(spatial: tuple[int, ...]) -> int:
+    window = min(11, *spatial)
+    return window if window % 2 == 1 else window - 1
+
+
+class AutoencoderTask:
+    """AutoencoderKL + PatchDiscriminator (+ perceptual network) and their losses.
+
+    Args:
+        config: the resolved run config.
+        runtime: device and DDP placement.
+        precision: autocast / loss scaling.
+    """
+
+    monitor = "val/l1"
+
+    def __init__(self, config: Config, runtime: Runtime, precision: Precision) -> None:
+        ae_cfg, tr = config.autoencoder, config.autoencoder.training
+        self.config, self.runtime, self.precision, self.training = config, runtime, precision, tr
+        device = runtime.device
+        self.model_args = ae_cfg.model_kwargs()
+        self.autoencoder = AutoencoderKL(**self.model_args).to(device)
+        self.discriminator: nn.Module | None = None
+        if tr.use_adversarial_loss:
+            disc = PatchDiscriminator(
+                spatial_dims=ae_cfg.spatial_dims,
+                num_layers_d=ae_cfg.discriminator.num_layers_d,
+                channels=ae_cfg.discriminator.num_channels,
+                in_channels=ae_cfg.out_channels,
+                out_channels=1,
+            )
+            if runtime.distributed and device.type == "cuda":  # SyncBatchNorm needs GPU tensors
+                disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+            self.discriminator = disc.to(device)
+        self.perceptual = (
+            MedicalNetPerceptualLoss(ae_cfg.perceptual.network, ae_cfg.perceptual.weights_path).to(device)
+            if tr.use_perceptual_loss
+            else None
+        )
+        self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
+        self.ae_train: nn.Module = self.autoencoder
+        self.disc_train: nn.Module | None = self.discriminator
+        if runtime.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            self.ae_train = nn.parallel.DistributedDataParallel(self.autoencoder, device_ids=ids)
+            if self.discriminator is not None:
+                self.disc_train = nn.parallel.DistributedDataParallel(self.discriminator, device_ids=ids)
+        self._optimizers = {
+            "generator": torch.optim.Adam([p for p in self.autoencoder.parameters() if p.requires_grad], lr=tr.learning_rate)
+        }
+        if self.discriminator is not None:
+            self._optimizers["discriminator"] = torch.optim.Adam(
+                self.discriminator.parameters(), lr=tr.discriminator_learning_rate
+            )
+        spatial = tuple(config.data.image_size)[: ae_cfg.spatial_dims]
+        self.psnr = PSNRMetric(max_val=1.0, reduction="none")
+        self.ssim = SSIMMetric(spatial_dims=ae_cfg.spatial_dims, data_range=1.0, win_size=_ssim_window(spatial), reduction="none")
+
+    # -- what the loop needs -------------------------------------------------------------------------
+    def ddp_modules(self) -> list[nn.Module]:
+        return [m for m in (self.ae_train, self.disc_train) if m is not None]
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self._optimizers
+
+    def train(self, mode: bool = True) -> None:
+        self.autoencoder.train(mode)
+        if self.discriminator is not None:
+            self.discriminator.train(mode)
+
+    def _images(self, batch: dict[str, Any]) -> torch.Tensor:
+        images = batch["image"]
+        if self.config.autoencoder.spatial_dims == 2 and images.dim() == 5:  # 2D configs train on centre slices
+            images = images[..., images.shape[-1] // 2]
+        return images.to(self.runtime.device, non_blocking=True).float()
+
+    def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, float]:
+        tr = self.training
+        images = self._images(batch)
+        adversarial = self.discriminator is not None and epoch >= tr.adversarial_warmup_epochs
+        # generator: reconstruction, KL, perceptual and (after warm-up) adversarial terms
+        with self.precision.autocast():
+            reconstruction, z_mu, z_sigma = self.ae_train(images)
+            recon = reconstruction.float()
+            terms = {"l1": F.l1_loss(recon, images), "kl": kl_divergence(z_mu, z_sigma)}
+            loss = terms["l1"] + tr.kl_weight * terms["kl"]
+            if self.perceptual is not None:
+                terms["perceptual"] = self.perceptual(recon, images)
+                loss = loss + tr.perceptual_weight * terms["perceptual"]
+            if adversarial:
+                self.discriminator.requires_grad_(False)  # its weights are not the generator's to change
+                logits = self.discriminator(recon.contiguous())[-1]
+                self.discriminator.requires_grad_(True)
+                terms["gen_adv"] = self.adversarial_loss(logits, target_is_real=True, for_discriminator=False)
+                loss = loss + tr.adversarial_weight * terms["gen_adv"]
+        logs = {k: float(v.detach()) for k, v in terms.items()}
+        optimization.backward(loss, "generator", logs)
+        # discriminator: tell real volumes from reconstructions
+        if adversarial:
+            with self.precision.autocast():
+                fake = self.disc_train(recon.detach().contiguous())[-1]
+                real = self.disc_train(images.contiguous())[-1]
+                disc_loss = 0.5 * (
+                    self.adversarial_loss(fake, target_is_real=False, for_discriminator=True)
+                    + self.adversarial_loss(real, target_is_real=True, for_discriminator=True)
+                )
+            logs["disc"] = float(disc_loss.detach())
+            optimization.backward(tr.adversarial_weight * disc_loss, "discriminator", logs)
+        return logs
+
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images = self._images(batch)
+        with self.precision.autocast():
+            reconstruction = self.autoencoder.reconstruct(images)
+        recon = reconstruction.float().clamp(0, 1)
+        l1 = (recon - images).abs().flatten(1).mean(dim=1)
+        psnr = self.psnr(recon, images).flatten()
+        ssim = self.ssim(recon, images).flatten()
+        return {"l1": l1.sum(), "psnr": psnr.sum(), "ssim": ssim.sum(), "count": torch.tensor(float(len(images)))}
+
+    def preview(self, batch: dict[str, Any]) -> np.ndarray:
+        count = max(1, self.training.num_preview_volumes)
+        images = self._images(batch)[:count]
+        with self.precision.autocast():
+            reconstruction = self.autoencoder.reconstruct(images).float().clamp(0, 1)
+        return volume_grid([("input", list(images)), ("reconstruction", list(reconstruction))])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stage": "autoencoder",
+            "model_args": self.model_args,
+            "config": config_to_dict(self.config),
+            "autoencoder": self.autoencoder.state_dict(),
+            "discriminator": self.discriminator.state_dict() if self.discriminator is not None else None,
+            "optimizers": {name: opt.state_dict() for name, opt in self._optimizers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.autoencoder.load_state_dict(state["autoencoder"], strict=True)
+        if self.discriminator is not None and state.get("discriminator") is not None:
+            self.discriminator.load_state_dict(state["discriminator"], strict=True)
+        for name, opt in self._optimizers.items():
+            if name in state["optimizers"]:
+                opt.load_state_dict(state["optimizers"][name])
+        lrs = {"generator": self.training.learning_rate, "discriminator": self.training.discriminator_learning_rate}
+        for name, opt in self._optimizers.items():  # a changed learning rate in the config takes effect
+            for group in opt.param_groups:
+                group["lr"] = lrs[name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------
+_ARCHITECTURE_KEYS = ("model_args",)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def _compare_for_resume(saved: dict[str, Any], task: AutoencoderTask, config: Config, path: Path) -> None:
+    old_args = {k: v for k, v in saved["model_args"].items() if k != "use_checkpointing"}
+    new_args = {k: v for k, v in task.model_args.items() if k != "use_checkpointing"}
+    changed = [k for k in sorted(set(old_args) | set(new_args)) if old_args.get(k) != new_args.get(k)]
+    if changed:
+        detail = "; ".join(f"{k}: {old_args.get(k)!r} -> {new_args.get(k)!r}" for k in changed)
+        raise RunError(
+            f"--resume: the config changes the autoencoder architecture ({detail}) compared with {path}; "
+            f"restore those keys or start a new run in another output_dir"
+        )
+    old, new = _flatten(saved["config"]), _flatten(config_to_dict(config))
+    differences = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if differences:
+        log.info("resuming with changed settings: %s", "; ".join(differences))
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite a run or to resume nothing (no side effects)."""
+    last = checkpoint_path(run_dir, "last")
+    if resume and not last.is_file():
+        raise RunError(f"--resume: no checkpoint at {last}; start without --resume (or check output_dir)")
+    if not resume and last.is_file():
+        raise RunError(
+            f"output_dir: {run_dir} already holds a trained run ({last}); pass --resume to continue it or set "
+            f"output_dir to a new folder (nothing was changed)"
+        )
+
+
+def _create_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"output_dir: cannot write to {run_dir} ({err.strerror}); choose a writable folder") from None
+
+
+def _peak_memory(device: torch.device) -> tuple[str, float]:
+    if device.type == "cuda":
+        return "CUDA max allocated", torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return "process peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def train_autoencoder(config: Config, resume: bool = False) -> dict[str, Any]:
+    """Train the autoencoder described by ``config``; returns the run summary (also written as JSON).
+
+    The run folder is ``<output_dir>/autoencoder`` (``<output_dir>/fast_dev_run/autoencoder`` for a
+    ``fast_dev_run``, which is replaced each time) and holds ``config.yaml``, ``checkpoints/{last,best}.pt``,
+    ``previews/*.png``, ``tensorboard/`` and ``summary.json``.
+    """
+    tr = config.autoencoder.training
+    runtime = setup_runtime(config.device)
+    try:
+        run_dir = (Path(config.output_dir) / "fast_dev_run" / "autoencoder") if tr.fast_dev_run else config.autoencoder_dir
+        if runtime.is_main and not (tr.fast_dev_run and not resume):  # a fast_dev_run folder is scratch
+            _check_run_dir(run_dir, resume)
+        train_ds, val_ds = build_datasets(config.data, seed=config.seed, in_channels=config.autoencoder.in_channels)
+        if runtime.is_main:
+            if tr.fast_dev_run and not resume:
+                for stale in (checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")):
+                    stale.unlink(missing_ok=True)
+            _create_run_dir(run_dir)
+        runtime.barrier()
+        seed_everything(config.seed + runtime.rank)
+        loaders = build_loaders(train_ds, val_ds, tr.batch_size, config.data.num_workers, config.seed, runtime)
+        precision = Precision(tr.mixed_precision, runtime.device)
+        task = AutoencoderTask(config, runtime, precision)
+        state = LoopState()
+        if resume:
+            path = checkpoint_path(run_dir, "last")
+            try:
+                saved = load_checkpoint(path, map_location=runtime.device)
+            except CheckpointError as err:
+                raise RunError(f"--resume: {err}") from None
+            if saved.get("stage") != "autoencoder":
+                raise RunError(f"--resume: {path} is not an autoencoder checkpoint")
+            _compare_for_resume(saved, task, config, path)
+            task.load_state_dict(saved)
+            state = LoopState(**saved["loop"])
+            precision.scaler.load_state_dict(saved["scaler"])
+            restore_rng(saved["rng"])
+            log.info("resumed %s at epoch %d, step %d", path, state.epoch, state.global_step)
+        if runtime.is_main:
+            save_config(config, run_dir / "config.yaml")
+        writer = None
+        if runtime.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        settings = LoopSettings(
+            n_epochs=tr.n_epochs,
+            max_steps=tr.max_steps,
+            accumulation_steps=tr.gradient_accumulation_steps,
+            val_interval=tr.val_interval,
+            fast_dev_run=tr.fast_dev_run,
+            fast_dev_run_batches=tr.fast_dev_run_batches,
+            log_every_n_steps=tr.log_every_n_steps,
+            checkpoint_every_n_steps=tr.checkpoint_every_n_steps,
+        )
+        started = time.perf_counter()
+        if runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(runtime.device)
+        state = fit(task, settings, runtime, precision, loaders, run_dir, state, writer)
+        if writer is not None:
+            writer.close()
+        memory_kind, memory_gib = _peak_memory(runtime.device)
+        image_size = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
+        latent = task.autoencoder.latent_shape(image_size)
+        trained = [r for r in state.history if "volumes_per_second" in r]
+        summary = {
+            "run_dir": str(run_dir),
+            "fast_dev_run": tr.fast_dev_run,
+            "input_shape": [config.autoencoder.in_channels, *image_size],
+            "latent_shape": list(latent),
+            "compression": float(np.prod(image_size) * config.autoencoder.in_channels / np.prod(latent)),
+            "autoencoder_parameters": sum(p.numel() for p in task.autoencoder.parameters()),
+            "discriminator_parameters": sum(p.numel() for p in task.discriminator.parameters()) if task.discriminator else 0,
+            "precision": precision.name,
+            "world_size": runtime.world_size,
+            "epochs": state.epoch,
+            "optimizer_steps": state.global_step,
+            "skipped_steps": state.skipped_steps,
+            "best_val_l1": state.best_metric,
+            "final": state.history[-1] if state.history else {},
+            "peak_memory": {"kind": memory_kind, "GiB": round(memory_gib, 3)},
+            "volumes_per_second": trained[-1]["volumes_per_second"] if trained else 0.0,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if runtime.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+            _log_summary(summary)
+        return summary
+    finally:
+        runtime.close()
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    final = summary["final"]
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("val/"))
+    lines = [
+        f"run folder:   {summary['run_dir']}" + ("  (fast_dev_run)" if summary["fast_dev_run"] else ""),
+        f"latent shape: {summary['latent_shape']} for input {summary['input_shape']} "
+        f"({summary['compression']:.0f}x fewer values)",
+        f"parameters:   autoencoder {summary['autoencoder_parameters']:,}, discriminator {summary['discriminator_parameters']:,}",
+        f"training:     {summary['epochs']} epochs, {summary['optimizer_steps']} optimiser steps "
+        f"({summary['skipped_steps']} skipped), {summary['precision']}, {summary['world_size']} process(es)",
+        f"validation:   {metrics or 'not run'}",
+        f"peak memory:  {summary['peak_memory']['GiB']:.2f} GiB ({summary['peak_memory']['kind']})",
+        f"throughput:   {summary['volumes_per_second']:.2f} volumes/s; total {summary['seconds']:.0f} s",
+    ]
+    for line in lines:
+        log.info(line)

@@ -1,0 +1,307 @@
+"""The training loop, written once: epochs, gradient accumulation, mixed precision, validation,
+checkpoints, resume, DDP, progress bars and TensorBoard. What is trained lives in a *task*
+(``autoencoder.py``; the diffusion stage adds its own) that only knows how to compute its losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from monai_diffusion.data import make_loader
+from monai_diffusion.training.checkpoint import checkpoint_path, save_checkpoint
+from monai_diffusion.training.runtime import Precision, Runtime, capture_rng
+from monai_diffusion.training.visualize import save_png
+
+__all__ = ["TrainingError", "LoopSettings", "LoopState", "Task", "Optimization", "EpochShuffleSampler", "fit", "build_loaders"]
+
+log = logging.getLogger("monai_diffusion")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss or gradients, ...); the last good checkpoint is kept."""
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs from a config section."""
+
+    n_epochs: int
+    max_steps: int | None
+    accumulation_steps: int
+    val_interval: int
+    fast_dev_run: bool
+    fast_dev_run_batches: int
+    log_every_n_steps: int
+    checkpoint_every_n_steps: int | None
+
+
+@dataclass
+class LoopState:
+    """The loop's position; stored in every checkpoint."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float = math.inf
+    skipped_steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Task(Protocol):
+    """What the loop trains. See ``AutoencoderTask`` for a complete example."""
+
+    monitor: str  # validation metric to minimise for the ``best`` checkpoint
+
+    def ddp_modules(self) -> list[nn.Module]: ...
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
+    def train(self, mode: bool = True) -> None: ...
+    def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, float]: ...
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
+    def preview(self, batch: dict[str, Any]) -> np.ndarray: ...
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a seed derived from (seed, epoch), so a resumed epoch sees the same order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def build_loaders(
+    train_ds: Dataset, val_ds: Dataset, batch_size: int, num_workers: int, seed: int, runtime: Runtime
+) -> tuple[DataLoader, DataLoader, Sampler]:
+    """Loaders with per-epoch deterministic shuffling; each rank gets its own shard under DDP."""
+    if runtime.distributed:
+        train_sampler: Sampler = DistributedSampler(train_ds, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
+        val_sampler: Sampler | None = DistributedSampler(val_ds, runtime.world_size, runtime.rank, shuffle=False)
+    else:
+        train_sampler, val_sampler = EpochShuffleSampler(len(train_ds), seed), None
+    train = make_loader(train_ds, batch_size, False, num_workers, seed, sampler=train_sampler)
+    val = make_loader(val_ds, batch_size, False, num_workers, seed, sampler=val_sampler)
+    return train, val, train_sampler
+
+
+class Optimization:
+    """Backward passes with loss scaling and accumulation, and one optimiser step per window.
+
+    Args:
+        optimizers: the task's optimisers by name.
+        precision: autocast / GradScaler settings.
+        accumulation_steps: micro-batches per optimiser step (losses are divided by it).
+    """
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision, accumulation_steps: int) -> None:
+        self.optimizers = optimizers
+        self.precision = precision
+        self.accumulation_steps = accumulation_steps
+        self.step_index = 0
+        self.skipped = 0
+        self._pending: set[str] = set()
+
+    def backward(self, loss: torch.Tensor, optimizer: str, terms: dict[str, float]) -> None:
+        """Accumulate gradients of ``loss`` for ``optimizer``; stop on a non-finite loss (unless fp16 scaling)."""
+        if not self.precision.uses_scaler and not torch.isfinite(loss.detach()):
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+            raise TrainingError(
+                f"non-finite {optimizer} loss at optimiser step {self.step_index + 1} ({shown}); stopped, the last "
+                f"good checkpoint is kept; lower the learning rate or enable mixed_precision's loss scaling"
+            )
+        self.precision.scaler.scale(loss / self.accumulation_steps).backward()
+        self._pending.add(optimizer)
+
+    def _grads_finite(self, optimizer: torch.optim.Optimizer) -> bool:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return all(bool(torch.isfinite(g).all()) for g in grads)
+
+    def step(self) -> None:
+        """Step every optimiser that received gradients in this window, then clear them."""
+        scaler = self.precision.scaler
+        scale_before = scaler.get_scale() if self.precision.uses_scaler else None
+        for name in sorted(self._pending):
+            optimizer = self.optimizers[name]
+            if not self.precision.uses_scaler and not self._grads_finite(optimizer):
+                raise TrainingError(
+                    f"non-finite gradients for {name} at optimiser step {self.step_index + 1}; stopped, the last "
+                    f"good checkpoint is kept"
+                )
+            scaler.step(optimizer)
+        if self.precision.uses_scaler:
+            scaler.update()
+            if scaler.get_scale() < scale_before:
+                self.skipped += 1  # fp16 overflow: the scaler skipped this step, as designed
+        for name in self._pending:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        self._pending.clear()
+        self.step_index += 1
+
+
+@contextlib.contextmanager
+def _no_sync(modules: list[nn.Module], active: bool) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        if active:
+            for module in modules:
+                if isinstance(module, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        yield
+
+
+class _Running:
+    """Running means of the step logs for the progress bar and TensorBoard."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, logs: dict[str, float]) -> None:
+        for key, value in logs.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {key: value / max(self.count, 1) for key, value in self.sums.items()}
+
+
+def _validate(task: Task, loader: DataLoader, settings: LoopSettings, runtime: Runtime) -> tuple[dict[str, float], np.ndarray | None]:
+    task.train(False)
+    sums: dict[str, torch.Tensor] = {}
+    preview = None
+    with torch.no_grad():
+        for index, batch in enumerate(tqdm(loader, desc="validation", leave=False, disable=not runtime.is_main)):
+            if settings.fast_dev_run and index >= settings.fast_dev_run_batches:
+                break
+            for key, value in task.validation_step(batch).items():
+                sums[key] = sums.get(key, 0) + value.detach().double().cpu()
+            if preview is None and runtime.is_main:
+                preview = task.preview(batch)
+    keys = sorted(sums)
+    totals = runtime.all_reduce_sum(torch.stack([sums[k] for k in keys]).to(runtime.device)).cpu() if keys else None
+    task.train(True)
+    if totals is None:
+        return {}, preview
+    reduced = dict(zip(keys, totals.tolist()))
+    count = max(reduced.pop("count", 1.0), 1.0)
+    return {f"val/{k}": v / count for k, v in reduced.items()}, preview
+
+
+def fit(
+    task: Task,
+    settings: LoopSettings,
+    runtime: Runtime,
+    precision: Precision,
+    loaders: tuple[DataLoader, DataLoader, Sampler],
+    run_dir: Path,
+    state: LoopState,
+    writer: Any | None,
+) -> LoopState:
+    """Train ``task`` from ``state`` to the end (or ``max_steps`` / ``fast_dev_run``); returns the final state."""
+    train_loader, val_loader, sampler = loaders
+    optimization = Optimization(task.optimizers(), precision, settings.accumulation_steps)
+    optimization.step_index = state.global_step
+    optimization.skipped = state.skipped_steps
+    batches_per_epoch = len(train_loader)
+    if settings.fast_dev_run:
+        batches_per_epoch = min(batches_per_epoch, settings.fast_dev_run_batches)
+
+    def save(name: str, epoch: int, batch_in_epoch: int) -> None:
+        state.epoch, state.batch_in_epoch = epoch, batch_in_epoch
+        state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped
+        if runtime.is_main:
+            loop_state = {k: v for k, v in vars(state).items()}
+            payload = {**task.state_dict(), "loop": loop_state, "rng": capture_rng(), "scaler": precision.scaler.state_dict()}
+            save_checkpoint(payload, checkpoint_path(run_dir, name))
+        runtime.barrier()
+
+    task.train(True)
+    stop = False
+    for epoch in range(state.epoch, settings.n_epochs):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        skip = state.batch_in_epoch if epoch == state.epoch else 0
+        running = _Running()
+        bar = tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{settings.n_epochs}",
+                   disable=not runtime.is_main, dynamic_ncols=True)
+        started, seen = time.perf_counter(), 0
+        for index, batch in enumerate(train_loader):
+            if index < skip:
+                continue
+            if index >= batches_per_epoch:
+                break
+            # 1. forward + backward of one micro-batch (gradients synchronised only at the window's end)
+            boundary = (index + 1) % settings.accumulation_steps == 0 or index + 1 == batches_per_epoch
+            with _no_sync(task.ddp_modules(), active=not boundary):
+                logs = task.training_step(batch, epoch, optimization)
+            running.add(logs)
+            seen += len(batch["image"])
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in running.means().items()})
+            if not boundary:
+                continue
+            # 2. optimiser step, logging, periodic checkpoint
+            optimization.step()
+            step = optimization.step_index
+            if writer is not None and step % settings.log_every_n_steps == 0:
+                for key, value in running.means().items():
+                    writer.add_scalar(f"train/{key}", value, step)
+            if settings.checkpoint_every_n_steps and step % settings.checkpoint_every_n_steps == 0:
+                save("last", epoch, index + 1)
+            if settings.max_steps is not None and step >= settings.max_steps:
+                stop = True
+                break
+        bar.close()
+        elapsed = time.perf_counter() - started
+        record = {"epoch": epoch + 1, "step": optimization.step_index, **running.means(),
+                  "volumes_per_second": seen * runtime.world_size / elapsed if elapsed > 0 else 0.0}
+        # 3. validation, preview, best checkpoint
+        last_epoch = stop or settings.fast_dev_run or epoch + 1 == settings.n_epochs
+        if last_epoch or (epoch + 1) % settings.val_interval == 0:
+            metrics, preview = _validate(task, val_loader, settings, runtime)
+            record.update(metrics)
+            if runtime.is_main:
+                log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                if preview is not None:
+                    save_png(preview, run_dir / "previews" / f"epoch_{epoch + 1:04d}.png")
+                if writer is not None:
+                    for key, value in metrics.items():
+                        writer.add_scalar(key, value, optimization.step_index)
+                    if preview is not None:
+                        writer.add_image("val/preview", preview, optimization.step_index, dataformats="HW")
+            monitored = metrics.get(task.monitor, math.inf)
+            if monitored < state.best_metric:
+                state.best_metric = monitored
+                state.history.append(record)
+                save("best", epoch + 1, 0)
+            else:
+                state.history.append(record)
+        else:
+            state.history.append(record)
+        save("last", epoch + 1, 0)
+        if last_epoch:
+            break
+    state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped
+    if writer is not None:
+        writer.flush()
+    return state

@@ -1,0 +1,70 @@
+"""Pictures a person can look at: three orthogonal centre slices of volumes, side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+__all__ = ["orthogonal_slices", "volume_grid", "save_png"]
+
+
+def _to_uint8(plane: np.ndarray) -> np.ndarray:
+    return (np.clip(plane, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _fit(plane: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize so the longer side is ``size`` pixels (small volumes stay visible)."""
+    image = Image.fromarray(_to_uint8(plane))
+    scale = size / max(plane.shape)
+    width, height = max(1, round(plane.shape[1] * scale)), max(1, round(plane.shape[0] * scale))
+    return np.asarray(image.resize((width, height), Image.NEAREST))
+
+
+def orthogonal_slices(volume: torch.Tensor | np.ndarray, size: int = 128) -> np.ndarray:
+    """Centre slices along the three axes of a CxHxWxD (or HxWxD) volume as one uint8 strip.
+
+    Returns:
+        ``size`` x (3 * ``size``) uint8 image (first channel, values clipped to [0, 1]).
+    """
+    array = volume.detach().float().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    if array.ndim == 4:
+        array = array[0]
+    if array.ndim == 2:
+        array = array[..., None]
+    h, w, d = array.shape
+    planes = [array[h // 2, :, :], array[:, w // 2, :], array[:, :, d // 2]]
+    strip = np.zeros((size, 3 * size), dtype=np.uint8)
+    for i, plane in enumerate(planes):
+        fitted = _fit(np.rot90(plane), size)
+        strip[: fitted.shape[0], i * size : i * size + fitted.shape[1]] = fitted
+    return strip
+
+
+def volume_grid(rows: Sequence[tuple[str, Sequence[torch.Tensor]]], size: int = 128) -> np.ndarray:
+    """Stack labelled rows of volumes; each volume contributes its three orthogonal slices.
+
+    Args:
+        rows: ``(label, volumes)`` pairs, e.g. ``[("input", x), ("reconstruction", y)]``.
+        size: pixels per slice.
+    """
+    label_width = 110
+    strips = []
+    for label, volumes in rows:
+        strip = np.concatenate([orthogonal_slices(v, size) for v in volumes], axis=1)
+        canvas = Image.new("L", (label_width + strip.shape[1], size), color=0)
+        canvas.paste(Image.fromarray(strip), (label_width, 0))
+        ImageDraw.Draw(canvas).text((4, size // 2 - 6), label, fill=255)
+        strips.append(np.asarray(canvas))
+    return np.concatenate(strips, axis=0)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 image as PNG (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path

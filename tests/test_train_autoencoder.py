@@ -232,3 +232,10 @@ def test_short_training_lowers_validation_l1(tmp_path):
     assert after < 0.5 * before
     history = load_checkpoint(tmp_path / "autoencoder" / "checkpoints" / "last.pt")["loop"]["history"]
     assert history[-1]["val/l1"] < history[0]["val/l1"]
+
+
+def test_console_command_is_installed():
+    command = Path(sys.executable).parent / "ldm-train-autoencoder"
+    assert command.is_file(), "pip install -e . installs the ldm-train-autoencoder command"
+    result = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--resume" in result.stdout and "--set" in result.stdout

@@ -23,7 +23,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.config import Config, config_from_dict, config_to_dict, save_config
+from monai_diffusion.config import Config, config_to_dict, save_config
 from monai_diffusion.data import build_datasets
 from monai_diffusion.perceptual import MedicalNetPerceptualLoss
 from monai_diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
@@ -200,9 +200,6 @@ class AutoencoderTask:
 # ----------------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------------
-_ARCHITECTURE_KEYS = ("model_args",)
-
-
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         out: dict[str, Any] = {}

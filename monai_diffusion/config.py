@@ -26,6 +26,7 @@ import yaml
 
 from generative.networks.nets.autoencoderkl import (
     check_spatial_shape,
+    nearest_valid_sizes,
     normalize_downsample_factors,
     total_downsample_factors,
 )
@@ -332,11 +333,6 @@ def _build_dataclass(cls: type, value: Any, path: str) -> Any:
 # ----------------------------------------------------------------------------------------------------
 # the guide's rules
 # ----------------------------------------------------------------------------------------------------
-def _nearest_multiple(size: int, factor: int) -> str:
-    lower, upper = (size // factor) * factor, (size // factor + 1) * factor
-    return f"{lower} or {upper}" if lower > 0 else str(upper)
-
-
 def discriminator_min_size(num_layers_d: int) -> int:
     """Smallest axis length MONAI's PatchDiscriminator trains on with batch 1 (kernel 4, padding 1; strides 2, ..., 2, 1, 1)."""
 
@@ -389,7 +385,7 @@ def validate(config: Config) -> Config:
     try:
         check_spatial_shape(size, totals)
     except ValueError:
-        suggestion = [_nearest_multiple(s, f) if s % f else str(s) for s, f in zip(size, totals)]
+        suggestion = [nearest_valid_sizes(s, f) if s % f else str(s) for s, f in zip(size, totals)]
         raise ConfigError(
             f"data.image_size: {list(size)} is not divisible by the total downsampling factors {list(totals)} "
             f"(product of autoencoder.downsample_factors per axis); valid sizes near it: "

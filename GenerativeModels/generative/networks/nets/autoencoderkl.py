@@ -46,6 +46,7 @@ __all__ = [
     "total_downsample_factors",
     "latent_spatial_shape",
     "check_spatial_shape",
+    "nearest_valid_sizes",
     "load_monai_core_state_dict",
 ]
 
@@ -118,6 +119,12 @@ def total_downsample_factors(factors: Sequence[Sequence[int]], spatial_dims: int
     return tuple(math.prod(step[axis] for step in factors) for axis in range(spatial_dims))
 
 
+def nearest_valid_sizes(size: int, factor: int) -> str:
+    """The multiples of ``factor`` around ``size``, as text: ``"1224 or 1232"`` (or just the upper one)."""
+    lower, upper = (size // factor) * factor, (size // factor + 1) * factor
+    return f"{lower} or {upper}" if lower > 0 else f"{upper}"
+
+
 def check_spatial_shape(spatial_shape: Sequence[int], total_factors: Sequence[int]) -> None:
     """Raise ``ValueError`` unless every axis of ``spatial_shape`` is divisible by its total factor.
 
@@ -127,12 +134,10 @@ def check_spatial_shape(spatial_shape: Sequence[int], total_factors: Sequence[in
     for axis, (size, factor) in enumerate(zip(spatial_shape, total_factors)):
         if size % factor == 0 and size > 0:
             continue
-        lower, upper = (size // factor) * factor, (size // factor + 1) * factor
-        nearest = f"{lower} or {upper}" if lower > 0 else f"{upper}"
         raise ValueError(
             f"spatial size {size} along axis {axis} ({names[axis]}) is not divisible by the total downsampling "
-            f"factor {factor} of that axis; nearest valid sizes: {nearest} (pad or crop the volume, or choose "
-            f"other downsample_factors)"
+            f"factor {factor} of that axis; nearest valid sizes: {nearest_valid_sizes(size, factor)} "
+            f"(pad or crop the volume, or choose other downsample_factors)"
         )
 
 

@@ -218,16 +218,33 @@ class Config:
 # ----------------------------------------------------------------------------------------------------
 # type-directed conversion
 # ----------------------------------------------------------------------------------------------------
+_MISMATCH = object()
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return _MISMATCH
+
+
+# scalar type -> (how it is described in errors, parser returning the value or _MISMATCH)
+_SCALARS: dict[type, tuple[str, Any]] = {
+    bool: ("true or false", lambda v: v if isinstance(v, bool) else _MISMATCH),
+    int: ("an integer", lambda v: v if isinstance(v, int) and not isinstance(v, bool) else _MISMATCH),
+    float: ("a number", _as_number),
+    str: ("a string", lambda v: v if isinstance(v, str) else _MISMATCH),
+}
+
+
 def _describe(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is int:
-        return "an integer"
-    if tp is float:
-        return "a number"
-    if tp is bool:
-        return "true or false"
-    if tp is str:
-        return "a string"
+    if tp in _SCALARS:
+        return _SCALARS[tp][0]
     if tp is type(None):
         return "null"
     if origin is Literal:
@@ -265,27 +282,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             if isinstance(value, (list, tuple)) and typing.get_origin(option) in (list, tuple):
                 raise err
         raise ConfigError(f"{path}: expected {_describe(tp)}, got {_shown(value)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true or false, got {_shown(value)}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected an integer, got {_shown(value)}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {_shown(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {_shown(value)}")
+    if tp in _SCALARS:
+        description, parse = _SCALARS[tp]
+        result = parse(value)
+        if result is _MISMATCH:
+            raise ConfigError(f"{path}: expected {description}, got {_shown(value)}")
+        return result
     if origin is Literal:
         if value in args:
             return value

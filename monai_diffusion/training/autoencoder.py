@@ -26,6 +26,7 @@ from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, config_to_dict, save_config
 from monai_diffusion.data import build_datasets
 from monai_diffusion.perceptual import MedicalNetPerceptualLoss
+from monai_diffusion.profiling import peak_rss_bytes
 from monai_diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from monai_diffusion.training.loop import LoopSettings, LoopState, Optimization, build_loaders, fit
 from monai_diffusion.training.runtime import Precision, Runtime, restore_rng, seed_everything, setup_runtime
@@ -209,18 +210,20 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+def _differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: old -> new`` for every key whose value differs."""
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
 def _compare_for_resume(saved: dict[str, Any], task: AutoencoderTask, config: Config, path: Path) -> None:
-    old_args = {k: v for k, v in saved["model_args"].items() if k != "use_checkpointing"}
-    new_args = {k: v for k, v in task.model_args.items() if k != "use_checkpointing"}
-    changed = [k for k in sorted(set(old_args) | set(new_args)) if old_args.get(k) != new_args.get(k)]
-    if changed:
-        detail = "; ".join(f"{k}: {old_args.get(k)!r} -> {new_args.get(k)!r}" for k in changed)
+    architecture = _differences(saved["model_args"], task.model_args, ignore=("use_checkpointing",))
+    if architecture:
         raise RunError(
-            f"--resume: the config changes the autoencoder architecture ({detail}) compared with {path}; "
-            f"restore those keys or start a new run in another output_dir"
+            f"--resume: the config changes the autoencoder architecture ({'; '.join(architecture)}) compared with "
+            f"{path}; restore those keys or start a new run in another output_dir"
         )
-    old, new = _flatten(saved["config"]), _flatten(config_to_dict(config))
-    differences = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    differences = _differences(_flatten(saved["config"]), _flatten(config_to_dict(config)))
     if differences:
         log.info("resuming with changed settings: %s", "; ".join(differences))
 
@@ -250,9 +253,7 @@ def _create_run_dir(run_dir: Path) -> None:
 def _peak_memory(device: torch.device) -> tuple[str, float]:
     if device.type == "cuda":
         return "CUDA max allocated", torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return "process peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return "process peak RSS", peak_rss_bytes() / 2**30
 
 
 def train_autoencoder(config: Config, resume: bool = False) -> dict[str, Any]:

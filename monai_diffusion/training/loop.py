@@ -230,8 +230,7 @@ def fit(
         state.epoch, state.batch_in_epoch = epoch, batch_in_epoch
         state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped
         if runtime.is_main:
-            loop_state = {k: v for k, v in vars(state).items()}
-            payload = {**task.state_dict(), "loop": loop_state, "rng": capture_rng(), "scaler": precision.scaler.state_dict()}
+            payload = {**task.state_dict(), "loop": dict(vars(state)), "rng": capture_rng(), "scaler": precision.scaler.state_dict()}
             save_checkpoint(payload, checkpoint_path(run_dir, name))
         runtime.barrier()
 
@@ -289,15 +288,10 @@ def fit(
                         writer.add_scalar(key, value, optimization.step_index)
                     if preview is not None:
                         writer.add_image("val/preview", preview, optimization.step_index, dataformats="HW")
-            monitored = metrics.get(task.monitor, math.inf)
-            if monitored < state.best_metric:
-                state.best_metric = monitored
-                state.history.append(record)
-                save("best", epoch + 1, 0)
-            else:
-                state.history.append(record)
-        else:
-            state.history.append(record)
+        state.history.append(record)
+        if record.get(task.monitor, math.inf) < state.best_metric:
+            state.best_metric = record[task.monitor]
+            save("best", epoch + 1, 0)
         save("last", epoch + 1, 0)
         if last_epoch:
             break

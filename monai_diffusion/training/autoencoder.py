@@ -315,7 +315,8 @@ def train_autoencoder(config: Config, resume: bool = False) -> dict[str, Any]:
         started = time.perf_counter()
         if runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(runtime.device)
-        state = fit(task, settings, runtime, precision, loaders, run_dir, state, writer)
+        with precision.kernel_guard():
+            state = fit(task, settings, runtime, precision, loaders, run_dir, state, writer)
         if writer is not None:
             writer.close()
         memory_kind, memory_gib = _peak_memory(runtime.device)

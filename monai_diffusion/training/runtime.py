@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -135,8 +136,10 @@ class Precision:
         error. CPU bf16 runs therefore use PyTorch's native kernels. GPUs are unaffected.
         """
         if self.enabled and self.device_type == "cpu":
-            with torch.backends.mkldnn.flags(enabled=False):
-                yield
+            with warnings.catch_warnings():  # flags() warns about TF32 on Intel GPUs, irrelevant here
+                warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+                with torch.backends.mkldnn.flags(enabled=False):
+                    yield
         else:
             yield
 

@@ -92,3 +92,46 @@ def train_autoencoder_main(argv: Sequence[str] | None = None) -> int:
         train_autoencoder(load_cli_config(args), resume=args.resume)
 
     return run_main(body, parser, argv)
+
+
+def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
+    """``train_diffusion.py`` / ``ldm-train-diffusion``."""
+    parser = config_parser("Train the latent diffusion UNet on a trained autoencoder (stage 2).")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+
+    def body(args: argparse.Namespace) -> None:
+        from monai_diffusion.training.diffusion import train_diffusion
+
+        train_diffusion(load_cli_config(args), resume=args.resume)
+
+    return run_main(body, parser, argv)
+
+
+def sample_main(argv: Sequence[str] | None = None) -> int:
+    """``sample.py`` / ``ldm-sample``."""
+    parser = config_parser("Generate volumes with a trained latent diffusion model (NIfTI + PNG mosaic).")
+    parser.add_argument("--run", default=None, help="diffusion run folder or checkpoint (default: <output_dir>/diffusion)")
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--output", required=True, help="folder for sample_XXX.nii.gz and samples.png")
+    parser.add_argument("--scheduler", choices=["ddpm", "ddim"], default=None, help="default: diffusion.sampling.scheduler")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: diffusion.sampling.num_inference_steps)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: diffusion.sampling.batch_size")
+    parser.add_argument("--seed", type=int, default=0)
+
+    def body(args: argparse.Namespace) -> None:
+        from monai_diffusion.sampling import sample_volumes
+
+        config = load_cli_config(args)
+        sampling = config.diffusion.sampling
+        sample_volumes(
+            run=args.run or config.diffusion_dir,
+            num_samples=args.num_samples,
+            output=args.output,
+            scheduler=args.scheduler or sampling.scheduler,
+            steps=args.steps or sampling.num_inference_steps,
+            seed=args.seed,
+            batch_size=args.batch_size or sampling.batch_size,
+            device=config.device,
+        )
+
+    return run_main(body, parser, argv)

@@ -39,6 +39,10 @@ __all__ = [
     "AutoencoderTrainingConfig",
     "DiscriminatorConfig",
     "PerceptualConfig",
+    "DiffusionConfig",
+    "DiffusionTrainingConfig",
+    "SchedulerConfig",
+    "SamplingConfig",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -192,6 +196,121 @@ class AutoencoderConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    """The DDPM noise schedule (the established 3D LDM recipe: 1000 steps, scaled linear betas).
+
+    Attributes:
+        num_train_timesteps: diffusion steps.
+        schedule: ``scaled_linear_beta``, ``linear_beta`` or ``cosine``.
+        beta_start: first beta.
+        beta_end: last beta.
+        clip_sample: clip predicted samples to [-1, 1] (off for latents, which are not bounded).
+    """
+
+    num_train_timesteps: int = 1000
+    schedule: Literal["scaled_linear_beta", "linear_beta", "cosine"] = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    clip_sample: bool = False
+
+
+@dataclass
+class DiffusionTrainingConfig:
+    """How the latent diffusion UNet is trained.
+
+    Attributes:
+        batch_size: latents per step and device.
+        gradient_accumulation_steps: micro-batches per optimiser step.
+        mixed_precision: autocast (bf16 where supported, else fp16 with a GradScaler).
+        fast_dev_run: a few batches end to end, then stop.
+        fast_dev_run_batches: batches for ``fast_dev_run``.
+        n_epochs: passes over the training latents.
+        max_steps: stop after this many optimiser steps (None: all epochs).
+        learning_rate: Adam learning rate.
+        ema_decay: keep an exponential moving average of the UNet weights (None: off), e.g. 0.999.
+        val_interval: validate (loss + sample preview) every this many epochs.
+        num_preview_samples: volumes generated for the preview PNG at each validation.
+        preview_inference_steps: DDIM steps for the preview samples.
+        scale_factor_batches: batches used to estimate the latent scale factor (1 / std).
+        cache_latents_on_disk: also write the encoded latents to the run folder and reuse them on resume.
+        checkpoint_every_n_steps: also save ``last`` every this many optimiser steps.
+        log_every_n_steps: TensorBoard scalar interval in optimiser steps.
+    """
+
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    mixed_precision: bool = False
+    fast_dev_run: bool = False
+    fast_dev_run_batches: int = 2
+    n_epochs: int = 200
+    max_steps: int | None = None
+    learning_rate: float = 1e-4
+    ema_decay: float | None = None
+    val_interval: int = 10
+    num_preview_samples: int = 1
+    preview_inference_steps: int = 50
+    scale_factor_batches: int = 4
+    cache_latents_on_disk: bool = False
+    checkpoint_every_n_steps: int | None = None
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults for ``sample.py`` (each can be overridden on its command line).
+
+    Attributes:
+        scheduler: ``ddpm`` (all training steps) or ``ddim`` (fewer steps).
+        num_inference_steps: steps for DDIM.
+        batch_size: volumes generated at once.
+    """
+
+    scheduler: Literal["ddpm", "ddim"] = "ddim"
+    num_inference_steps: int = 50
+    batch_size: int = 1
+
+
+@dataclass
+class DiffusionConfig:
+    """Stage 2: MONAI core's DiffusionModelUNet trained on the frozen autoencoder's latents.
+
+    Attributes:
+        autoencoder_run: autoencoder run folder or checkpoint (None: ``<output_dir>/autoencoder``).
+        num_channels: UNet channels per level; the latent size must be divisible by 2^(levels - 1).
+        attention_levels: attention per level.
+        num_head_channels: channels per attention head, per level (0 where there is no attention).
+        num_res_blocks: residual blocks per level.
+        norm_num_groups: GroupNorm groups of the UNet.
+        scheduler: see SchedulerConfig.
+        training: see DiffusionTrainingConfig.
+        sampling: see SamplingConfig.
+    """
+
+    autoencoder_run: str | None = None
+    num_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
+    num_head_channels: list[int] = field(default_factory=lambda: [0, 32, 32])
+    num_res_blocks: int = 1
+    norm_num_groups: int = 16
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def unet_kwargs(self, latent_channels: int, spatial_dims: int) -> dict[str, Any]:
+        """Keyword arguments for ``monai.networks.nets.DiffusionModelUNet``."""
+        return dict(
+            spatial_dims=spatial_dims,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            num_res_blocks=self.num_res_blocks,
+            channels=list(self.num_channels),
+            attention_levels=list(self.attention_levels),
+            num_head_channels=list(self.num_head_channels),
+            norm_num_groups=self.norm_num_groups,
+        )
+
+
+@dataclass
 class Config:
     """A whole run.
 
@@ -201,6 +320,7 @@ class Config:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         data: see DataConfig.
         autoencoder: see AutoencoderConfig.
+        diffusion: see DiffusionConfig.
     """
 
     seed: int = 42
@@ -208,11 +328,22 @@ class Config:
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     @property
     def autoencoder_dir(self) -> Path:
         """Run folder of the autoencoder stage."""
         return Path(self.output_dir) / "autoencoder"
+
+    @property
+    def diffusion_dir(self) -> Path:
+        """Run folder of the diffusion stage."""
+        return Path(self.output_dir) / "diffusion"
+
+    @property
+    def autoencoder_source(self) -> Path:
+        """Where the diffusion stage reads the trained autoencoder from."""
+        return Path(self.diffusion.autoencoder_run) if self.diffusion.autoencoder_run else self.autoencoder_dir
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -439,9 +570,66 @@ def validate(config: Config) -> Config:
             "download MedicalNet weights once (e.g. resnet_10_23dataset.pth from https://github.com/Tencent/MedicalNet) "
             "and set this key to the local file, or set use_perceptual_loss: false"
         )
+    _validate_diffusion(config, size, totals)
     if not config.device or not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):
         raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {config.device!r}")
     return config
+
+
+def _validate_diffusion(config: Config, size: tuple[int, ...], totals: tuple[int, ...]) -> None:
+    df, tr = config.diffusion, config.diffusion.training
+    levels = len(df.num_channels)
+    if levels == 0 or any(c <= 0 or c % df.norm_num_groups for c in df.num_channels):
+        raise ConfigError(
+            f"diffusion.num_channels: {df.num_channels} must be non-empty positive multiples of "
+            f"diffusion.norm_num_groups = {df.norm_num_groups}"
+        )
+    for key in ("attention_levels", "num_head_channels"):
+        if len(getattr(df, key)) != levels:
+            raise ConfigError(
+                f"diffusion.{key}: {len(getattr(df, key))} entries {getattr(df, key)} but diffusion.num_channels has "
+                f"{levels} levels; give one per level"
+            )
+    for level, (attention, head) in enumerate(zip(df.attention_levels, df.num_head_channels)):
+        if attention and (head <= 0 or df.num_channels[level] % head):
+            raise ConfigError(
+                f"diffusion.num_head_channels[{level}]: {head} must be a positive divisor of "
+                f"diffusion.num_channels[{level}] = {df.num_channels[level]} where attention is on"
+            )
+    unet_factor = 2 ** (levels - 1)
+    latent = [s // f for s, f in zip(size, totals)]
+    if any(n % unet_factor for n in latent):
+        raise ConfigError(
+            f"diffusion.num_channels: a UNet with {levels} levels halves the latent {levels - 1} times, so every "
+            f"latent axis must be divisible by {unet_factor}, but data.image_size {list(size)} gives the latent "
+            f"{latent}; use fewer UNet levels, other autoencoder.downsample_factors or another image_size"
+        )
+    positive = {
+        "diffusion.training.batch_size": tr.batch_size,
+        "diffusion.training.gradient_accumulation_steps": tr.gradient_accumulation_steps,
+        "diffusion.training.fast_dev_run_batches": tr.fast_dev_run_batches,
+        "diffusion.training.n_epochs": tr.n_epochs,
+        "diffusion.training.val_interval": tr.val_interval,
+        "diffusion.training.preview_inference_steps": tr.preview_inference_steps,
+        "diffusion.training.scale_factor_batches": tr.scale_factor_batches,
+        "diffusion.training.log_every_n_steps": tr.log_every_n_steps,
+        "diffusion.scheduler.num_train_timesteps": df.scheduler.num_train_timesteps,
+        "diffusion.sampling.num_inference_steps": df.sampling.num_inference_steps,
+        "diffusion.sampling.batch_size": df.sampling.batch_size,
+        "diffusion.num_res_blocks": df.num_res_blocks,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: expected an integer >= 1, got {value}")
+    if not tr.learning_rate > 0:
+        raise ConfigError(f"diffusion.training.learning_rate: expected a positive number, got {tr.learning_rate}")
+    if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:
+        raise ConfigError(f"diffusion.training.ema_decay: expected a number between 0 and 1 (e.g. 0.999) or null, got {tr.ema_decay}")
+    if df.sampling.num_inference_steps > df.scheduler.num_train_timesteps:
+        raise ConfigError(
+            f"diffusion.sampling.num_inference_steps: {df.sampling.num_inference_steps} exceeds "
+            f"diffusion.scheduler.num_train_timesteps = {df.scheduler.num_train_timesteps}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

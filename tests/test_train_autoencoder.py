@@ -45,6 +45,10 @@ def tiny(levels: int = 3, size: str = "[16, 16, 16]") -> list[str]:
         "autoencoder.training.adversarial_warmup_epochs=0",
         "autoencoder.training.n_epochs=1",
         "autoencoder.training.log_every_n_steps=1",
+        "diffusion.num_channels=[8]",  # a one-level UNet fits any latent size
+        "diffusion.attention_levels=[false]",
+        "diffusion.num_head_channels=[0]",
+        "diffusion.norm_num_groups=4",
     ]
 
 

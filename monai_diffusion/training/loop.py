@@ -187,6 +187,8 @@ class _Running:
 
 def _validate(task: Task, loader: DataLoader, settings: LoopSettings, runtime: Runtime) -> tuple[dict[str, float], np.ndarray | None]:
     task.train(False)
+    if hasattr(task, "on_validation_start"):  # e.g. reseed the validation noise
+        task.on_validation_start()
     sums: dict[str, torch.Tensor] = {}
     preview = None
     with torch.no_grad():
@@ -254,13 +256,15 @@ def fit(
             with _no_sync(task.ddp_modules(), active=not boundary):
                 logs = task.training_step(batch, epoch, optimization)
             running.add(logs)
-            seen += len(batch["image"])
+            seen += len(next(iter(batch.values())))
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in running.means().items()})
             if not boundary:
                 continue
             # 2. optimiser step, logging, periodic checkpoint
             optimization.step()
+            if hasattr(task, "after_optimizer_step"):  # e.g. an EMA update
+                task.after_optimizer_step()
             step = optimization.step_index
             if writer is not None and step % settings.log_every_n_steps == 0:
                 for key, value in running.means().items():

@@ -21,6 +21,7 @@ The network knows nothing about training: it has no losses and no optimiser logi
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -574,6 +575,16 @@ class AutoencoderKL(nn.Module):
             )
         factors = normalize_downsample_factors(downsample_factors, len(num_channels), spatial_dims)
 
+        # the constructor arguments, so a checkpoint can rebuild the network (see ``init_args``)
+        self.init_args = copy.deepcopy(dict(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+            num_res_blocks=num_res_blocks, num_channels=num_channels, attention_levels=list(attention_levels),
+            latent_channels=latent_channels, norm_num_groups=norm_num_groups, norm_eps=norm_eps,
+            with_encoder_nonlocal_attn=with_encoder_nonlocal_attn, with_decoder_nonlocal_attn=with_decoder_nonlocal_attn,
+            use_flash_attention=use_flash_attention, use_checkpointing=use_checkpointing,
+            use_convtranspose=use_convtranspose, downsample_factors=downsample_factors,
+            attention_out_projection=attention_out_projection,
+        ))
         self.spatial_dims = spatial_dims
         self.latent_channels = latent_channels
         self.downsample_factors = factors

@@ -146,3 +146,24 @@ def test_ddp_two_cpu_processes(autoencoder_run, tmp_path):
     summary = json.loads((out / "diffusion" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["optimizer_steps"] == 2  # 4 latents / (2 ranks x 2) x 2 epochs
     assert result.stdout.count("run folder:") == 1
+
+
+def test_nifti_data_mixed_precision_accumulation_and_sample_affine(tmp_path):
+    """Samples carry the training data's spacing/orientation; bf16 autocast and accumulation train."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    for index in range(4):
+        nib.save(nib.Nifti1Image(rng.random((16, 16, 16)).astype(np.float32), affine), folder / f"c{index}.nii.gz")
+    data = ["data.source=nifti", f"data.paths={folder}", "data.val_fraction=0.25"]
+    out = tmp_path / "out"
+    assert train_autoencoder_main(_args(out, *data)) == 0
+    assert train_diffusion_main(_args(out, *data, "diffusion.training.mixed_precision=true",
+                                      "diffusion.training.gradient_accumulation_steps=2")) == 0
+    summary = json.loads((out / "diffusion" / "summary.json").read_text())
+    assert summary["precision"] == "bf16" and summary["optimizer_steps"] == 2  # 3 latents: 2 batches / 2 per step x 2 epochs
+    assert sample_main(_args(out, *data) + ["--output", str(tmp_path / "samples")]) == 0
+    sample = nib.load(tmp_path / "samples" / "sample_000.nii.gz")
+    np.testing.assert_allclose(sample.header.get_zooms(), (0.8, 0.8, 2.5), rtol=1e-5)
+    assert nib.aff2axcodes(sample.affine) == ("R", "A", "S")

@@ -109,6 +109,7 @@ class AutoencoderTrainingConfig:
         val_interval: validate every this many epochs.
         num_preview_volumes: validation volumes shown in the preview PNG.
         checkpoint_every_n_steps: also save ``last`` every this many optimiser steps (None: per epoch).
+        keep_last_checkpoints: step checkpoints kept (``checkpoints/step_*.pt``; ``best`` is always kept).
         log_every_n_steps: TensorBoard scalar interval in optimiser steps.
     """
 
@@ -131,6 +132,7 @@ class AutoencoderTrainingConfig:
     val_interval: int = 5
     num_preview_volumes: int = 1
     checkpoint_every_n_steps: int | None = None
+    keep_last_checkpoints: int = 3
     log_every_n_steps: int = 10
 
 
@@ -234,6 +236,7 @@ class DiffusionTrainingConfig:
         scale_factor_batches: batches used to estimate the latent scale factor (1 / std).
         cache_latents_on_disk: also write the encoded latents to the run folder and reuse them on resume.
         checkpoint_every_n_steps: also save ``last`` every this many optimiser steps.
+        keep_last_checkpoints: step checkpoints kept (``checkpoints/step_*.pt``; ``best`` is always kept).
         log_every_n_steps: TensorBoard scalar interval in optimiser steps.
     """
 
@@ -252,6 +255,7 @@ class DiffusionTrainingConfig:
     scale_factor_batches: int = 4
     cache_latents_on_disk: bool = False
     checkpoint_every_n_steps: int | None = None
+    keep_last_checkpoints: int = 3
     log_every_n_steps: int = 10
 
 
@@ -534,6 +538,7 @@ def validate(config: Config) -> Config:
         "autoencoder.training.n_epochs": tr.n_epochs,
         "autoencoder.training.val_interval": tr.val_interval,
         "autoencoder.training.log_every_n_steps": tr.log_every_n_steps,
+        "autoencoder.training.keep_last_checkpoints": tr.keep_last_checkpoints,
         "autoencoder.discriminator.num_layers_d": ae.discriminator.num_layers_d,
         "autoencoder.discriminator.num_channels": ae.discriminator.num_channels,
     }
@@ -613,6 +618,7 @@ def _validate_diffusion(config: Config, size: tuple[int, ...], totals: tuple[int
         "diffusion.training.preview_inference_steps": tr.preview_inference_steps,
         "diffusion.training.scale_factor_batches": tr.scale_factor_batches,
         "diffusion.training.log_every_n_steps": tr.log_every_n_steps,
+        "diffusion.training.keep_last_checkpoints": tr.keep_last_checkpoints,
         "diffusion.scheduler.num_train_timesteps": df.scheduler.num_train_timesteps,
         "diffusion.sampling.num_inference_steps": df.sampling.num_inference_steps,
         "diffusion.sampling.batch_size": df.sampling.batch_size,
@@ -621,6 +627,10 @@ def _validate_diffusion(config: Config, size: tuple[int, ...], totals: tuple[int
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: expected an integer >= 1, got {value}")
+    if tr.checkpoint_every_n_steps is not None and tr.checkpoint_every_n_steps < 1:
+        raise ConfigError(
+            f"diffusion.training.checkpoint_every_n_steps: expected an integer >= 1 or null, got {tr.checkpoint_every_n_steps}"
+        )
     if not tr.learning_rate > 0:
         raise ConfigError(f"diffusion.training.learning_rate: expected a positive number, got {tr.learning_rate}")
     if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:

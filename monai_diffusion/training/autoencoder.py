@@ -311,6 +311,7 @@ def train_autoencoder(config: Config, resume: bool = False) -> dict[str, Any]:
             fast_dev_run_batches=tr.fast_dev_run_batches,
             log_every_n_steps=tr.log_every_n_steps,
             checkpoint_every_n_steps=tr.checkpoint_every_n_steps,
+            keep_last_checkpoints=tr.keep_last_checkpoints,
         )
         started = time.perf_counter()
         if runtime.device.type == "cuda":

@@ -19,7 +19,7 @@ import torch
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, ConfigError, config_from_dict
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "checkpoint_path", "load_autoencoder"]
+__all__ = ["CheckpointError", "save_checkpoint", "save_step_checkpoint", "load_checkpoint", "checkpoint_path", "load_autoencoder"]
 
 FORMAT = "monai_diffusion.checkpoint/1"
 
@@ -47,11 +47,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_step_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Write ``checkpoints/step_<step>.pt``, make ``last.pt`` the same file, keep only the newest ``keep_last``.
+
+    ``last.pt`` is switched with an atomic rename of a hard link, so it is never half-written; ``best.pt``
+    is never rotated away.
+    """
+    path = save_checkpoint(state, checkpoint_path(run_dir, f"step_{step:08d}"))
+    last = checkpoint_path(run_dir, "last")
+    link = last.with_name(f".{last.name}.{os.getpid()}.link")
+    link.unlink(missing_ok=True)
+    os.link(path, link)
+    os.replace(link, last)
+    for old in sorted(path.parent.glob("step_*.pt"))[:-keep_last]:
+        old.unlink()
+    _fsync_dir(path.parent)
     return path
 
 

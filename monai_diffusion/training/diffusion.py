@@ -377,6 +377,7 @@ def train_diffusion(config: Config, resume: bool = False) -> dict[str, Any]:
             n_epochs=tr.n_epochs, max_steps=tr.max_steps, accumulation_steps=tr.gradient_accumulation_steps,
             val_interval=tr.val_interval, fast_dev_run=tr.fast_dev_run, fast_dev_run_batches=tr.fast_dev_run_batches,
             log_every_n_steps=tr.log_every_n_steps, checkpoint_every_n_steps=tr.checkpoint_every_n_steps,
+            keep_last_checkpoints=tr.keep_last_checkpoints,
         )
         started = time.perf_counter()
         with precision.kernel_guard():

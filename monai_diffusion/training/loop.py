@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from monai_diffusion.data import make_loader
-from monai_diffusion.training.checkpoint import checkpoint_path, save_checkpoint
+from monai_diffusion.training.checkpoint import checkpoint_path, save_checkpoint, save_step_checkpoint
 from monai_diffusion.training.runtime import Precision, Runtime, capture_rng
 from monai_diffusion.training.visualize import save_png
 
@@ -46,6 +46,7 @@ class LoopSettings:
     fast_dev_run_batches: int
     log_every_n_steps: int
     checkpoint_every_n_steps: int | None
+    keep_last_checkpoints: int = 3
 
 
 @dataclass
@@ -229,11 +230,15 @@ def fit(
         batches_per_epoch = min(batches_per_epoch, settings.fast_dev_run_batches)
 
     def save(name: str, epoch: int, batch_in_epoch: int) -> None:
+        """``name``: ``last``, ``best``, or ``step`` (a rotated step checkpoint that ``last`` then points to)."""
         state.epoch, state.batch_in_epoch = epoch, batch_in_epoch
         state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped
         if runtime.is_main:
             payload = {**task.state_dict(), "loop": dict(vars(state)), "rng": capture_rng(), "scaler": precision.scaler.state_dict()}
-            save_checkpoint(payload, checkpoint_path(run_dir, name))
+            if name == "step":
+                save_step_checkpoint(payload, run_dir, state.global_step, settings.keep_last_checkpoints)
+            else:
+                save_checkpoint(payload, checkpoint_path(run_dir, name))
         runtime.barrier()
 
     task.train(True)
@@ -269,8 +274,10 @@ def fit(
             if writer is not None and step % settings.log_every_n_steps == 0:
                 for key, value in running.means().items():
                     writer.add_scalar(f"train/{key}", value, step)
+                if precision.uses_scaler:
+                    writer.add_scalar("train/skipped_steps", optimization.skipped, step)
             if settings.checkpoint_every_n_steps and step % settings.checkpoint_every_n_steps == 0:
-                save("last", epoch, index + 1)
+                save("step", epoch, index + 1)
             if settings.max_steps is not None and step >= settings.max_steps:
                 stop = True
                 break

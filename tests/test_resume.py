@@ -1,0 +1,133 @@
+"""Crash safety: kill -9 at random moments, --resume, and the final weights equal an uninterrupted run's,
+bit for bit (CPU, deterministic settings), for both training scripts. Also checkpoint rotation."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_diffusion.training.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "monai_diffusion" / "3d_ldm"
+CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
+
+COMMON = [
+    "data.image_size=[16, 16, 16]", "data.num_train=8", "data.num_val=2",
+    "autoencoder.num_channels=[8, 8, 8]", "autoencoder.attention_levels=[false, false, true]",
+    "autoencoder.norm_num_groups=4", "autoencoder.discriminator.num_layers_d=1",
+    "autoencoder.discriminator.num_channels=4", "autoencoder.training.batch_size=2",
+    "autoencoder.training.n_epochs=4", "autoencoder.training.adversarial_warmup_epochs=1",
+    "autoencoder.training.val_interval=2", "autoencoder.training.checkpoint_every_n_steps=1",
+    "diffusion.num_channels=[8, 8]", "diffusion.attention_levels=[false, true]",
+    "diffusion.num_head_channels=[0, 8]", "diffusion.norm_num_groups=4",
+    "diffusion.scheduler.num_train_timesteps=50", "diffusion.training.batch_size=2",
+    "diffusion.training.n_epochs=6", "diffusion.training.val_interval=2",
+    "diffusion.training.preview_inference_steps=2", "diffusion.training.ema_decay=0.9",
+    "diffusion.training.checkpoint_every_n_steps=1", "device=cpu",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def _command(script: str, out: Path, *extra: str) -> list[str]:
+    cmd = [sys.executable, str(SCRIPTS / script), "--config", str(CONFIG), "--set", f"output_dir={out}"]
+    for item in COMMON:
+        cmd += ["--set", item]
+    return cmd + list(extra)
+
+
+def _last_step(run_dir: Path) -> int:
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        return -1
+    try:
+        return load_checkpoint(path)["loop"]["global_step"]
+    except Exception:  # noqa: BLE001 - polling a file another process is replacing; try again
+        return -1
+
+
+def _kill_after_step(cmd: list[str], run_dir: Path, step: int) -> None:
+    """Start ``cmd`` and SIGKILL it once a checkpoint at or past ``step`` exists (mid-way through later work)."""
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.time() + 300
+    while _last_step(run_dir) < step:
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {process.stderr.read().decode()[-2000:]}")
+        assert time.time() < deadline, "timed out waiting for a checkpoint"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def _run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _assert_identical(a: dict, b: dict, keys: list[str]) -> None:
+    for key in keys:
+        left, right = a[key], b[key]
+        flat_left = {k: v for k, v in _flatten(left)}
+        flat_right = {k: v for k, v in _flatten(right)}
+        assert flat_left.keys() == flat_right.keys(), key
+        for name, value in flat_left.items():
+            other = flat_right[name]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), f"{key}.{name} differs"
+            else:
+                assert value == other, f"{key}.{name}: {value} != {other}"
+
+
+def _flatten(value, prefix=""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, (list, tuple)) and any(isinstance(v, (dict, torch.Tensor)) for v in value):
+        for i, v in enumerate(value):
+            yield from _flatten(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, value
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_kill_and_resume_is_bit_exact_for_both_stages(tmp_path, seed):
+    rng = random.Random(seed)
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+
+    # stage 1: 4 epochs x 4 steps; three kills at random steps, each resumed
+    _run(_command("train_autoencoder.py", reference))
+    run_dir = crashed / "autoencoder"
+    kills = sorted(rng.sample(range(1, 14), 3))
+    _kill_after_step(_command("train_autoencoder.py", crashed), run_dir, kills[0])
+    for step in kills[1:]:
+        _kill_after_step(_command("train_autoencoder.py", crashed, "--resume"), run_dir, step)
+    _run(_command("train_autoencoder.py", crashed, "--resume"))
+    ref, got = (load_checkpoint(p / "autoencoder" / "checkpoints" / "last.pt") for p in (reference, crashed))
+    assert got["loop"]["global_step"] == ref["loop"]["global_step"] == 16
+    _assert_identical(ref, got, ["autoencoder", "discriminator", "optimizers", "scaler"])
+    # rotation: the newest 3 step checkpoints are kept, and last.pt is the newest of them
+    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt"))
+    assert steps == ["step_00000014.pt", "step_00000015.pt", "step_00000016.pt"]
+
+    # stage 2 on the reference autoencoder: 6 epochs x 4 steps
+    diffusion = ["--set", f"diffusion.autoencoder_run={reference / 'autoencoder'}"]
+    _run(_command("train_diffusion.py", reference, *diffusion))
+    run_dir = crashed / "diffusion"
+    kills = sorted(rng.sample(range(1, 22), 3))
+    _kill_after_step(_command("train_diffusion.py", crashed, *diffusion), run_dir, kills[0])
+    for step in kills[1:]:
+        _kill_after_step(_command("train_diffusion.py", crashed, *diffusion, "--resume"), run_dir, step)
+    _run(_command("train_diffusion.py", crashed, *diffusion, "--resume"))
+    ref, got = (load_checkpoint(p / "diffusion" / "checkpoints" / "last.pt") for p in (reference, crashed))
+    assert got["loop"]["global_step"] == ref["loop"]["global_step"] == 24
+    assert got["scale_factor"] == ref["scale_factor"]
+    _assert_identical(ref, got, ["unet", "ema", "optimizers"])

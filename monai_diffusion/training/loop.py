@@ -248,40 +248,41 @@ def fit(
             sampler.set_epoch(epoch)
         skip = state.batch_in_epoch if epoch == state.epoch else 0
         running = _Running()
-        bar = tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{settings.n_epochs}",
-                   disable=not runtime.is_main, dynamic_ncols=True)
+        progress = tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{settings.n_epochs}",
+                        disable=not runtime.is_main, dynamic_ncols=True)
         started, seen = time.perf_counter(), 0
-        for index, batch in enumerate(train_loader):
-            if index < skip:
-                continue
-            if index >= batches_per_epoch:
-                break
-            # 1. forward + backward of one micro-batch (gradients synchronised only at the window's end)
-            boundary = (index + 1) % settings.accumulation_steps == 0 or index + 1 == batches_per_epoch
-            with _no_sync(task.ddp_modules(), active=not boundary):
-                logs = task.training_step(batch, epoch, optimization)
-            running.add(logs)
-            seen += len(next(iter(batch.values())))
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in running.means().items()})
-            if not boundary:
-                continue
-            # 2. optimiser step, logging, periodic checkpoint
-            optimization.step()
-            if hasattr(task, "after_optimizer_step"):  # e.g. an EMA update
-                task.after_optimizer_step()
-            step = optimization.step_index
-            if writer is not None and step % settings.log_every_n_steps == 0:
-                for key, value in running.means().items():
-                    writer.add_scalar(f"train/{key}", value, step)
-                if precision.uses_scaler:
-                    writer.add_scalar("train/skipped_steps", optimization.skipped, step)
-            if settings.checkpoint_every_n_steps and step % settings.checkpoint_every_n_steps == 0:
-                save("step", epoch, index + 1)
-            if settings.max_steps is not None and step >= settings.max_steps:
-                stop = True
-                break
-        bar.close()
+        # the bar is closed (ending its line) on errors too, so an error message starts on a line of its own
+        with progress as bar:
+            for index, batch in enumerate(train_loader):
+                if index < skip:
+                    continue
+                if index >= batches_per_epoch:
+                    break
+                # 1. forward + backward of one micro-batch (gradients synchronised only at the window's end)
+                boundary = (index + 1) % settings.accumulation_steps == 0 or index + 1 == batches_per_epoch
+                with _no_sync(task.ddp_modules(), active=not boundary):
+                    logs = task.training_step(batch, epoch, optimization)
+                running.add(logs)
+                seen += len(next(iter(batch.values())))
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in running.means().items()})
+                if not boundary:
+                    continue
+                # 2. optimiser step, logging, periodic checkpoint
+                optimization.step()
+                if hasattr(task, "after_optimizer_step"):  # e.g. an EMA update
+                    task.after_optimizer_step()
+                step = optimization.step_index
+                if writer is not None and step % settings.log_every_n_steps == 0:
+                    for key, value in running.means().items():
+                        writer.add_scalar(f"train/{key}", value, step)
+                    if precision.uses_scaler:
+                        writer.add_scalar("train/skipped_steps", optimization.skipped, step)
+                if settings.checkpoint_every_n_steps and step % settings.checkpoint_every_n_steps == 0:
+                    save("step", epoch, index + 1)
+                if settings.max_steps is not None and step >= settings.max_steps:
+                    stop = True
+                    break
         elapsed = time.perf_counter() - started
         record = {"epoch": epoch + 1, "step": optimization.step_index, **running.means(),
                   "volumes_per_second": seen * runtime.world_size / elapsed if elapsed > 0 else 0.0}

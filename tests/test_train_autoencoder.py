@@ -262,3 +262,29 @@ def test_cpu_bf16_kernel_guard_gives_finite_conv_weight_gradients():
             bad += int(not torch.isfinite(conv.weight.grad).all())
             conv.weight.grad = None
     assert bad == 0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    assert train(CONFIGS / "ldm_config.yaml", tmp_path, *tiny()) == 0
+    last = tmp_path / "autoencoder" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    # an allowed change on resume that overflows the loss to inf at the first step
+    assert train(CONFIGS / "ldm_config.yaml", tmp_path, *tiny(), "autoencoder.training.n_epochs=2",
+                 "autoencoder.training.kl_weight=1e38", resume=True) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: non-finite generator loss at optimiser step 3 (l1=") and "kl=" in err
+    assert last.read_bytes() == before
+
+
+def test_fp16_overflow_is_skipped_and_counted():
+    precision = Precision(False, torch.device("cpu"))
+    precision.enabled, precision.dtype = True, torch.float16
+    precision.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    parameter = torch.nn.Parameter(torch.ones(1))
+    optimization = Optimization({"generator": torch.optim.SGD([parameter], lr=0.1)}, precision, 1)
+    optimization.backward(parameter * float("inf"), "generator", {"l1": float("inf")})  # no error: the scaler handles it
+    optimization.step()
+    assert optimization.skipped == 1 and parameter.item() == 1.0  # the step was skipped, the weight untouched
+    optimization.backward(parameter * 2.0, "generator", {"l1": 2.0})
+    optimization.step()
+    assert optimization.skipped == 1 and parameter.item() < 1.0

@@ -188,7 +188,7 @@ def test_load_autoencoder_for_notebooks(tmp_path):
 def test_non_finite_loss_stops_with_the_terms():
     parameter = torch.nn.Parameter(torch.ones(1))
     optimization = Optimization({"generator": torch.optim.SGD([parameter], lr=0.1)}, Precision(False, torch.device("cpu")), 1)
-    with pytest.raises(TrainingError, match=r"non-finite generator loss at optimiser step 1 \(l1=nan, kl=1\)"):
+    with pytest.raises(TrainingError, match=r"non-finite generator loss at optimiser step 1 \(loss=nan; l1=nan, kl=1\)"):
         optimization.backward(parameter * float("nan"), "generator", {"l1": float("nan"), "kl": 1.0})
 
 
@@ -272,7 +272,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert train(CONFIGS / "ldm_config.yaml", tmp_path, *tiny(), "autoencoder.training.n_epochs=2",
                  "autoencoder.training.kl_weight=1e38", resume=True) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: non-finite generator loss at optimiser step 3 (l1=") and "kl=" in err
+    assert err.startswith("error: non-finite generator loss at optimiser step 3 (loss=inf; l1=") and "kl=" in err
     assert last.read_bytes() == before
 
 

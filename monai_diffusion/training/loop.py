@@ -128,7 +128,7 @@ class Optimization:
         if not self.precision.uses_scaler and not torch.isfinite(loss.detach()):
             shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
             raise TrainingError(
-                f"non-finite {optimizer} loss at optimiser step {self.step_index + 1} (loss={float(loss):.4g}; "
+                f"non-finite {optimizer} loss at optimiser step {self.step_index + 1} (loss={float(loss.detach()):.4g}; "
                 f"{shown}); stopped, the last good checkpoint is kept; check the loss weights and the learning rate"
             )
         self.precision.scaler.scale(loss / self.accumulation_steps).backward()

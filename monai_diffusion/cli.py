@@ -135,3 +135,68 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
         )
 
     return run_main(body, parser, argv)
+
+
+def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
+    """``estimate_memory.py`` / ``ldm-estimate-memory``."""
+    parser = config_parser("Estimate the memory of an autoencoder training step, or find configs for a budget.")
+    parser.add_argument("--input-size", type=int, nargs="+", metavar="N", help="spatial size (default data.image_size)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default autoencoder.training.batch_size")
+    parser.add_argument("--budget", default=None, help="e.g. 24GB: list the configs that fit and write the first")
+    parser.add_argument("--output", default=None, help="with --budget: YAML file to write (default <config>_<budget>.yaml)")
+
+    def body(args: argparse.Namespace) -> None:
+        from monai_diffusion.config import ConfigError, config_to_dict
+        from monai_diffusion.memory import estimate_autoencoder, format_bytes, parse_budget, report, search_budget
+
+        overrides = list(args.overrides)
+        if args.input_size:
+            overrides.append(f"data.image_size={list(args.input_size)}")
+        if args.batch_size is not None:
+            if args.batch_size < 1:
+                raise ConfigError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+            overrides.append(f"autoencoder.training.batch_size={args.batch_size}")
+        args.overrides = overrides
+        config = load_cli_config(args)
+        if args.budget is None:
+            print(report(estimate_autoencoder(config)))
+            print("\ntraining step total by setting:")
+            for amp in (False, True):
+                for ckpt in (False, True):
+                    total = estimate_autoencoder(config, mixed_precision=amp, checkpointing=ckpt).total
+                    print(f"  {'mixed precision' if amp else 'fp32':15s} {'+ checkpointing' if ckpt else '':16s} "
+                          f"{format_bytes(total):>12s}")
+            return
+        try:
+            budget = parse_budget(args.budget)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        candidates = search_budget(config, budget)
+        if not candidates:
+            raise ConfigError(
+                f"--budget {args.budget}: no searched configuration fits (factors [2, 2], [4, 2], [8, 2], [16]; batch "
+                f"8-1; mixed precision; checkpointing); reduce autoencoder.num_channels or data.image_size"
+            )
+        print(f"{len(candidates)} configurations fit in {args.budget} (least compression and largest batch first):")
+        print(f"  {'factors':10s} {'channels':14s} {'batch':>5s} {'precision':>9s} {'ckpt':>5s} {'compression':>11s} {'estimate':>10s}")
+        for c in candidates[:15]:
+            print(f"  {str(c.downsample_factors):10s} {str(c.num_channels):14s} {c.batch_size:5d} "
+                  f"{'mixed' if c.mixed_precision else 'fp32':>9s} {'yes' if c.checkpointing else 'no':>5s} "
+                  f"{c.compression:>10d}x {format_bytes(c.total):>10s}")
+        best = candidates[0]
+        raw = config_to_dict(config)
+        raw["autoencoder"].update(best.overrides())
+        raw["autoencoder"]["training"].update(batch_size=best.batch_size, mixed_precision=best.mixed_precision,
+                                              use_gradient_checkpointing=best.checkpointing)
+        target = Path(args.output or f"{Path(args.config).stem}_{args.budget.replace(' ', '')}.yaml")
+        if target.exists():
+            raise ConfigError(f"--output: {target} already exists; choose another file (nothing was overwritten)")
+        import yaml
+
+        from monai_diffusion.config import config_from_dict
+
+        config_from_dict(raw)  # the written file must load
+        target.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+        print(f"wrote the first one to {target}: python monai_diffusion/3d_ldm/train_autoencoder.py --config {target}")
+
+    return run_main(body, parser, argv)

@@ -1,0 +1,385 @@
+"""How much memory an autoencoder configuration needs, counted without allocating it.
+
+The real modules run on fake tensors (PyTorch's ``FakeTensorMode``: meta-device storage, so shapes and
+dtypes only and no data, while the tensors still look like CPU tensors so autocast applies), and
+``torch.autograd.graph.saved_tensors_hooks`` records every tensor autograd keeps for backward. Counting
+each storage once gives the activation memory exactly; it is attributed to the encoder/decoder block that
+saved it, so the report shows which resolution level costs what. Parameters, gradients and Adam's two
+moments are counted from the parameter tensors.
+
+What the count cannot see is modelled and named in the report:
+* the backward pass's working set (gradients of the activations being processed, recomputed inputs):
+  modelled as 1.5 (2.5 with checkpointing) float32 copies of the network's largest activation, factors
+  calibrated against measured CPU peaks by ``benchmarks/memory.py`` (added as ``backward working set``);
+* allocator overhead and fragmentation (CUDA's caching allocator typically adds 5-20 %), not included;
+* which attention kernel the device uses: counted as the kernel this machine runs (PyTorch's SDPA);
+* mixed precision follows CPU autocast (bf16, GroupNorm in bf16); CUDA autocast keeps GroupNorm in fp32,
+  which stores somewhat more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from generative.networks.nets import AutoencoderKL
+from monai_diffusion.config import Config
+
+__all__ = [
+    "SavedTensors", "count_saved", "LevelRow", "MemoryEstimate", "estimate_autoencoder", "format_bytes", "report",
+    "Candidate", "search_budget", "parse_budget",
+]
+
+GB = 1e9
+
+
+def format_bytes(count: float) -> str:
+    """Human-readable bytes (decimal units, as GPU vendors quote memory)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count:.0f} B"
+
+
+@dataclass
+class SavedTensors:
+    """Storages kept for backward, each counted once, with the name of the block that saved it first."""
+
+    owners: dict[int, tuple[str, int]] = field(default_factory=dict)  # storage id -> (block, bytes)
+    largest_numel: int = 0  # elements of the largest tensor produced by a tracked block
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.owners.values())
+
+    def by_block(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for block, size in self.owners.values():
+            out[block] = out.get(block, 0) + size
+        return out
+
+
+@contextlib.contextmanager
+def count_saved(
+    blocks: dict[str, nn.Module], exclude: tuple[nn.Module, ...] = (), fake: bool = False
+) -> Iterator[SavedTensors]:
+    """Record what autograd saves inside the ``with``; ``blocks`` name the modules to attribute it to.
+
+    Storages of the parameters of ``exclude`` are not counted (they exist anyway and are counted as
+    parameters); cast copies of them made by autocast are counted. With ``fake`` (FakeTensorMode), the
+    GroupNorm statistics saved in bf16/fp16 are counted as float32: PyTorch's fake kernel reports them in
+    the input's dtype while the CPU kernel keeps them in float32.
+    """
+    record = SavedTensors()
+    stack: list[str] = ["other"]
+    handles = []
+    for name, module in blocks.items():
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
+
+        def done(m, a, out, n=name):
+            stack.pop()
+            if isinstance(out, torch.Tensor):
+                record.largest_numel = max(record.largest_numel, out.numel())
+
+        handles.append(module.register_forward_hook(done))
+
+    skip = {p.untyped_storage()._cdata for module in exclude for p in module.parameters()}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in skip:
+            size = storage.nbytes()
+            if (fake and tensor.dtype in (torch.bfloat16, torch.float16) and tensor.dim() == 2
+                    and type(tensor.grad_fn).__name__ == "NativeGroupNormBackward0"):
+                size *= 2
+            record.owners.setdefault(storage._cdata, (stack[-1], size))
+        return tensor
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class LevelRow:
+    """Bytes kept for backward by the blocks that run at one resolution."""
+
+    part: str
+    resolution: tuple[int, ...]
+    channels: int
+    saved_bytes: int
+
+
+@dataclass
+class MemoryEstimate:
+    """An autoencoder training step's memory, by component (bytes)."""
+
+    latent_shape: tuple[int, ...]
+    batch_size: int
+    precision: str
+    checkpointing: bool
+    levels: list[LevelRow]
+    autoencoder_activations: int
+    discriminator_activations: int
+    perceptual_activations: int
+    backward_working_set: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+
+    @property
+    def activations(self) -> int:
+        return self.autoencoder_activations + self.discriminator_activations + self.perceptual_activations
+
+    @property
+    def autoencoder_step(self) -> int:
+        """The autoencoder's forward + backward alone: its activations, working set, weights and gradients."""
+        return self.autoencoder_activations + self.backward_working_set + self.parameters + self.gradients
+
+    @property
+    def total(self) -> int:
+        return (self.activations + self.backward_working_set + self.parameters + self.gradients
+                + self.optimizer_state)
+
+    def contributors(self) -> list[tuple[str, int]]:
+        parts = [(f"{row.part} at {'x'.join(map(str, row.resolution))} ({row.channels} ch)", row.saved_bytes)
+                 for row in self.levels]
+        parts += [("discriminator activations", self.discriminator_activations),
+                  ("perceptual network activations", self.perceptual_activations),
+                  ("backward working set", self.backward_working_set),
+                  ("parameters + gradients + Adam state", self.parameters + self.gradients + self.optimizer_state)]
+        return sorted(parts, key=lambda item: -item[1])
+
+
+def _block_names(model: AutoencoderKL) -> dict[str, nn.Module]:
+    names = {f"encoder.{i}": b for i, b in enumerate(model.encoder.blocks)}
+    names.update({f"decoder.{i}": b for i, b in enumerate(model.decoder.blocks)})
+    return names
+
+
+def _level_rows(model: AutoencoderKL, x: torch.Tensor, by_block: dict[str, int]) -> list[LevelRow]:
+    """Group the blocks' saved bytes by the resolution and channels of their inputs."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def remember(name: str, args: tuple) -> None:  # a pre-hook must return None (else it replaces the input)
+        shapes.setdefault(name, tuple(args[0].shape))
+
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: remember(n, a)) for n, m in _block_names(model).items()]
+    with torch.no_grad():
+        model.reconstruct(x)
+    for hook in hooks:
+        hook.remove()
+    rows: list[LevelRow] = []
+    for name, shape in shapes.items():
+        part = name.split(".")[0]
+        resolution, channels = shape[2:], shape[1]
+        if rows and rows[-1].part == part and rows[-1].resolution == resolution:
+            rows[-1].saved_bytes += by_block.get(name, 0)
+            rows[-1].channels = max(rows[-1].channels, channels)
+        else:
+            rows.append(LevelRow(part, resolution, channels, by_block.get(name, 0)))
+    return rows
+
+
+def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def estimate_autoencoder(
+    config: Config,
+    input_size: tuple[int, ...] | None = None,
+    batch_size: int | None = None,
+    mixed_precision: bool | None = None,
+    checkpointing: bool | None = None,
+) -> MemoryEstimate:
+    """Count one training step of the autoencoder stage described by ``config`` on the meta device.
+
+    Args:
+        config: the run config (its ``autoencoder`` and ``data`` sections are used).
+        input_size: spatial size (default ``data.image_size``).
+        batch_size: default ``autoencoder.training.batch_size``.
+        mixed_precision: default ``autoencoder.training.mixed_precision``.
+        checkpointing: default ``autoencoder.training.use_gradient_checkpointing``.
+    """
+    ae, tr = config.autoencoder, config.autoencoder.training
+    size = tuple(input_size or config.data.image_size)[: ae.spatial_dims]
+    batch = batch_size or tr.batch_size
+    amp = tr.mixed_precision if mixed_precision is None else mixed_precision
+    ckpt = tr.use_gradient_checkpointing if checkpointing is None else checkpointing
+    with FakeTensorMode():
+        return _estimate(config, size, batch, amp, ckpt)
+
+
+def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt: bool) -> MemoryEstimate:
+    ae, tr = config.autoencoder, config.autoencoder.training
+    model = AutoencoderKL(**ae.model_kwargs(use_checkpointing=ckpt))
+    x = torch.empty((batch, ae.in_channels, *size))
+    model.train()
+    latent = model.latent_shape(size)
+    with count_saved(_block_names(model), exclude=(model,), fake=True) as record:
+        with _autocast(amp):
+            reconstruction, z_mu, z_sigma = model(x)
+            loss = F.l1_loss(reconstruction.float(), x) + (z_mu.float().pow(2) + z_sigma.float().pow(2)).mean()
+    ae_saved = record.total
+    levels = _level_rows(model, x, record.by_block())
+    disc_saved = 0
+    n_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if tr.use_adversarial_loss:
+        from monai.networks.nets import PatchDiscriminator
+
+        disc = PatchDiscriminator(spatial_dims=ae.spatial_dims, num_layers_d=ae.discriminator.num_layers_d,
+                                  channels=ae.discriminator.num_channels, in_channels=ae.out_channels, out_channels=1)
+        with count_saved({}, exclude=(disc,), fake=True) as disc_record, _autocast(amp):
+            disc(reconstruction.detach().float())[-1].sum()  # the discriminator's own step: fake ...
+            disc(x)[-1].sum()  # ... and real volumes
+        disc_saved = disc_record.total
+        n_params += sum(p.numel() for p in disc.parameters())
+        trainable += sum(p.numel() for p in disc.parameters())
+    perceptual_saved = 0
+    if tr.use_perceptual_loss:
+        from monai_diffusion.perceptual import MedicalNetResNet
+
+        net = MedicalNetResNet(ae.perceptual.network).eval().requires_grad_(False)
+        with count_saved({}, exclude=(net,), fake=True) as perceptual_record, _autocast(amp):
+            sum(f.float().mean() for f in net(reconstruction.float()))
+        perceptual_saved = perceptual_record.total
+        n_params += sum(p.numel() for p in net.parameters())
+    del loss
+    return MemoryEstimate(
+        latent_shape=latent,
+        batch_size=batch,
+        precision="mixed (bf16/fp16)" if amp else "fp32",
+        checkpointing=ckpt,
+        levels=levels,
+        autoencoder_activations=ae_saved,
+        discriminator_activations=disc_saved,
+        perceptual_activations=perceptual_saved,
+        backward_working_set=int((2.5 if ckpt else 1.5) * 4 * record.largest_numel),
+        parameters=4 * n_params,
+        gradients=4 * trainable,
+        optimizer_state=8 * trainable,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# report and budget search
+# ----------------------------------------------------------------------------------------------------
+def report(estimate: MemoryEstimate) -> str:
+    """A plain-text report: latent shape, per-level table, components, total, largest contributors."""
+    lines = [
+        f"latent shape: {list(estimate.latent_shape)} per volume; batch {estimate.batch_size}; "
+        f"{estimate.precision}; gradient checkpointing {'on' if estimate.checkpointing else 'off'}",
+        "",
+        f"{'part':8s} {'resolution':>14s} {'channels':>8s} {'kept for backward':>18s}",
+    ]
+    for row in estimate.levels:
+        lines.append(f"{row.part:8s} {'x'.join(map(str, row.resolution)):>14s} {row.channels:>8d} "
+                     f"{format_bytes(row.saved_bytes):>18s}")
+    parts = [
+        ("autoencoder activations", estimate.autoencoder_activations),
+        ("discriminator activations", estimate.discriminator_activations),
+        ("perceptual network activations", estimate.perceptual_activations),
+        ("backward working set (model)", estimate.backward_working_set),
+        ("parameters", estimate.parameters),
+        ("gradients", estimate.gradients),
+        ("Adam state (2 moments)", estimate.optimizer_state),
+    ]
+    lines += ["", *(f"{name:32s} {format_bytes(size):>12s}" for name, size in parts)]
+    lines += [f"{'autoencoder forward + backward':32s} {format_bytes(estimate.autoencoder_step):>12s}",
+              f"{'training step total':32s} {format_bytes(estimate.total):>12s}",
+              "", "largest contributors: " + "; ".join(f"{n} {format_bytes(b)}" for n, b in estimate.contributors()[:3]),
+              "not included: allocator overhead/fragmentation (CUDA: often 5-20 %), CUDA context (~0.3-0.5 GB), "
+              "data loading; mixed precision is counted with CPU autocast rules"]
+    return "\n".join(lines)
+
+
+@dataclass
+class Candidate:
+    """One configuration tried by the budget search."""
+
+    downsample_factors: list
+    num_channels: list[int]
+    attention_levels: list[bool]
+    batch_size: int
+    mixed_precision: bool
+    checkpointing: bool
+    total: int
+    compression: int
+
+    def overrides(self) -> dict[str, Any]:
+        return {"downsample_factors": self.downsample_factors, "num_channels": self.num_channels,
+                "attention_levels": self.attention_levels}
+
+
+DEFAULT_FACTOR_OPTIONS: list[list[Any]] = [[2, 2], [4, 2], [8, 2], [16]]
+
+
+def search_budget(
+    config: Config,
+    budget_bytes: float,
+    factor_options: list[list[Any]] | None = None,
+    batch_sizes: tuple[int, ...] = (8, 4, 2, 1),
+) -> list[Candidate]:
+    """Every (factors, batch, mixed precision, checkpointing) whose estimated step fits ``budget_bytes``.
+
+    A factor option with fewer steps than ``num_channels`` levels drops the deepest levels (``[16]`` with
+    ``[32, 64, 64]`` uses ``[32, 64]``). Options that do not divide ``data.image_size`` are skipped.
+    Ranked by least compression, then largest batch, then full precision, then no checkpointing.
+    """
+    from monai_diffusion.config import ConfigError, config_from_dict, config_to_dict
+
+    found: list[Candidate] = []
+    for factors in factor_options or DEFAULT_FACTOR_OPTIONS:
+        levels = len(factors) + 1
+        ae = config.autoencoder
+        channels = (list(ae.num_channels) + [ae.num_channels[-1]] * levels)[:levels]
+        attention = (list(ae.attention_levels) + [ae.attention_levels[-1]] * levels)[:levels]
+        attention[-1] = ae.attention_levels[-1]
+        raw = config_to_dict(config)
+        raw["autoencoder"].update(downsample_factors=factors, num_channels=channels, attention_levels=attention)
+        if isinstance(raw["autoencoder"]["num_res_blocks"], list):
+            raw["autoencoder"]["num_res_blocks"] = raw["autoencoder"]["num_res_blocks"][:levels]
+        try:
+            candidate_config = config_from_dict(raw)
+        except ConfigError:
+            continue  # this factor option does not fit the volume size (or the UNet): not a candidate
+        for batch in batch_sizes:
+            for amp in (False, True):
+                for ckpt in (False, True):
+                    estimate = estimate_autoencoder(candidate_config, batch_size=batch, mixed_precision=amp,
+                                                    checkpointing=ckpt)
+                    if estimate.total <= budget_bytes:
+                        size = tuple(config.data.image_size)[: ae.spatial_dims]
+                        compression = int(round(float(torch.tensor(size).prod()) / float(torch.tensor(estimate.latent_shape[1:]).prod())))
+                        found.append(Candidate(factors, channels, attention, batch, amp, ckpt, estimate.total, compression))
+    found.sort(key=lambda c: (c.compression, -c.batch_size, c.mixed_precision, c.checkpointing))
+    return found
+
+
+def parse_budget(text: str) -> float:
+    """``24GB``, ``24 GiB``, ``500MB`` or a plain number of bytes."""
+    units = {"gib": 2**30, "gb": 1e9, "mib": 2**20, "mb": 1e6, "kib": 2**10, "kb": 1e3, "b": 1}
+    cleaned = text.strip().lower().replace(" ", "")
+    for unit, size in units.items():
+        if cleaned.endswith(unit):
+            number = cleaned[: -len(unit)]
+            break
+    else:
+        number, size = cleaned, 1
+    try:
+        value = float(number) * size
+    except ValueError:
+        raise ValueError(f"--budget {text!r}: expected a size such as 24GB, 80GiB or 500MB") from None
+    if value <= 0:
+        raise ValueError(f"--budget {text!r}: must be positive")
+    return value

@@ -1,0 +1,81 @@
+"""The memory estimator: exact saved-tensor counts, budget search, CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from generative.networks.nets import AutoencoderKL
+from monai_diffusion.cli import estimate_memory_main
+from monai_diffusion.config import load_config
+from monai_diffusion.memory import count_saved, estimate_autoencoder, parse_budget, search_budget
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
+SMALL = ["data.image_size=[32, 32, 32]", "autoencoder.training.batch_size=2", "autoencoder.num_channels=[8, 16, 16]",
+         "autoencoder.norm_num_groups=8"]
+
+
+@pytest.mark.parametrize("factors", [[2, 2], [4, 2], [[4, 4, 2], 2]])
+@pytest.mark.parametrize("amp,ckpt", [(False, False), (True, False), (False, True), (True, True)])
+def test_estimate_equals_a_real_cpu_forward(factors, amp, ckpt):
+    config = load_config(CONFIG, [*SMALL, f"autoencoder.downsample_factors={factors}"])
+    estimate = estimate_autoencoder(config, mixed_precision=amp, checkpointing=ckpt)
+    model = AutoencoderKL(**config.autoencoder.model_kwargs(use_checkpointing=ckpt)).train()
+    x = torch.rand(2, 1, 32, 32, 32)
+    with count_saved({}, exclude=(model,)) as real, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        reconstruction, z_mu, z_sigma = model(x)
+        torch.nn.functional.l1_loss(reconstruction.float(), x) + (z_mu.float().pow(2) + z_sigma.float().pow(2)).mean()
+    assert estimate.autoencoder_activations == real.total
+    assert sum(row.saved_bytes for row in estimate.levels) <= real.total
+    assert estimate.latent_shape == model.latent_shape((32, 32, 32))
+    params = sum(p.numel() for p in model.parameters())
+    assert estimate.parameters >= 4 * params
+
+
+def test_factors_shrink_deeper_levels_but_not_the_first():
+    plain = estimate_autoencoder(load_config(CONFIG, SMALL), mixed_precision=False, checkpointing=False)
+    wide = estimate_autoencoder(load_config(CONFIG, [*SMALL, "autoencoder.downsample_factors=[4, 2]"]),
+                                mixed_precision=False, checkpointing=False)
+    assert plain.levels[0].resolution == wide.levels[0].resolution == (32, 32, 32)
+    assert plain.levels[0].saved_bytes == wide.levels[0].saved_bytes
+    assert wide.autoencoder_activations < plain.autoencoder_activations
+    assert wide.levels[1].resolution == (8, 8, 8) and plain.levels[1].resolution == (16, 16, 16)
+
+
+def test_budget_search_returns_fitting_buildable_configs():
+    config = load_config(CONFIG, [*SMALL, "data.image_size=[64, 64, 32]"])
+    everything = search_budget(config, 1e15, batch_sizes=(4, 2, 1))
+    budget = sorted(c.total for c in everything)[len(everything) // 2]
+    found = search_budget(config, budget, batch_sizes=(4, 2, 1))
+    assert found and all(c.total <= budget for c in found) and len(found) < len(everything)
+    keys = [(c.compression, -c.batch_size, c.mixed_precision, c.checkpointing) for c in found]
+    assert keys == sorted(keys)
+    for c in found[:3]:
+        with torch.device("meta"):
+            AutoencoderKL(**{**config.autoencoder.model_kwargs(), **c.overrides()})
+
+
+def test_cli_report_budget_and_errors(tmp_path, capsys):
+    assert estimate_memory_main(["--config", str(CONFIG), "--input-size", "64", "64", "32", "--batch-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "latent shape: [3, 16, 16, 8]" in out and "training step total" in out and "largest contributors" in out
+    target = tmp_path / "fits.yaml"
+    args = ["--config", str(CONFIG), *sum((["--set", s] for s in SMALL), []), "--budget", "1GB", "--output", str(target)]
+    assert estimate_memory_main(args) == 0
+    chosen = yaml.safe_load(target.read_text())
+    assert load_config(target).autoencoder.training.batch_size == chosen["autoencoder"]["training"]["batch_size"]
+    assert estimate_memory_main(args) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+    assert estimate_memory_main(["--config", str(CONFIG), "--budget", "lots"]) == 2
+    assert "--budget 'lots': expected a size such as 24GB" in capsys.readouterr().err
+    assert estimate_memory_main(["--config", str(CONFIG), "--budget", "1MB", "--output", str(tmp_path / "x.yaml")]) == 2
+    assert "no searched configuration fits" in capsys.readouterr().err
+    assert estimate_memory_main(["--config", str(CONFIG), "--input-size", "60", "64", "32"]) == 2
+
+
+def test_parse_budget():
+    assert parse_budget("24GB") == 24e9 and parse_budget("2 GiB") == 2 * 2**30 and parse_budget("500MB") == 5e8

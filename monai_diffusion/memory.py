@@ -240,9 +240,11 @@ def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt
         disc = PatchDiscriminator(spatial_dims=ae.spatial_dims, num_layers_d=ae.discriminator.num_layers_d,
                                   channels=ae.discriminator.num_channels, in_channels=ae.out_channels, out_channels=1)
         with count_saved({}, exclude=(disc,), fake=True) as disc_record, _autocast(amp):
-            disc(reconstruction.detach().float())[-1].sum()  # the discriminator's own step: fake ...
-            disc(x)[-1].sum()  # ... and real volumes
+            # the discriminator's own step: fake and real volumes; the outputs are kept alive so their saved
+            # tensors stay allocated (and counted once) until both passes are done, as in a real step
+            kept = [disc(reconstruction.detach().float())[-1].sum(), disc(x)[-1].sum()]
         disc_saved = disc_record.total
+        del kept
         n_params += sum(p.numel() for p in disc.parameters())
         trainable += sum(p.numel() for p in disc.parameters())
     perceptual_saved = 0
@@ -251,8 +253,9 @@ def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt
 
         net = MedicalNetResNet(ae.perceptual.network).eval().requires_grad_(False)
         with count_saved({}, exclude=(net,), fake=True) as perceptual_record, _autocast(amp):
-            sum(f.float().mean() for f in net(reconstruction.float()))
+            kept = [sum(f.float().mean() for f in net(reconstruction.float()))]
         perceptual_saved = perceptual_record.total
+        del kept
         n_params += sum(p.numel() for p in net.parameters())
     del loss
     return MemoryEstimate(

@@ -79,3 +79,10 @@ def test_cli_report_budget_and_errors(tmp_path, capsys):
 
 def test_parse_budget():
     assert parse_budget("24GB") == 24e9 and parse_budget("2 GiB") == 2 * 2**30 and parse_budget("500MB") == 5e8
+
+
+def test_estimate_is_repeatable_with_discriminator_and_perceptual(tmp_path):
+    config = load_config(CONFIG, [*SMALL, "autoencoder.training.use_perceptual_loss=true",
+                                  f"autoencoder.perceptual.weights_path={tmp_path / 'w.pth'}"])
+    first, second = estimate_autoencoder(config), estimate_autoencoder(config)
+    assert first.total == second.total and first.discriminator_activations > 0 and first.perceptual_activations > 0

@@ -6,7 +6,7 @@ allocations in ``torch.profiler``'s memory events) plus the weights that exist b
 default ``[2, 2]`` network MONAI core's AutoencoderKL (same architecture and weights) runs in the same
 process for a peak and time ratio.
 
-    python benchmarks/memory.py                      # 64x64x32, the guide's Example 1 network, batch 1
+    python benchmarks/memory.py                      # 64x64x32, batch 1: variants of Example 1 and the 5 examples
     python benchmarks/memory.py --size 96 96 64 --repeats 5
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,7 @@ CASES = [  # (name, overrides, mixed precision, checkpointing)
     ("[4, 2] fp32", ["autoencoder.downsample_factors=[4, 2]"], False, False),
     ("[4, 2] mixed + checkpointing", ["autoencoder.downsample_factors=[4, 2]"], True, True),
     ("[16], [32, 64] fp32", ["autoencoder.downsample_factors=[16]", "autoencoder.num_channels=[32, 64]",
-                             "autoencoder.attention_levels=[false, true]", "diffusion.num_channels=[32]",
-                             "diffusion.attention_levels=[false]", "diffusion.num_head_channels=[0]"], False, False),
+                             "autoencoder.attention_levels=[false, true]"], False, False),
     ("[4, 2], [16, 32, 64] mixed + ckpt", ["autoencoder.downsample_factors=[4, 2]", "autoencoder.num_channels=[16, 32, 64]"],
      True, True),
 ]
@@ -58,13 +58,22 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    base = [f"data.image_size={args.size}", "autoencoder.training.batch_size=1"]
+    # a one-level UNet so the (unused) diffusion section accepts any latent size
+    base = [f"data.image_size={args.size}", "autoencoder.training.batch_size=1", "diffusion.num_channels=[32]",
+            "diffusion.attention_levels=[false]", "diffusion.num_head_channels=[0]"]
     print(f"# one autoencoder forward + backward, batch 1, input {'x'.join(map(str, args.size))}; {device} "
           f"({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
     print("| configuration | estimate MB | measured MB | estimate / measured | time s |")
     print("|---|---:|---:|---:|---:|")
-    for name, overrides, amp, ckpt in CASES:
-        config = load_config(CONFIG, [*base, *overrides])
+    examples = sorted(Path("monai_diffusion/config/examples").glob("example*.yaml"))
+    cases = [(name, CONFIG, overrides, amp, ckpt) for name, overrides, amp, ckpt in CASES]
+    for path in examples:  # the guide's examples with their own precision/checkpointing, at this size
+        settings = load_config(path).autoencoder.training
+        cases.append((f"{path.stem} ({'mixed' if settings.mixed_precision else 'fp32'}"
+                       f"{' + ckpt' if settings.use_gradient_checkpointing else ''})", str(path), [],
+                      settings.mixed_precision, settings.use_gradient_checkpointing))
+    for name, source, overrides, amp, ckpt in cases:
+        config = load_config(source, [*base, *overrides])
         estimate = estimate_autoencoder(config, mixed_precision=amp, checkpointing=ckpt).autoencoder_step
         torch.manual_seed(0)
         model = AutoencoderKL(**config.autoencoder.model_kwargs(use_checkpointing=ckpt)).to(device)

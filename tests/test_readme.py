@@ -52,5 +52,7 @@ def test_ci_runs_the_readme_test_command_and_install():
 def test_paths_named_in_the_readme_exist():
     for path in ("monai_diffusion/config/quickstart.yaml", "monai_diffusion/config/ldm_config.yaml",
                  "monai_diffusion/3d_ldm/train_autoencoder.py", "benchmarks/checkpointing.py",
-                 "monai_diffusion/3d_ldm/train_diffusion.py", "monai_diffusion/3d_ldm/sample.py"):
+                 "monai_diffusion/3d_ldm/train_diffusion.py", "monai_diffusion/3d_ldm/sample.py",
+                 "monai_diffusion/3d_ldm/estimate_memory.py", "benchmarks/memory.py", "benchmarks/example3_cpu.py",
+                 "monai_diffusion/config/GUIDE.md", "monai_diffusion/config/GUIDE.zh.md"):
         assert path in README and (ROOT / path).exists(), path

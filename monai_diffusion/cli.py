@@ -22,7 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from monai_diffusion.training.autoencoder import RunError
+    from monai_diffusion.training.run import RunError
     from monai_diffusion.training.checkpoint import CheckpointError
     from monai_diffusion.training.loop import TrainingError
 

@@ -253,9 +253,9 @@ def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt
 
         net = MedicalNetResNet(ae.perceptual.network).eval().requires_grad_(False)
         with count_saved({}, exclude=(net,), fake=True) as perceptual_record, _autocast(amp):
-            kept = [sum(f.float().mean() for f in net(reconstruction.float()))]
+            features = net(reconstruction.float())  # kept alive until counted, as in a real step
         perceptual_saved = perceptual_record.total
-        del kept
+        del features
         n_params += sum(p.numel() for p in net.parameters())
     del loss
     return MemoryEstimate(

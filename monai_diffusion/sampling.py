@@ -11,7 +11,7 @@ from monai.networks.nets import DiffusionModelUNet
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, ConfigError, config_from_dict
 from monai_diffusion.data import save_nifti
-from monai_diffusion.training.autoencoder import RunError
+from monai_diffusion.training.run import RunError
 from monai_diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from monai_diffusion.training.diffusion import generate_volumes
 from monai_diffusion.training.visualize import save_png, volume_grid

@@ -27,18 +27,24 @@ from monai_diffusion.config import Config, config_to_dict, save_config
 from monai_diffusion.data import build_datasets
 from monai_diffusion.perceptual import MedicalNetPerceptualLoss
 from monai_diffusion.profiling import peak_rss_bytes
-from monai_diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from monai_diffusion.training.checkpoint import checkpoint_path
 from monai_diffusion.training.loop import LoopSettings, LoopState, Optimization, build_loaders, fit
-from monai_diffusion.training.runtime import Precision, Runtime, restore_rng, seed_everything, setup_runtime
+from monai_diffusion.training.run import (
+    RunError,
+    check_run_dir,
+    create_run_dir,
+    differences,
+    load_for_resume,
+    open_writer,
+    restore_loop,
+    run_folder,
+)
+from monai_diffusion.training.runtime import Precision, Runtime, seed_everything, setup_runtime
 from monai_diffusion.training.visualize import volume_grid
 
-__all__ = ["AutoencoderTask", "kl_divergence", "train_autoencoder", "RunError"]
+__all__ = ["AutoencoderTask", "kl_divergence", "train_autoencoder"]
 
 log = logging.getLogger("monai_diffusion")
-
-
-class RunError(ValueError):
-    """The run folder does not allow what was asked (existing run without --resume, nothing to resume, ...)."""
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -210,44 +216,16 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """``key: old -> new`` for every key whose value differs."""
-    keys = sorted((set(old) | set(new)) - set(ignore))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 def _compare_for_resume(saved: dict[str, Any], task: AutoencoderTask, config: Config, path: Path) -> None:
-    architecture = _differences(saved["model_args"], task.model_args, ignore=("use_checkpointing",))
+    architecture = differences(saved["model_args"], task.model_args, ignore=("use_checkpointing",))
     if architecture:
         raise RunError(
             f"--resume: the config changes the autoencoder architecture ({'; '.join(architecture)}) compared with "
             f"{path}; restore those keys or start a new run in another output_dir"
         )
-    differences = _differences(_flatten(saved["config"]), _flatten(config_to_dict(config)))
-    if differences:
-        log.info("resuming with changed settings: %s", "; ".join(differences))
-
-
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a run or to resume nothing (no side effects)."""
-    last = checkpoint_path(run_dir, "last")
-    if resume and not last.is_file():
-        raise RunError(f"--resume: no checkpoint at {last}; start without --resume (or check output_dir)")
-    if not resume and last.is_file():
-        raise RunError(
-            f"output_dir: {run_dir} already holds a trained run ({last}); pass --resume to continue it or set "
-            f"output_dir to a new folder (nothing was changed)"
-        )
-
-
-def _create_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise RunError(f"output_dir: cannot write to {run_dir} ({err.strerror}); choose a writable folder") from None
+    changed = differences(_flatten(saved["config"]), _flatten(config_to_dict(config)))
+    if changed:
+        log.info("resuming with changed settings: %s", "; ".join(changed))
 
 
 def _peak_memory(device: torch.device) -> tuple[str, float]:
@@ -266,15 +244,12 @@ def train_autoencoder(config: Config, resume: bool = False) -> dict[str, Any]:
     tr = config.autoencoder.training
     runtime = setup_runtime(config.device)
     try:
-        run_dir = (Path(config.output_dir) / "fast_dev_run" / "autoencoder") if tr.fast_dev_run else config.autoencoder_dir
-        if runtime.is_main and not (tr.fast_dev_run and not resume):  # a fast_dev_run folder is scratch
-            _check_run_dir(run_dir, resume)
+        run_dir = run_folder(config.output_dir, "autoencoder", tr.fast_dev_run)
+        if runtime.is_main:
+            check_run_dir(run_dir, resume, tr.fast_dev_run)
         train_ds, val_ds = build_datasets(config.data, seed=config.seed, in_channels=config.autoencoder.in_channels)
         if runtime.is_main:
-            if tr.fast_dev_run and not resume:
-                for stale in (checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")):
-                    stale.unlink(missing_ok=True)
-            _create_run_dir(run_dir)
+            create_run_dir(run_dir, clear_scratch=tr.fast_dev_run and not resume)
         runtime.barrier()
         seed_everything(config.seed + runtime.rank)
         loaders = build_loaders(train_ds, val_ds, tr.batch_size, config.data.num_workers, config.seed, runtime)
@@ -282,26 +257,14 @@ def train_autoencoder(config: Config, resume: bool = False) -> dict[str, Any]:
         task = AutoencoderTask(config, runtime, precision)
         state = LoopState()
         if resume:
-            path = checkpoint_path(run_dir, "last")
-            try:
-                saved = load_checkpoint(path, map_location=runtime.device)
-            except CheckpointError as err:
-                raise RunError(f"--resume: {err}") from None
-            if saved.get("stage") != "autoencoder":
-                raise RunError(f"--resume: {path} is not an autoencoder checkpoint")
-            _compare_for_resume(saved, task, config, path)
+            saved = load_for_resume(run_dir, "autoencoder", runtime)
+            _compare_for_resume(saved, task, config, checkpoint_path(run_dir, "last"))
             task.load_state_dict(saved)
-            state = LoopState(**saved["loop"])
-            precision.scaler.load_state_dict(saved["scaler"])
-            restore_rng(saved["rng"])
-            log.info("resumed %s at epoch %d, step %d", path, state.epoch, state.global_step)
+            state = restore_loop(saved, precision)
+            log.info("resumed %s at epoch %d, step %d", run_dir, state.epoch, state.global_step)
         if runtime.is_main:
             save_config(config, run_dir / "config.yaml")
-        writer = None
-        if runtime.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        writer = open_writer(run_dir, runtime)
         settings = LoopSettings(
             n_epochs=tr.n_epochs,
             max_steps=tr.max_steps,

@@ -28,10 +28,19 @@ from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, SchedulerConfig, config_to_dict, save_config
 from monai_diffusion.data import build_datasets, make_loader
 from monai_diffusion.profiling import peak_rss_bytes
-from monai_diffusion.training.autoencoder import RunError, _check_run_dir, _create_run_dir, _differences
-from monai_diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_autoencoder, load_checkpoint
+from monai_diffusion.training.checkpoint import CheckpointError, load_autoencoder
+from monai_diffusion.training.run import (
+    RunError,
+    check_run_dir,
+    create_run_dir,
+    differences,
+    load_for_resume,
+    open_writer,
+    restore_loop,
+    run_folder,
+)
 from monai_diffusion.training.loop import EpochShuffleSampler, LoopSettings, LoopState, Optimization, fit
-from monai_diffusion.training.runtime import Precision, Runtime, restore_rng, seed_everything, setup_runtime
+from monai_diffusion.training.runtime import Precision, Runtime, seed_everything, setup_runtime
 from monai_diffusion.training.visualize import volume_grid
 
 __all__ = ["DiffusionTask", "LatentDataset", "make_scheduler", "train_diffusion", "encode_latents"]
@@ -259,7 +268,7 @@ def _load_frozen_autoencoder(config: Config, device: torch.device) -> tuple[Auto
         ) from None
     expected = {k: v for k, v in config.autoencoder.model_kwargs().items() if k != "use_checkpointing"}
     found = {k: model.init_args.get(k) for k in expected}
-    mismatch = _differences(found, expected)
+    mismatch = differences(found, expected)
     if mismatch:
         raise RunError(
             f"diffusion.autoencoder_run: the autoencoder in {source} does not match the config's autoencoder "
@@ -322,51 +331,35 @@ def train_diffusion(config: Config, resume: bool = False) -> dict[str, Any]:
     tr = config.diffusion.training
     runtime = setup_runtime(config.device)
     try:
-        run_dir = (Path(config.output_dir) / "fast_dev_run" / "diffusion") if tr.fast_dev_run else config.diffusion_dir
-        if runtime.is_main and not (tr.fast_dev_run and not resume):
-            _check_run_dir(run_dir, resume)
+        run_dir = run_folder(config.output_dir, "diffusion", tr.fast_dev_run)
+        if runtime.is_main:
+            check_run_dir(run_dir, resume, tr.fast_dev_run)
         autoencoder, source = _load_frozen_autoencoder(config, runtime.device)
         if runtime.is_main:
-            if tr.fast_dev_run and not resume:
-                for stale in (checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")):
-                    stale.unlink(missing_ok=True)
-            _create_run_dir(run_dir)
+            create_run_dir(run_dir, clear_scratch=tr.fast_dev_run and not resume)
         runtime.barrier()
         seed_everything(config.seed + runtime.rank)
         train_latents, val_latents, affine, cache_info = _latent_cache(config, runtime, autoencoder, source, run_dir)
         precision = Precision(tr.mixed_precision, runtime.device)
-        saved = None
-        if resume:
-            path = checkpoint_path(run_dir, "last")
-            try:
-                saved = load_checkpoint(path, map_location=runtime.device)
-            except CheckpointError as err:
-                raise RunError(f"--resume: {err}") from None
-            if saved.get("stage") != "diffusion":
-                raise RunError(f"--resume: {path} is not a diffusion checkpoint")
+        saved = load_for_resume(run_dir, "diffusion", runtime) if resume else None
+        if saved is not None:
             scale_factor = saved["scale_factor"]
         else:
             scale_factor = compute_scale_factor(train_latents, tr.scale_factor_batches, tr.batch_size, runtime, config.seed)
         task = DiffusionTask(config, runtime, precision, autoencoder, scale_factor, affine)
         state = LoopState()
         if saved is not None:
-            changed = _differences(saved["unet_args"], task.unet_args)
+            changed = differences(saved["unet_args"], task.unet_args)
             if changed:
                 raise RunError(f"--resume: the config changes the UNet architecture ({'; '.join(changed)}); "
                                f"restore those keys or start a new run in another output_dir")
             task.load_state_dict(saved)
-            state = LoopState(**saved["loop"])
-            precision.scaler.load_state_dict(saved["scaler"])
-            restore_rng(saved["rng"])
-            log.info("resumed %s at epoch %d, step %d", checkpoint_path(run_dir, "last"), state.epoch, state.global_step)
+            state = restore_loop(saved, precision)
+            log.info("resumed %s at epoch %d, step %d", run_dir, state.epoch, state.global_step)
         log.info("latent scale factor: %.4f", scale_factor)
         if runtime.is_main:
             save_config(config, run_dir / "config.yaml")
-        writer = None
-        if runtime.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        writer = open_writer(run_dir, runtime)
         sampler = EpochShuffleSampler(len(train_latents), config.seed + runtime.rank)
         loaders = (
             make_loader(train_latents, tr.batch_size, False, 0, config.seed, sampler=sampler),

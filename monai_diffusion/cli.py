@@ -200,3 +200,38 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote the first one to {target}: python monai_diffusion/3d_ldm/train_autoencoder.py --config {target}")
 
     return run_main(body, parser, argv)
+
+
+def _tile_size(values: list[int] | None) -> int | list[int] | None:
+    if values is None:
+        return None
+    if len(values) not in (1, 3) or min(values) < 1:
+        raise ConfigError(f"--tile-size {' '.join(map(str, values))}: expected one size or one per axis (3), each >= 1")
+    return values[0] if len(values) == 1 else values
+
+
+def evaluate_autoencoder_main(argv: Sequence[str] | None = None) -> int:
+    """``evaluate_autoencoder.py`` / ``ldm-evaluate-autoencoder``."""
+    parser = argparse.ArgumentParser(
+        description="Reconstruction quality of a trained autoencoder: L1, PSNR, SSIM, MS-SSIM per volume (CSV), "
+                    "NIfTI reconstructions, a worst/best PNG and latent statistics.")
+    parser.add_argument("--run", required=True, help="autoencoder run folder (e.g. runs/quickstart/autoencoder) or checkpoint")
+    parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                        help="NIfTI folder, glob or files to evaluate (default: the run's validation set)")
+    parser.add_argument("--output", default=None, help="results folder, must be new or empty (default: <run>/evaluation)")
+    parser.add_argument("--tile-size", type=int, nargs="+", default=None, metavar="N",
+                        help="reconstruct in overlapping tiles of this size (one value or H W D), for large volumes")
+    parser.add_argument("--tile-overlap", type=float, default=0.5, help="fraction of a tile shared with a neighbour")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--no-nifti", action="store_true", help="do not write the reconstructions")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    def body(args: argparse.Namespace) -> None:
+        from monai_diffusion.evaluation import evaluate_autoencoder, format_summary
+
+        data = args.data[0] if args.data and len(args.data) == 1 else args.data
+        result = evaluate_autoencoder(args.run, args.output, data, _tile_size(args.tile_size), args.tile_overlap,
+                                      args.device, save_reconstructions=not args.no_nifti)
+        print(format_summary(result))
+
+    return run_main(body, parser, argv)

@@ -56,6 +56,8 @@ __all__ = [
     "KeepAffined",
     "LoadCheckedd",
     "build_datasets",
+    "build_file_dataset",
+    "model_input",
     "build_nifti_transforms",
     "find_nifti_files",
     "make_loader",
@@ -727,6 +729,32 @@ def _nifti_dataset(files: Sequence[Path], transform: Compose, cfg: DataConfig) -
     if cfg.cache:
         return CacheDataset(items, transform, num_workers=max(1, cfg.num_workers), progress=False)
     return MonaiDataset(items, transform)
+
+
+def build_file_dataset(cfg: DataConfig, paths: str | list[str], in_channels: int = 1, key: str = "--data") -> Dataset:
+    """Every NIfTI file of ``paths`` (folder, glob or list), preprocessed like ``cfg``'s NIfTI pipeline.
+
+    Used to evaluate a trained model on data other than its own validation split.
+
+    Raises:
+        DataError: naming ``key`` for missing paths, and the file for unreadable ones.
+    """
+    files = find_nifti_files(paths, key)
+    for path in files:
+        _check_header(path, in_channels)
+    return _nifti_dataset(files, build_nifti_transforms(cfg, in_channels), cfg)
+
+
+def model_input(images: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """What the network sees of a batch of volumes: 2D configs take the centre slice along the last axis.
+
+    Args:
+        images: BxCxHxWxD (or already BxCxHxW).
+        spatial_dims: the network's spatial dimensions.
+    """
+    if spatial_dims == 2 and images.dim() == 5:
+        return images[..., images.shape[-1] // 2]
+    return images
 
 
 def build_datasets(cfg: DataConfig, seed: int, in_channels: int = 1) -> tuple[Dataset, Dataset]:

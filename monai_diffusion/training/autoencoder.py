@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
-from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, config_to_dict, save_config
-from monai_diffusion.data import build_datasets
+from monai_diffusion.data import build_datasets, model_input
+from monai_diffusion.metrics import ReconstructionMetrics
 from monai_diffusion.perceptual import MedicalNetPerceptualLoss
 from monai_diffusion.profiling import peak_rss_bytes
 from monai_diffusion.training.checkpoint import checkpoint_path
@@ -52,11 +52,6 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     z_mu, z_sigma = z_mu.float(), z_sigma.float()
     per_voxel = z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2)) - 1
     return 0.5 * per_voxel.flatten(1).sum(dim=1).mean()
-
-
-def _ssim_window(spatial: tuple[int, ...]) -> int:
-    window = min(11, *spatial)
-    return window if window % 2 == 1 else window - 1
 
 
 class AutoencoderTask:
@@ -109,8 +104,7 @@ class AutoencoderTask:
                 self.discriminator.parameters(), lr=tr.discriminator_learning_rate
             )
         spatial = tuple(config.data.image_size)[: ae_cfg.spatial_dims]
-        self.psnr = PSNRMetric(max_val=1.0, reduction="none")
-        self.ssim = SSIMMetric(spatial_dims=ae_cfg.spatial_dims, data_range=1.0, win_size=_ssim_window(spatial), reduction="none")
+        self.metrics = ReconstructionMetrics(ae_cfg.spatial_dims, spatial, multiscale=False)
 
     # -- what the loop needs -------------------------------------------------------------------------
     def ddp_modules(self) -> list[nn.Module]:
@@ -125,9 +119,7 @@ class AutoencoderTask:
             self.discriminator.train(mode)
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
-        images = batch["image"]
-        if self.config.autoencoder.spatial_dims == 2 and images.dim() == 5:  # 2D configs train on centre slices
-            images = images[..., images.shape[-1] // 2]
+        images = model_input(batch["image"], self.config.autoencoder.spatial_dims)
         return images.to(self.runtime.device, non_blocking=True).float()
 
     def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, float]:
@@ -168,11 +160,8 @@ class AutoencoderTask:
         images = self._images(batch)
         with self.precision.autocast():
             reconstruction = self.autoencoder.reconstruct(images)
-        recon = reconstruction.float().clamp(0, 1)
-        l1 = (recon - images).abs().flatten(1).mean(dim=1)
-        psnr = self.psnr(recon, images).flatten()
-        ssim = self.ssim(recon, images).flatten()
-        return {"l1": l1.sum(), "psnr": psnr.sum(), "ssim": ssim.sum(), "count": torch.tensor(float(len(images)))}
+        sums = {name: values.sum() for name, values in self.metrics(reconstruction, images).items()}
+        return {**sums, "count": torch.tensor(float(len(images)))}
 
     def preview(self, batch: dict[str, Any]) -> np.ndarray:
         count = max(1, self.training.num_preview_volumes)

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Runtime", "setup_runtime", "seed_everything", "capture_rng", "restore_rng", "Precision"]
+from monai_diffusion.config import ConfigError
+
+__all__ = ["Runtime", "resolve_device", "setup_runtime", "seed_everything", "capture_rng", "restore_rng", "Precision"]
 
 
 @dataclass
@@ -58,12 +60,13 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def _pick_device(spec: str, local_rank: int) -> torch.device:
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` (this process' local rank) or ``"cuda:N"``."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device: {spec!r} requested but CUDA is not available; set device: cpu or auto")
+            raise ConfigError(f"device: {spec!r} requested but CUDA is not available; use cpu or auto")
         return torch.device("cuda", local_rank if spec == "cuda" else int(spec.split(":", 1)[1]))
     return torch.device("cpu")
 
@@ -73,7 +76,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch_device = _pick_device(device, local_rank)
+    torch_device = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)

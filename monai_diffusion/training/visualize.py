@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["orthogonal_slices", "volume_grid", "save_png"]
+__all__ = ["orthogonal_slices", "volume_grid", "labelled_rows", "save_png"]
 
 
 def _to_uint8(plane: np.ndarray) -> np.ndarray:
@@ -51,13 +51,18 @@ def volume_grid(rows: Sequence[tuple[str, Sequence[torch.Tensor]]], size: int = 
         rows: ``(label, volumes)`` pairs, e.g. ``[("input", x), ("reconstruction", y)]``.
         size: pixels per slice.
     """
+    return labelled_rows([(label, np.concatenate([orthogonal_slices(v, size) for v in volumes], axis=1))
+                          for label, volumes in rows])
+
+
+def labelled_rows(rows: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Stack uint8 image strips of equal width, each with its label on the left."""
     label_width = 110
     strips = []
-    for label, volumes in rows:
-        strip = np.concatenate([orthogonal_slices(v, size) for v in volumes], axis=1)
-        canvas = Image.new("L", (label_width + strip.shape[1], size), color=0)
+    for label, strip in rows:
+        canvas = Image.new("L", (label_width + strip.shape[1], strip.shape[0]), color=0)
         canvas.paste(Image.fromarray(strip), (label_width, 0))
-        ImageDraw.Draw(canvas).text((4, size // 2 - 6), label, fill=255)
+        ImageDraw.Draw(canvas).text((4, strip.shape[0] // 2 - 6), label, fill=255)
         strips.append(np.asarray(canvas))
     return np.concatenate(strips, axis=0)
 

@@ -648,16 +648,25 @@ class AutoencoderKL(nn.Module):
             )
         check_spatial_shape(x.shape[2:], self.total_factors)
 
-    # -- the upstream API ---------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # -- the upstream API (plus optional tiling for volumes larger than memory) ---------------------
+    def encode(
+        self, x: torch.Tensor, *, tile_size: Sequence[int] | int | None = None, tile_overlap: float = 0.5
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode an image into the latent mean and standard deviation.
 
         Args:
             x: BxCx[SPATIAL DIMS]; each spatial size divisible by its total downsampling factor.
+            tile_size: encode overlapping tiles of this many voxels per axis (multiples of the total
+                factor) and blend them (see ``generative.networks.tiling``); ``None`` = the whole volume.
+            tile_overlap: fraction of a tile shared with its neighbour when tiling.
 
         Returns:
             ``(z_mu, z_sigma)``, each Bx``latent_channels``x[SPATIAL DIMS / total factor].
         """
+        if tile_size is not None:
+            from generative.networks.tiling import tiled_encode
+
+            return tiled_encode(self, x, tile_size, tile_overlap)
         self._check_input(x)
         h = self.encoder(x)
         z_mu = self.quant_conv_mu(h)
@@ -668,13 +677,45 @@ class AutoencoderKL(nn.Module):
         """Reparameterised sample ``z_mu + eps * z_sigma`` with ``eps ~ N(0, I)``."""
         return z_mu + torch.randn_like(z_sigma) * z_sigma
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Encode and decode the latent mean. Args: x: BxCx[SPATIAL DIMS]. Returns: same shape."""
+    def reconstruct(
+        self, x: torch.Tensor, *, tile_size: Sequence[int] | int | None = None, tile_overlap: float = 0.5
+    ) -> torch.Tensor:
+        """Encode and decode the latent mean.
+
+        Args:
+            x: BxCx[SPATIAL DIMS].
+            tile_size: encode, then decode, in overlapping tiles of this many voxels per axis (see
+                ``generative.networks.tiling``); ``None`` = the whole volume.
+            tile_overlap: fraction of a tile shared with its neighbour when tiling.
+
+        Returns:
+            BxCx[SPATIAL DIMS].
+        """
+        if tile_size is not None:
+            from generative.networks.tiling import tiled_reconstruct
+
+            return tiled_reconstruct(self, x, tile_size, tile_overlap)
         z_mu, _ = self.encode(x)
         return self.decode(z_mu)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decode a latent. Args: z: Bx``latent_channels``x[LATENT DIMS]. Returns: BxCx[LATENT DIMS * factor]."""
+    def decode(
+        self, z: torch.Tensor, *, tile_size: Sequence[int] | int | None = None, tile_overlap: float = 0.5
+    ) -> torch.Tensor:
+        """Decode a latent.
+
+        Args:
+            z: Bx``latent_channels``x[LATENT DIMS].
+            tile_size: decode overlapping tiles whose outputs have this many voxels per axis (multiples of
+                the total factor) and blend them; ``None`` = the whole latent.
+            tile_overlap: fraction of a tile shared with its neighbour when tiling.
+
+        Returns:
+            BxCx[LATENT DIMS * total factor].
+        """
+        if tile_size is not None:
+            from generative.networks.tiling import tiled_decode
+
+            return tiled_decode(self, z, tile_size, tile_overlap)
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

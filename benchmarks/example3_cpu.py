@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import load_config
-from monai_diffusion.memory import estimate_autoencoder
+from monai_diffusion.memory import estimate_autoencoder, measure_training_step
 from monai_diffusion.profiling import measure_peak_bytes
 
 CONFIG = "monai_diffusion/config/examples/example3_256x256x64.yaml"
@@ -35,28 +35,6 @@ def _autoencoder_step(config, amp: bool, ckpt: bool) -> float:
     return measure_peak_bytes(step) + sum(p.numel() * 4 for p in model.parameters())
 
 
-def _full_training_step(config) -> float:
-    """Measured peak of a real training step (AutoencoderTask: generator and discriminator losses, Adam)."""
-    from monai_diffusion.training.autoencoder import AutoencoderTask
-    from monai_diffusion.training.loop import Optimization
-    from monai_diffusion.training.runtime import Precision, Runtime
-
-    precision = Precision(True, torch.device("cpu"))
-    task = AutoencoderTask(config, Runtime(torch.device("cpu")), precision)
-    optimization = Optimization(task.optimizers(), precision, 1)
-    batch = {"image": torch.rand(1, 1, *config.data.image_size)}
-
-    def step() -> None:
-        task.training_step(batch, epoch=config.autoencoder.training.adversarial_warmup_epochs, optimization=optimization)
-        optimization.step()
-
-    step()  # creates Adam's state, which then exists before the measured step
-    existing = sum(p.numel() * 4 for m in (task.autoencoder, task.discriminator) for p in m.parameters())
-    existing += sum(t.numel() * t.element_size() for opt in task.optimizers().values()
-                    for state in opt.state.values() for t in state.values() if torch.is_tensor(t))
-    return measure_peak_bytes(step) + existing
-
-
 def main() -> None:
     config = load_config(CONFIG, ["autoencoder.training.use_gradient_checkpointing=true"])
     estimate = estimate_autoencoder(config, mixed_precision=True, checkpointing=True)
@@ -66,7 +44,7 @@ def main() -> None:
     measured = _autoencoder_step(config, amp=True, ckpt=True)
     baseline_config = load_config(CONFIG, ["autoencoder.downsample_factors=[2, 2]"])
     measured_baseline = _autoencoder_step(baseline_config, amp=False, ckpt=False)
-    measured_full = _full_training_step(config)
+    measured_full = measure_training_step(config).peak_bytes
     print(f"Example 3 (256x256x64, [16, 32, 64], [4, 2], attention at the deepest level, batch 1) on "
           f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}; {time.perf_counter() - started:.0f} s")
     print("| what | measured GB | estimate GB |")

@@ -235,3 +235,30 @@ def evaluate_autoencoder_main(argv: Sequence[str] | None = None) -> int:
         print(format_summary(result))
 
     return run_main(body, parser, argv)
+
+
+def compare_factors_main(argv: Sequence[str] | None = None) -> int:
+    """``compare_factors.py`` / ``ldm-compare-factors``."""
+    parser = config_parser("Train autoencoder variants that differ only in downsample_factors (same steps, data and "
+                           "seed), evaluate them, and write a table and a plot of memory and time vs quality.")
+    parser.add_argument("--factors", nargs="+", required=True, metavar="LIST",
+                        help='downsample_factors to compare, e.g. "[2, 2]" "[4, 2]" "[8, 2]" "[16]"')
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimiser steps per variant (default: autoencoder.training.max_steps, else 500)")
+    parser.add_argument("--adjust-latent-channels", action="store_true",
+                        help="latent_channels as the guide recommends: 3 up to 4x, 4 at 8x, 8 at 16x and more")
+    parser.add_argument("--output", default=None, help="results folder, new or empty (default: <output_dir>/compare_factors)")
+    parser.add_argument("--device", default=None, help="overrides the config's device")
+
+    def body(args: argparse.Namespace) -> None:
+        from monai_diffusion.compare import compare_factors, parse_factors
+
+        config = load_cli_config(args)
+        factor_list = [parse_factors(text) for text in args.factors]
+        steps = args.steps or config.autoencoder.training.max_steps or 500
+        output = Path(args.output) if args.output else Path(config.output_dir) / "compare_factors"
+        compare_factors(config, factor_list, output, steps, args.adjust_latent_channels, args.device)
+        print((output / "comparison.md").read_text(encoding="utf-8"))
+        print(f"wrote {output}/comparison.csv, comparison.md, comparison.png and one run folder per variant")
+
+    return run_main(body, parser, argv)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from generative.networks.tiling import tile_layout
+from generative.networks.tiling import tile_layout, tiled_decode, tiled_encode
 from monai_diffusion.config import Config, ConfigError
 from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics
 from monai_diffusion.data import build_datasets, build_file_dataset, model_input, save_nifti
@@ -146,8 +146,12 @@ def evaluate_autoencoder(
             name = f"{name}_{index:03d}"
         images = model_input(item["image"][None], spatial_dims).to(torch_device).float()
         with torch.no_grad():
-            z_mu, z_sigma = model.encode(images, tile_size=tile_size, tile_overlap=tile_overlap)
-            reconstruction = model.decode(z_mu, tile_size=tile_size, tile_overlap=tile_overlap).float()
+            if tile_size is None:
+                z_mu, z_sigma = model.encode(images)
+                reconstruction = model.decode(z_mu).float()
+            else:  # with tqdm bars over the tiles: large volumes take a while
+                z_mu, z_sigma = tiled_encode(model, images, tile_size, tile_overlap, progress=True)
+                reconstruction = tiled_decode(model, z_mu, tile_size, tile_overlap, progress=True).float()
         latents.update(z_mu, z_sigma)
         values = {key: float(value[0]) for key, value in metrics(reconstruction, images).items()}
         row: dict[str, Any] = {"name": name, "path": str(item.get("path", "")), **values}

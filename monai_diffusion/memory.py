@@ -32,6 +32,8 @@ from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config
 
 __all__ = [
+    "StepMeasurement",
+    "measure_training_step",
     "SavedTensors", "count_saved", "LevelRow", "MemoryEstimate", "estimate_autoencoder", "format_bytes", "report",
     "Candidate", "search_budget", "parse_budget",
 ]
@@ -386,3 +388,49 @@ def parse_budget(text: str) -> float:
     if value <= 0:
         raise ValueError(f"--budget {text!r}: must be positive")
     return value
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """A real autoencoder training step: peak bytes (weights, gradients and Adam state included) and
+    median seconds."""
+
+    peak_bytes: int
+    seconds: float
+
+
+def measure_training_step(config: Config, device: torch.device | str = "cpu", repeats: int = 3) -> StepMeasurement:
+    """Run and measure the training step of ``config`` (AutoencoderTask: generator and, after the warm-up,
+    discriminator losses, Adam) on one batch of random volumes, with the config's precision and
+    checkpointing.
+
+    The peak is ``profiling.measure_peak_bytes`` of one step after a first step created Adam's state,
+    plus the parameters and optimiser state that exist before it.
+    """
+    from monai_diffusion.profiling import measure_peak_bytes, time_call
+    from monai_diffusion.training.autoencoder import AutoencoderTask
+    from monai_diffusion.training.loop import Optimization
+    from monai_diffusion.training.runtime import Precision, Runtime
+
+    device = torch.device(device)
+    tr = config.autoencoder.training
+    precision = Precision(tr.mixed_precision, device)
+    torch.manual_seed(config.seed)
+    task = AutoencoderTask(config, Runtime(device), precision)
+    optimization = Optimization(task.optimizers(), precision, 1)
+    size = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
+    batch = {"image": torch.rand(tr.batch_size, config.autoencoder.in_channels, *size)}
+
+    def step() -> None:
+        task.training_step(batch, epoch=tr.adversarial_warmup_epochs, optimization=optimization)
+        optimization.step()
+
+    with precision.kernel_guard():
+        step()  # creates Adam's state, which then exists before the measured step
+        modules = [m for m in (task.autoencoder, task.discriminator) if m is not None]
+        existing = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        existing += sum(t.numel() * t.element_size() for opt in task.optimizers().values()
+                        for state in opt.state.values() for t in state.values() if torch.is_tensor(t))
+        peak = measure_peak_bytes(step, device) + existing
+        seconds = time_call(step, repeats=repeats, warmup=0, device=device)
+    return StepMeasurement(peak, seconds)

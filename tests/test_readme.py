@@ -54,5 +54,19 @@ def test_paths_named_in_the_readme_exist():
                  "monai_diffusion/3d_ldm/train_autoencoder.py", "benchmarks/checkpointing.py",
                  "monai_diffusion/3d_ldm/train_diffusion.py", "monai_diffusion/3d_ldm/sample.py",
                  "monai_diffusion/3d_ldm/estimate_memory.py", "benchmarks/memory.py", "benchmarks/example3_cpu.py",
-                 "monai_diffusion/config/GUIDE.md", "monai_diffusion/config/GUIDE.zh.md"):
+                 "monai_diffusion/config/GUIDE.md", "monai_diffusion/config/GUIDE.zh.md",
+                 "monai_diffusion/3d_ldm/evaluate_autoencoder.py", "monai_diffusion/3d_ldm/compare_factors.py",
+                 "benchmarks/tiling.py"):
         assert path in README and (ROOT / path).exists(), path
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README):
+        assert (ROOT / image).is_file(), image
+
+
+def test_the_factor_study_tables_are_the_committed_results():
+    """The README's study tables are copied from what compare_factors.py wrote, row for row."""
+    for name in ("comparison_adjusted.md", "comparison_plain.md"):
+        result = (ROOT / "benchmarks" / "results" / "compare_factors" / name).read_text(encoding="utf-8")
+        rows = [line for line in result.splitlines() if line.startswith("| [")]
+        assert len(rows) == 4
+        for row in rows:
+            assert row in README, row

@@ -56,7 +56,7 @@ def tile_layout(
         spatial_shape: the volume's spatial size (each a multiple of its factor).
         tile_size: voxels per tile along each axis (an int applies to every axis); each a multiple of the
             axis' total downsampling factor. Tiles larger than the volume are shrunk to it.
-        overlap: fraction of a tile shared with its neighbour, in [0, 1); rounded down so that the step
+        overlap: fraction of a tile shared with its neighbour, in [0, 1); rounded up so that the step
             between tiles is a whole number of latent voxels.
         factors: total downsampling factor per axis.
 

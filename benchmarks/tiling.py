@@ -7,9 +7,8 @@ tiled reconstruction of a volume too large to reconstruct whole.
 Agreement: phantoms of a few sizes are reconstructed whole and tiled (whole-volume GroupNorm statistics
 on and off); printed are PSNR(tiled, whole) and the reconstruction PSNR against the input for both.
 Large: the peak memory (``monai_diffusion.profiling.measure_peak_bytes``: CUDA max allocated, or on the
-CPU the running sum of the allocations torch's profiler records) of a tiled reconstruction, beside the
-size of the input and of one full-resolution activation of the first level (which a whole-volume
-forward would hold several of).
+CPU the running sum of the allocations torch's profiler records) of a whole-volume and of a tiled
+reconstruction, beside the size of the input and of one full-resolution activation of the first level.
 """
 
 from __future__ import annotations
@@ -56,23 +55,26 @@ def agreement(model: AutoencoderKL, sizes: list[tuple[int, ...]], tiles: list[in
                               f"{whole_s:.1f} / {tiled_s:.1f} |", flush=True)
 
 
-def large(model: AutoencoderKL, shape: tuple[int, ...], tile: list[int], overlap: float) -> None:
+def large(model: AutoencoderKL, shape: tuple[int, ...], tile: list[int], overlap: float, modes: list[str]) -> None:
     x = _phantom(shape)
     first_level = model.init_args["num_channels"][0]
     voxels = x[0, 0].numel()
     print(f"input {'x'.join(map(str, shape))}: {x.numel() * 4 / 2**20:.0f} MiB; one first-level activation "
           f"({first_level} channels, fp32): {voxels * first_level * 4 / 2**20:.0f} MiB")
-    result: dict[str, torch.Tensor] = {}
+    for mode in modes:
+        result: dict[str, torch.Tensor] = {}
+        kwargs = {"tile_size": tile, "tile_overlap": overlap} if mode == "tiled" else {}
 
-    def run() -> None:
-        with torch.no_grad():
-            result["y"] = model.reconstruct(x, tile_size=tile, tile_overlap=overlap)
+        def run() -> None:
+            with torch.no_grad():
+                result["y"] = model.reconstruct(x, **kwargs)
 
-    start = time.perf_counter()
-    peak = measure_peak_bytes(run)
-    seconds = time.perf_counter() - start
-    print(f"tiled reconstruction, tile {tile}, overlap {overlap}: peak {peak / 2**20:.0f} MiB above the input, "
-          f"{seconds:.0f} s (profiled); output {tuple(result['y'].shape)}, PSNR vs input {_psnr(result['y'], x):.2f} dB")
+        start = time.perf_counter()
+        peak = measure_peak_bytes(run)
+        seconds = time.perf_counter() - start
+        what = f"tiled reconstruction, tile {tile}, overlap {overlap}" if mode == "tiled" else "whole-volume reconstruction"
+        print(f"{what}: peak {peak / 2**20:.0f} MiB above the input, {seconds:.0f} s (profiled); "
+              f"output {tuple(result['y'].shape)}, PSNR vs input {_psnr(result['y'], x):.2f} dB", flush=True)
 
 
 def main() -> None:
@@ -83,11 +85,13 @@ def main() -> None:
     parser.add_argument("--overlaps", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--large", type=int, nargs=3, default=None, metavar=("H", "W", "D"))
     parser.add_argument("--large-tile", type=int, nargs=3, default=[128, 128, 64])
+    parser.add_argument("--large-modes", nargs="+", choices=["whole", "tiled"], default=["whole", "tiled"],
+                        help="whole needs several full-resolution activations (GBs at 512x512x128)")
     args = parser.parse_args()
     model, _ = load_autoencoder(args.run)
     print(f"# {args.run}; cpu ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
     if args.large:
-        large(model, tuple(args.large), args.large_tile, 0.5)
+        large(model, tuple(args.large), args.large_tile, 0.5, args.large_modes)
         return
     agreement(model, [tuple(int(v) for v in s.split("x")) for s in args.sizes], args.tiles, args.overlaps)
 

@@ -205,8 +205,8 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
 def _tile_size(values: list[int] | None) -> int | list[int] | None:
     if values is None:
         return None
-    if len(values) not in (1, 3) or min(values) < 1:
-        raise ConfigError(f"--tile-size {' '.join(map(str, values))}: expected one size or one per axis (3), each >= 1")
+    if min(values) < 1:
+        raise ConfigError(f"--tile-size {' '.join(map(str, values))}: expected one size or one per axis, each >= 1")
     return values[0] if len(values) == 1 else values
 
 
@@ -220,7 +220,7 @@ def evaluate_autoencoder_main(argv: Sequence[str] | None = None) -> int:
                         help="NIfTI folder, glob or files to evaluate (default: the run's validation set)")
     parser.add_argument("--output", default=None, help="results folder, must be new or empty (default: <run>/evaluation)")
     parser.add_argument("--tile-size", type=int, nargs="+", default=None, metavar="N",
-                        help="reconstruct in overlapping tiles of this size (one value or H W D), for large volumes")
+                        help="reconstruct in overlapping tiles of this size (one value or one per axis), for large volumes")
     parser.add_argument("--tile-overlap", type=float, default=0.5, help="fraction of a tile shared with a neighbour")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--no-nifti", action="store_true", help="do not write the reconstructions")
@@ -255,7 +255,7 @@ def compare_factors_main(argv: Sequence[str] | None = None) -> int:
 
         config = load_cli_config(args)
         factor_list = [parse_factors(text) for text in args.factors]
-        steps = args.steps or config.autoencoder.training.max_steps or 500
+        steps = args.steps if args.steps is not None else config.autoencoder.training.max_steps or 500
         output = Path(args.output) if args.output else Path(config.output_dir) / "compare_factors"
         compare_factors(config, factor_list, output, steps, args.adjust_latent_channels, args.device)
         print((output / "comparison.md").read_text(encoding="utf-8"))

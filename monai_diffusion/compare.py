@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, ConfigError, config_from_dict, config_to_dict
 from monai_diffusion.memory import measure_training_step
-from monai_diffusion.training.run import RunError
+from monai_diffusion.training.run import check_new_folder
 
 __all__ = ["VariantResult", "recommended_latent_channels", "variant_config", "compare_factors", "parse_factors"]
 
@@ -62,12 +61,32 @@ def _name(factors: list[Any], latent_channels: int) -> str:
     return f"f{flat}_c{latent_channels}"
 
 
+def _validated(raw: dict[str, Any], factors: list[Any]) -> Config:
+    """``config_from_dict(raw)``; a diffusion UNet too deep for the variant's latent becomes one level."""
+    try:
+        return config_from_dict(raw)
+    except ConfigError as err:
+        if not str(err).startswith("diffusion."):
+            raise ConfigError(f"--factors {factors}: {err}") from None
+    # only the autoencoder trains here: a one-level UNet accepts the (smaller) latent
+    log.info("factors %s: the diffusion UNet of the config does not fit this latent; the variant's saved "
+             "config uses a one-level UNet (adjust diffusion.num_channels before training stage 2)", factors)
+    unet = raw["diffusion"]
+    heads = unet["num_head_channels"]
+    unet.update(num_channels=unet["num_channels"][:1], attention_levels=unet["attention_levels"][:1],
+                num_head_channels=heads[:1] if isinstance(heads, list) else heads)
+    return config_from_dict(raw)
+
+
 def variant_config(config: Config, factors: list[Any], adjust_latent_channels: bool, output: Path,
                    steps: int) -> tuple[str, Config]:
     """The base config with ``factors``, its levels resized and ``steps`` optimiser steps.
 
     Returns:
         ``(name, config)``; the variant's ``output_dir`` is ``output / name``, e.g. ``f4_2_c3``.
+
+    Raises:
+        ConfigError: naming ``--factors`` when the variant is not a valid config.
     """
     raw = copy.deepcopy(config_to_dict(config))
     ae = raw["autoencoder"]
@@ -77,26 +96,15 @@ def variant_config(config: Config, factors: list[Any], adjust_latent_channels: b
         ae[key] = _resize(ae[key], levels)
     if isinstance(ae["num_res_blocks"], list):
         ae["num_res_blocks"] = _resize(ae["num_res_blocks"], levels)
-    if adjust_latent_channels:
-        per_axis = [int(np.prod([f if isinstance(f, int) else f[axis] for f in factors])) for axis in range(3)]
-        ae["latent_channels"] = recommended_latent_channels(max(per_axis))
     training = ae["training"]
     training.update(max_steps=steps, n_epochs=max(training["n_epochs"], steps), fast_dev_run=False)
+    variant = _validated(raw, factors)  # checks the factors before they are used below
+    if adjust_latent_channels:
+        totals = AutoencoderKL(**variant.autoencoder.model_kwargs()).total_factors
+        ae["latent_channels"] = recommended_latent_channels(max(totals))
     name = _name(factors, ae["latent_channels"])
     raw["output_dir"] = str(output / name)
-    try:
-        return name, config_from_dict(raw)
-    except ConfigError as err:
-        if not str(err).startswith("diffusion."):
-            raise ConfigError(f"--factors {factors}: {err}") from None
-    # only the autoencoder trains here: a one-level UNet accepts the (smaller) latent
-    log.info("factors %s: the diffusion UNet of the config does not fit this latent; the variant's saved "
-             "config uses a one-level UNet (adjust diffusion.num_channels before training stage 2)", factors)
-    raw["diffusion"].update(num_channels=raw["diffusion"]["num_channels"][:1],
-                            attention_levels=raw["diffusion"]["attention_levels"][:1],
-                            num_head_channels=_resize(raw["diffusion"]["num_head_channels"], 1)
-                            if isinstance(raw["diffusion"]["num_head_channels"], list) else raw["diffusion"]["num_head_channels"])
-    return name, config_from_dict(raw)
+    return name, _validated(raw, factors)
 
 
 @dataclass
@@ -140,6 +148,8 @@ def _markdown(results: Sequence[VariantResult], device: str) -> str:
         def cell(key: str, digits: int) -> str:
             if key not in m or math.isnan(m[key]["mean"]):
                 return "n/a"
+            if not math.isfinite(m[key]["std"]):
+                return f"{m[key]['mean']:.{digits}f}"
             return f"{m[key]['mean']:.{digits}f} ± {m[key]['std']:.{digits}f}"
 
         lines.append(
@@ -205,8 +215,7 @@ def compare_factors(
     if steps < 1:
         raise ConfigError(f"--steps {steps}: expected an integer >= 1")
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise RunError(f"--output: {output} already holds files; choose another folder (nothing was overwritten)")
+    check_new_folder(output)
     if device is not None:
         config = config_from_dict({**config_to_dict(config), "device": device})
     # every variant is validated before any training starts
@@ -221,7 +230,9 @@ def compare_factors(
                  variant.autoencoder.latent_channels, steps)
         measured = measure_training_step(variant, torch_device)
         summary = train_autoencoder(variant)
-        evaluation = evaluate_autoencoder(summary["run_dir"], device=config.device, save_reconstructions=False)
+        # the final weights: every variant is scored after the same number of steps (best.pt may be earlier)
+        last = Path(summary["run_dir"]) / "checkpoints" / "last.pt"
+        evaluation = evaluate_autoencoder(last, device=config.device, save_reconstructions=False)
         results.append(VariantResult(
             name=name, factors=factors, latent_channels=variant.autoencoder.latent_channels,
             latent_shape=list(summary["latent_shape"]), compression=summary["compression"],

@@ -26,7 +26,7 @@ from monai_diffusion.config import Config, ConfigError
 from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics
 from monai_diffusion.data import build_datasets, build_file_dataset, model_input, save_nifti
 from monai_diffusion.training.checkpoint import load_autoencoder
-from monai_diffusion.training.run import RunError
+from monai_diffusion.training.run import RunError, check_new_folder
 from monai_diffusion.training.runtime import resolve_device
 from monai_diffusion.training.visualize import labelled_rows, orthogonal_slices, save_png
 
@@ -59,11 +59,6 @@ def _run_dir_of(run: Path) -> Path:
     return run if run.is_dir() else run.parent.parent if run.parent.name == "checkpoints" else run.parent
 
 
-def _check_output(output: Path) -> None:
-    if output.exists() and any(output.iterdir()):
-        raise RunError(f"--output: {output} already holds files; choose another folder (nothing was overwritten)")
-
-
 def _dataset(config: Config, data: str | list[str] | None) -> Dataset:
     in_channels = config.autoencoder.in_channels
     if data is None:
@@ -77,6 +72,30 @@ def _volume_name(item: dict[str, Any], index: int) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return f"volume_{index:03d}"  # synthetic phantoms
+
+
+def _as_saved(recon: torch.Tensor, item: dict[str, Any], spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reconstruction as a NIfTI volume with its affine; a 2D reconstruction of the centre slice is
+    stored as a one-slice volume placed at that slice."""
+    affine = item.get("affine")
+    if spatial_dims == 3:
+        return recon, affine
+    if affine is not None:
+        affine = torch.as_tensor(affine, dtype=torch.float64).clone()
+        depth = item["image"].shape[-1]
+        affine[:3, 3] += affine[:3, 2] * (depth // 2)
+    return recon[..., None], affine
+
+
+def _finite_json(value: Any) -> Any:
+    """inf/nan (e.g. the PSNR of identical volumes) as strings, so summary.json stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _mosaic(strips: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], order: list[str], count: int) -> tuple[np.ndarray, dict[str, list[str]]]:
@@ -122,7 +141,7 @@ def evaluate_autoencoder(
     torch_device = resolve_device(device)
     model, config = load_autoencoder(run, map_location=torch_device)
     output = Path(output) if output is not None else _run_dir_of(run) / "evaluation"
-    _check_output(output)
+    check_new_folder(output)
     dataset = _dataset(config, data)
     if len(dataset) == 0:
         raise RunError(f"--data: no volumes to evaluate in {data}")
@@ -157,11 +176,13 @@ def evaluate_autoencoder(
         row: dict[str, Any] = {"name": name, "path": str(item.get("path", "")), **values}
         recon = reconstruction.clamp(0, 1)[0].cpu()
         if save_reconstructions:
-            target = save_nifti(recon, output / "reconstructions" / f"{name}.nii.gz", item.get("affine"))
+            volume, affine = _as_saved(recon, item, spatial_dims)
+            target = save_nifti(volume, output / "reconstructions" / f"{name}.nii.gz", affine)
             row["reconstruction"] = str(target.relative_to(output))
         rows.append(row)
         error = ((recon - images[0].cpu()).abs() * 4).clamp(0, 1)
-        strips[name] = (orthogonal_slices(images[0].cpu()), orthogonal_slices(recon), orthogonal_slices(error))
+        strips[name] = tuple(orthogonal_slices(v, spatial_dims=spatial_dims)  # type: ignore[assignment]
+                             for v in (images[0].cpu(), recon, error))
     seconds = time.perf_counter() - started
 
     columns = ["name", "path", *[m for m in METRICS if m in rows[0]], *(["reconstruction"] if save_reconstructions else [])]
@@ -185,7 +206,8 @@ def evaluate_autoencoder(
         "mosaic": shown,
         "seconds": round(seconds, 1),
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (output / "summary.json").write_text(json.dumps(_finite_json(summary), indent=2, allow_nan=False),
+                                         encoding="utf-8")
     return EvaluationResult(output, rows, summary)
 
 

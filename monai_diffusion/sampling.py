@@ -91,6 +91,7 @@ def sample_volumes(
         volumes.extend(batch)
     for volume, name in zip(volumes, names):
         save_nifti(volume.clamp(0, 1), name, affine=affine)
-    save_png(volume_grid([("samples", [v.clamp(0, 1) for v in volumes])]), output / "samples.png")
+    save_png(volume_grid([("samples", [v.clamp(0, 1) for v in volumes])], spatial_dims=config.autoencoder.spatial_dims),
+             output / "samples.png")
     log.info("wrote %d NIfTI volumes and samples.png to %s", len(names), output)
     return names

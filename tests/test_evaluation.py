@@ -129,7 +129,7 @@ def test_evaluate_refuses_to_overwrite_and_checks_tiles(nifti_run, tmp_path, cap
     out.mkdir()
     (out / "metrics.csv").write_text("keep me")
     assert evaluate_autoencoder_main(["--run", str(run), "--output", str(out)]) == 2
-    assert "already holds files" in capsys.readouterr().err
+    assert "already exists and is not an empty folder" in capsys.readouterr().err
     assert (out / "metrics.csv").read_text() == "keep me"
     assert evaluate_autoencoder_main(["--run", str(run), "--output", str(tmp_path / "t"), "--tile-size", "6"]) == 2
     err = capsys.readouterr().err
@@ -138,17 +138,56 @@ def test_evaluate_refuses_to_overwrite_and_checks_tiles(nifti_run, tmp_path, cap
     assert "no such run folder" in capsys.readouterr().err
 
 
-def test_tiled_evaluation_matches_whole_within_the_stated_tolerance(nifti_run, tmp_path):
+def test_tiled_evaluation_through_the_cli(nifti_run, tmp_path):
+    """Tiles as large as the volume reproduce whole-volume reconstructions; smaller tiles run and keep the
+    shape (their agreement on a trained network is tested in test_tiling.py)."""
     run, folder = nifti_run
-    whole, tiled = tmp_path / "whole", tmp_path / "tiled"
-    assert evaluate_autoencoder_main(["--run", str(run), "--data", str(folder), "--output", str(whole)]) == 0
-    assert evaluate_autoencoder_main(["--run", str(run), "--data", str(folder), "--output", str(tiled),
-                                      "--tile-size", "12", "--no-nifti"]) == 0
-    w = json.loads((whole / "summary.json").read_text())["metrics"]
-    t = json.loads((tiled / "summary.json").read_text())
-    assert t["tiling"] == {"tile_size": 12, "tile_overlap": 0.5}
-    assert abs(t["metrics"]["psnr"]["mean"] - w["psnr"]["mean"]) < 1.0
-    assert not (tiled / "reconstructions").exists()
+    outputs = {}
+    for label, tile in (("whole", None), ("same", "16"), ("small", "12")):
+        out = tmp_path / label
+        args = ["--run", str(run), "--data", str(folder), "--output", str(out)] + (["--tile-size", tile] if tile else [])
+        assert evaluate_autoencoder_main(args) == 0
+        outputs[label] = [nib.load(path).get_fdata() for path in sorted((out / "reconstructions").glob("*.nii.gz"))]
+    for whole, same, small in zip(outputs["whole"], outputs["same"], outputs["small"]):
+        np.testing.assert_allclose(same, whole, atol=1e-5)
+        assert small.shape == whole.shape and np.isfinite(small).all()
+    assert json.loads((tmp_path / "small" / "summary.json").read_text())["tiling"] == {"tile_size": 12, "tile_overlap": 0.5}
+
+
+def test_evaluate_a_2d_model(tmp_path):
+    """2D configs train and evaluate on centre slices: one-slice NIfTI placed at that slice, 2D pictures."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(2):
+        nib.save(nib.Nifti1Image(rng.random((16, 16, 8)).astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0])),
+                 folder / f"slab{index}.nii.gz")
+    assert train(CONFIGS / "ldm_config.yaml", tmp_path, *tiny(), "data.source=nifti", f"data.paths={folder}",
+                 "data.image_size=[16, 16, 8]", "autoencoder.spatial_dims=2") == 0
+    out = tmp_path / "eval"
+    assert evaluate_autoencoder_main(["--run", str(tmp_path / "autoencoder"), "--data", str(folder),
+                                      "--output", str(out), "--tile-size", "8", "8"]) == 0
+    written = nib.load(out / "reconstructions" / "slab0.nii.gz")
+    assert written.shape == (16, 16, 1)
+    np.testing.assert_allclose(written.affine[:3, 3], [0.0, 0.0, 12.0])  # slice 4 of 8, 3 mm apart
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["latent"]["latent_shape"] == [3, 4, 4]
+    from PIL import Image
+
+    assert Image.open(out / "worst_best.png").size == (110 + 128, 6 * 128)  # one 2D image per row
+
+
+def test_bad_evaluation_arguments_are_one_line_errors(nifti_run, tmp_path, capsys):
+    run, _ = nifti_run
+    taken = tmp_path / "a_file"
+    taken.write_text("x")
+    assert evaluate_autoencoder_main(["--run", str(run), "--output", str(taken)]) == 2
+    assert "already exists and is not an empty folder" in capsys.readouterr().err and taken.read_text() == "x"
+    assert evaluate_autoencoder_main(["--run", str(run), "--output", str(tmp_path / "d"), "--device", "gpu"]) == 2
+    assert "'gpu' is not a device" in capsys.readouterr().err
+    assert evaluate_autoencoder_main(["--run", str(run), "--output", str(tmp_path / "e"), "--data",
+                                      str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("error: --data")
 
 
 # ------------------------------------------------------------------------------------------ comparison
@@ -189,3 +228,7 @@ def test_two_variant_comparison_at_tiny_size(tmp_path, capsys):
     table = (out / "comparison.md").read_text()
     assert "| [2, 2] |" in table and "| [4] |" in table and "| [2, 2] |" in capsys.readouterr().out
     assert compare_factors_main(args) == 2  # an existing study is never overwritten
+    assert "already exists" in capsys.readouterr().err
+    other = [str(tmp_path / "other") if a == str(out) else a for a in args]
+    assert compare_factors_main([*other, "--steps", "0"]) == 2
+    assert "--steps 0" in capsys.readouterr().err and not (tmp_path / "other").exists()

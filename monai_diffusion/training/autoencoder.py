@@ -168,7 +168,8 @@ class AutoencoderTask:
         images = self._images(batch)[:count]
         with self.precision.autocast():
             reconstruction = self.autoencoder.reconstruct(images).float().clamp(0, 1)
-        return volume_grid([("input", list(images)), ("reconstruction", list(reconstruction))])
+        return volume_grid([("input", list(images)), ("reconstruction", list(reconstruction))],
+                           spatial_dims=self.config.autoencoder.spatial_dims)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -196,7 +196,7 @@ class DiffusionTask:
         generator = torch.Generator().manual_seed(self.config.seed)
         volumes = self.generate(max(1, self.training.num_preview_samples), self.training.preview_inference_steps,
                                 generator=generator)
-        return volume_grid([("samples", list(volumes.clamp(0, 1)))])
+        return volume_grid([("samples", list(volumes.clamp(0, 1)))], spatial_dims=self.config.autoencoder.spatial_dims)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -15,7 +15,7 @@ from monai_diffusion.training.loop import LoopState
 from monai_diffusion.training.runtime import Precision, Runtime, restore_rng
 
 __all__ = ["RunError", "differences", "run_folder", "check_run_dir", "create_run_dir", "load_for_resume",
-           "restore_loop", "open_writer"]
+           "restore_loop", "open_writer", "check_new_folder"]
 
 
 class RunError(ValueError):
@@ -87,3 +87,10 @@ def open_writer(run_dir: Path, runtime: Runtime) -> Any | None:
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def check_new_folder(folder: Path) -> None:
+    """Refuse a results folder that already holds files (or is a file): nothing is ever overwritten."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise RunError(f"--output: {folder} already exists and is not an empty folder; choose another "
+                       f"folder (nothing was overwritten)")

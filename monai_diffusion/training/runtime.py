@@ -64,6 +64,9 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` (this process' local rank) or ``"cuda:N"``."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
+    index = spec.split(":", 1)[1] if spec.startswith("cuda:") else "0"
+    if spec not in ("cpu", "cuda") and not (spec.startswith("cuda:") and index.isdigit()):
+        raise ConfigError(f"device: {spec!r} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:0)")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device: {spec!r} requested but CUDA is not available; use cpu or auto")

@@ -24,34 +24,39 @@ def _fit(plane: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.NEAREST))
 
 
-def orthogonal_slices(volume: torch.Tensor | np.ndarray, size: int = 128) -> np.ndarray:
-    """Centre slices along the three axes of a CxHxWxD (or HxWxD) volume as one uint8 strip.
+def orthogonal_slices(volume: torch.Tensor | np.ndarray, size: int = 128, spatial_dims: int = 3) -> np.ndarray:
+    """Centre slices along the three axes of a CxHxWxD (or HxWxD) volume as one uint8 strip; for
+    ``spatial_dims=2`` the CxHxW (or HxW) image itself.
 
     Returns:
-        ``size`` x (3 * ``size``) uint8 image (first channel, values clipped to [0, 1]).
+        ``size`` x (3 * ``size``) uint8 image (``size`` x ``size`` in 2D); first channel, values clipped to [0, 1].
     """
     array = volume.detach().float().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
-    if array.ndim == 4:
+    if array.ndim == spatial_dims + 1:
         array = array[0]
-    if array.ndim == 2:
-        array = array[..., None]
-    h, w, d = array.shape
-    planes = [array[h // 2, :, :], array[:, w // 2, :], array[:, :, d // 2]]
-    strip = np.zeros((size, 3 * size), dtype=np.uint8)
+    if spatial_dims == 2:
+        planes = [array]
+    else:
+        h, w, d = array.shape
+        planes = [array[h // 2, :, :], array[:, w // 2, :], array[:, :, d // 2]]
+    strip = np.zeros((size, len(planes) * size), dtype=np.uint8)
     for i, plane in enumerate(planes):
         fitted = _fit(np.rot90(plane), size)
         strip[: fitted.shape[0], i * size : i * size + fitted.shape[1]] = fitted
     return strip
 
 
-def volume_grid(rows: Sequence[tuple[str, Sequence[torch.Tensor]]], size: int = 128) -> np.ndarray:
-    """Stack labelled rows of volumes; each volume contributes its three orthogonal slices.
+def volume_grid(
+    rows: Sequence[tuple[str, Sequence[torch.Tensor]]], size: int = 128, spatial_dims: int = 3
+) -> np.ndarray:
+    """Stack labelled rows of volumes; each volume contributes its three orthogonal slices (2D: itself).
 
     Args:
         rows: ``(label, volumes)`` pairs, e.g. ``[("input", x), ("reconstruction", y)]``.
         size: pixels per slice.
+        spatial_dims: 2 for CxHxW images, 3 for CxHxWxD volumes.
     """
-    return labelled_rows([(label, np.concatenate([orthogonal_slices(v, size) for v in volumes], axis=1))
+    return labelled_rows([(label, np.concatenate([orthogonal_slices(v, size, spatial_dims) for v in volumes], axis=1))
                           for label, volumes in rows])
 
 

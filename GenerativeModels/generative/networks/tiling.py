@@ -11,14 +11,15 @@ the network's total downsampling factor, so a tile's latent lands exactly on lat
 GroupNorm is what makes naive tiling inaccurate: each tile would be normalised with its own mean and
 variance, which differ from the whole volume's (a tile of background is not a tile of body). By default
 we therefore first measure whole-volume statistics of every GroupNorm layer, tile by tile: for the k-th
-layer (in forward order) the network runs on non-overlapping tiles, with the layers before k already
-using their whole-volume statistics, up to layer k, whose per-group sums are accumulated. The
-overlapping, blended pass then uses these statistics everywhere. This costs one partial forward per
-GroupNorm layer over non-overlapping tiles (several times the blended pass itself), and it is still an
-approximation: convolutions at a tile border see zero padding instead of the neighbouring voxels (which
-also biases the measured statistics), and attention attends within the tile. Tiles much larger than
-the network's receptive field keep both effects small; ``benchmarks/tiling.py`` measures the agreement
-with whole-volume inference.
+layer (in forward order) the network runs on the tiles of the blended pass, with the layers before k
+already using their whole-volume statistics, up to layer k, whose per-group sums are accumulated over
+the part of each tile that is nearer its centre than any other tile's (so every voxel counts once, and
+the zero padding at tile borders stays out). The blended pass then uses these statistics everywhere.
+This costs one partial forward over all tiles per GroupNorm layer (several times the blended pass
+itself), and it is still an approximation: a convolution near a tile border sees zero padding instead
+of the neighbouring voxels, and attention attends within the tile. Tiles much larger than the
+network's receptive field and an overlap of 0.5 keep both effects small; ``benchmarks/tiling.py``
+measures the agreement with whole-volume inference.
 
 A tiled reconstruction encodes the whole volume tile by tile (the latent is small enough to keep) and
 then decodes that latent tile by tile.
@@ -129,15 +130,18 @@ class _VolumeNormStatistics:
             count = torch.full_like(values[..., 0], values.shape[-1])
             self._sums.append(torch.stack([values.sum(-1), values.pow(2).sum(-1), count]))
             raise _StopForward
+        # like GroupNorm under autocast: computed in float32, returned in float32 (else in x's dtype)
+        dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
         if norm not in self.frozen:  # not measured yet (only while recording the order)
-            return nn.functional.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+            return nn.functional.group_norm(x.float(), norm.num_groups, norm.weight.float() if norm.affine else None,
+                                            norm.bias.float() if norm.affine else None, norm.eps).to(dtype)
         mean, var = self.frozen[norm]
         groups = x.float().reshape(x.shape[0], norm.num_groups, -1)
         normalised = ((groups - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if norm.affine:
-            normalised = normalised * norm.weight.reshape(shape) + norm.bias.reshape(shape)
-        return normalised
+            normalised = normalised * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
+        return normalised.to(dtype)
 
     def measure(
         self, x: torch.Tensor, tile: Sequence[int], step: Sequence[int], unit: Sequence[int], predictor: Callable,
@@ -155,7 +159,7 @@ class _VolumeNormStatistics:
             axes.append([(a, (lo - a, hi - a)) for a, lo, hi in zip(starts, cuts, cuts[1:])])
         windows = list(product(*axes))
         self._tile = tuple(tile)
-        with self.applied():
+        with self.applied(), torch.no_grad():  # the statistics are constants, never differentiated
             self.order = []
             predictor(x[(slice(None), slice(None), *(slice(0, t) for t in tile))])  # records the forward order
             order, self.order = self.order, None

@@ -243,6 +243,9 @@ def test_console_command_is_installed():
     assert command.is_file(), "pip install -e . installs the ldm-train-autoencoder command"
     result = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--resume" in result.stdout and "--set" in result.stdout
+    for name, flag in (("ldm-evaluate-autoencoder", "--tile-size"), ("ldm-compare-factors", "--factors")):
+        result = subprocess.run([str(command.with_name(name)), "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and flag in result.stdout, name
 
 
 def test_cpu_bf16_kernel_guard_gives_finite_conv_weight_gradients():

@@ -4,4 +4,4 @@ Everything that MONAI core already provides (diffusion UNet, discriminator, sche
 adversarial loss) is re-exported from MONAI core under MONAI Generative's familiar import paths.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

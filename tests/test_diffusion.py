@@ -19,7 +19,7 @@ from monai_diffusion.training.checkpoint import load_autoencoder, load_checkpoin
 from monai_diffusion.training.diffusion import LatentDataset, compute_scale_factor, encode_latents
 from monai_diffusion.training.runtime import Runtime
 from monai_diffusion.data import build_datasets
-from tests.test_train_autoencoder import _free_port
+from tests.test_train_autoencoder import _free_port, write_scans
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
@@ -150,12 +150,7 @@ def test_ddp_two_cpu_processes(autoencoder_run, tmp_path):
 
 def test_nifti_data_mixed_precision_accumulation_and_sample_affine(tmp_path):
     """Samples carry the training data's spacing/orientation; bf16 autocast and accumulation train."""
-    folder = tmp_path / "scans"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    affine = np.diag([0.8, 0.8, 2.5, 1.0])
-    for index in range(4):
-        nib.save(nib.Nifti1Image(rng.random((16, 16, 16)).astype(np.float32), affine), folder / f"c{index}.nii.gz")
+    folder = write_scans(tmp_path / "scans", (16, 16, 16), (0.8, 0.8, 2.5), prefix="c")
     data = ["data.source=nifti", f"data.paths={folder}", "data.val_fraction=0.25"]
     out = tmp_path / "out"
     assert train_autoencoder_main(_args(out, *data)) == 0

@@ -17,7 +17,7 @@ from monai_diffusion.cli import compare_factors_main, evaluate_autoencoder_main
 from monai_diffusion.compare import parse_factors, recommended_latent_channels, variant_config
 from monai_diffusion.config import ConfigError, load_config
 from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics, ms_ssim_settings, ssim_window
-from tests.test_train_autoencoder import CONFIGS, tiny, train
+from tests.test_train_autoencoder import CONFIGS, tiny, train, write_scans
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -89,12 +89,7 @@ def test_latent_statistics_give_the_diffusion_scale_factor():
 def nifti_run(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny autoencoder trained on NIfTI files with a non-identity affine; returns (run, folder)."""
     root = tmp_path_factory.mktemp("evaluation")
-    folder = root / "scans"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(4):
-        volume = rng.random((16, 16, 16)).astype(np.float32)
-        nib.save(nib.Nifti1Image(volume, np.diag([1.5, 1.5, 2.0, 1.0])), folder / f"case{index}.nii.gz")
+    folder = write_scans(root / "scans", (16, 16, 16), (1.5, 1.5, 2.0))
     assert train(CONFIGS / "ldm_config.yaml", root, *tiny(), "data.source=nifti", f"data.paths={folder}",
                  "data.val_fraction=0.5", "autoencoder.training.n_epochs=2") == 0
     return root / "autoencoder", folder
@@ -156,12 +151,7 @@ def test_tiled_evaluation_through_the_cli(nifti_run, tmp_path):
 
 def test_evaluate_a_2d_model(tmp_path):
     """2D configs train and evaluate on centre slices: one-slice NIfTI placed at that slice, 2D pictures."""
-    folder = tmp_path / "scans"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for index in range(2):
-        nib.save(nib.Nifti1Image(rng.random((16, 16, 8)).astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0])),
-                 folder / f"slab{index}.nii.gz")
+    folder = write_scans(tmp_path / "scans", (16, 16, 8), (1.0, 1.0, 3.0), count=2, seed=1, prefix="slab")
     assert train(CONFIGS / "ldm_config.yaml", tmp_path, *tiny(), "data.source=nifti", f"data.paths={folder}",
                  "data.image_size=[16, 16, 8]", "autoencoder.spatial_dims=2") == 0
     out = tmp_path / "eval"

@@ -59,6 +59,17 @@ def train(config: Path | str, out: Path, *overrides: str, resume: bool = False) 
     return train_autoencoder_main(args + (["--resume"] if resume else []))
 
 
+def write_scans(folder: Path, shape: tuple[int, ...], spacing: tuple[float, float, float], count: int = 4,
+                seed: int = 0, prefix: str = "case") -> Path:
+    """``count`` NIfTI files of uniform noise with the given voxel spacing: ``<prefix><i>.nii.gz``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        volume = rng.random(shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.diag([*spacing, 1.0])), folder / f"{prefix}{index}.nii.gz")
+    return folder
+
+
 def summary_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -111,12 +122,7 @@ def test_training_switches(tmp_path, switches):
 
 
 def test_nifti_folder(tmp_path):
-    folder = tmp_path / "scans"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(4):
-        volume = rng.random((20, 18, 14)).astype(np.float32)
-        nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 2.0, 1.0])), folder / f"case{index}.nii.gz")
+    folder = write_scans(tmp_path / "scans", (20, 18, 14), (1.0, 1.0, 2.0))
     overrides = [*tiny(), "data.source=nifti", f"data.paths={folder}", "data.val_fraction=0.25",
                  "autoencoder.training.fast_dev_run=true"]
     assert train(CONFIGS / "ldm_config.yaml", tmp_path / "out", *overrides) == 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from generative.networks.nets import AutoencoderKL
+from generative.networks.nets.autoencoderkl import normalize_downsample_factors, total_downsample_factors
 from monai_diffusion.config import Config, ConfigError, config_from_dict, config_to_dict
 from monai_diffusion.memory import measure_training_step
 from monai_diffusion.training.run import check_new_folder
@@ -100,7 +100,9 @@ def variant_config(config: Config, factors: list[Any], adjust_latent_channels: b
     training.update(max_steps=steps, n_epochs=max(training["n_epochs"], steps), fast_dev_run=False)
     variant = _validated(raw, factors)  # checks the factors before they are used below
     if adjust_latent_channels:
-        totals = AutoencoderKL(**variant.autoencoder.model_kwargs()).total_factors
+        ae_cfg = variant.autoencoder
+        levels = normalize_downsample_factors(ae_cfg.downsample_factors, len(ae_cfg.num_channels), ae_cfg.spatial_dims)
+        totals = total_downsample_factors(levels, ae_cfg.spatial_dims)
         ae["latent_channels"] = recommended_latent_channels(max(totals))
     name = _name(factors, ae["latent_channels"])
     raw["output_dir"] = str(output / name)

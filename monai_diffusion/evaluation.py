@@ -146,13 +146,13 @@ def evaluate_autoencoder(
     if len(dataset) == 0:
         raise RunError(f"--data: no volumes to evaluate in {data}")
     spatial_dims = config.autoencoder.spatial_dims
-    first = model_input(dataset[0]["image"][None], spatial_dims)
+    spatial = tuple(config.data.image_size)[:spatial_dims]  # both pipelines pad/crop to it
     if tile_size is not None:
         try:
-            tile_layout(first.shape[2:], tile_size, tile_overlap, model.total_factors)
+            tile_layout(spatial, tile_size, tile_overlap, model.total_factors)
         except ValueError as err:
             raise ConfigError(f"--tile-size/--tile-overlap: {err}") from None
-    metrics = ReconstructionMetrics(spatial_dims, first.shape[2:])
+    metrics = ReconstructionMetrics(spatial_dims, spatial)
     latents = LatentStatistics(seed=seed)
     rows: list[dict[str, Any]] = []
     strips: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}

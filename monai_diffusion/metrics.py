@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
-__all__ = ["ReconstructionMetrics", "LatentStatistics", "ssim_window", "ms_ssim_settings"]
+__all__ = ["ReconstructionMetrics", "LatentStatistics", "latent_std", "ssim_window", "ms_ssim_settings"]
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
 
@@ -96,6 +96,15 @@ class ReconstructionMetrics:
         return out
 
 
+def latent_std(total: float, squares: float, count: float) -> float:
+    """Standard deviation of latents from their sum, sum of squares and count (variance floored at 1e-12).
+
+    ``1 / latent_std(...)`` is the scale factor of a latent diffusion model (Rombach et al.): the diffusion
+    stage and the evaluation both compute it here.
+    """
+    return max(squares / count - (total / count) ** 2, 1e-12) ** 0.5
+
+
 @dataclass
 class LatentStatistics:
     """Running moments of the posterior mean and of sampled latents ``z = mu + sigma * eps``.
@@ -120,7 +129,7 @@ class LatentStatistics:
         z_sum, z_sq, n, mu_sum, mu_sq, sigma_sum = self._sums.tolist()
         if n == 0:
             return {}
-        z_std = math.sqrt(max(z_sq / n - (z_sum / n) ** 2, 1e-24))
+        z_std = latent_std(z_sum, z_sq, n)
         return {
             "latent_shape": list(self.shape),
             "z_mean": z_sum / n,

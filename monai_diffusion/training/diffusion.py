@@ -27,6 +27,7 @@ from tqdm import tqdm
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, SchedulerConfig, config_to_dict, save_config
 from monai_diffusion.data import build_datasets, make_loader
+from monai_diffusion.metrics import latent_std
 from monai_diffusion.profiling import peak_rss_bytes
 from monai_diffusion.training.checkpoint import CheckpointError, load_autoencoder
 from monai_diffusion.training.run import (
@@ -315,9 +316,7 @@ def compute_scale_factor(dataset: LatentDataset, batches: int, batch_size: int, 
     z = dataset.z_mu[:count] + torch.randn(dataset.z_mu[:count].shape, generator=generator) * dataset.z_sigma[:count]
     z = z.double()
     totals = runtime.all_reduce_sum(torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), dtype=torch.float64)]))
-    total, squares, n = totals.tolist()
-    variance = max(squares / n - (total / n) ** 2, 1e-12)
-    return float(1.0 / variance**0.5)
+    return float(1.0 / latent_std(*totals.tolist()))
 
 
 def train_diffusion(config: Config, resume: bool = False) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import product
 from typing import TYPE_CHECKING
 
@@ -198,7 +198,7 @@ def _sliding(
         statistics = _VolumeNormStatistics(model)
         if volume_statistics:
             statistics.measure(sample, tile, step, unit, predictor, progress)
-        with statistics.applied() if volume_statistics else _nothing():
+        with statistics.applied() if volume_statistics else nullcontext():
             outputs.append(sliding_window_inference(
                 sample, roi_size=list(tile), sw_batch_size=1, predictor=predictor,
                 overlap=_monai_overlap(tile, step), progress=progress, **_BLEND,
@@ -206,11 +206,6 @@ def _sliding(
     if isinstance(outputs[0], tuple):
         return tuple(torch.cat(parts) for parts in zip(*outputs))
     return torch.cat(outputs)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def tiled_encode(

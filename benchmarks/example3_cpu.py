@@ -37,9 +37,9 @@ def _autoencoder_step(config, amp: bool, ckpt: bool) -> float:
 
 def main() -> None:
     config = load_config(CONFIG, ["autoencoder.training.use_gradient_checkpointing=true"])
-    estimate = estimate_autoencoder(config, mixed_precision=True, checkpointing=True)
+    estimate = estimate_autoencoder(config, mixed_precision=True, checkpointing=True, target="cpu")
     baseline = estimate_autoencoder(load_config(CONFIG, ["autoencoder.downsample_factors=[2, 2]"]),
-                                    mixed_precision=False, checkpointing=False)
+                                    mixed_precision=False, checkpointing=False, target="cpu")
     started = time.perf_counter()
     measured = _autoencoder_step(config, amp=True, ckpt=True)
     baseline_config = load_config(CONFIG, ["autoencoder.downsample_factors=[2, 2]"])

@@ -74,7 +74,7 @@ def main() -> None:
                       settings.mixed_precision, settings.use_gradient_checkpointing))
     for name, source, overrides, amp, ckpt in cases:
         config = load_config(source, [*base, *overrides])
-        estimate = estimate_autoencoder(config, mixed_precision=amp, checkpointing=ckpt).autoencoder_step
+        estimate = estimate_autoencoder(config, mixed_precision=amp, checkpointing=ckpt, target="cpu").autoencoder_step
         torch.manual_seed(0)
         model = AutoencoderKL(**config.autoencoder.model_kwargs(use_checkpointing=ckpt)).to(device)
         x = torch.rand(1, config.autoencoder.in_channels, *args.size, device=device)

@@ -24,6 +24,7 @@ from generative.networks.tiling import tiled_reconstruct
 from monai_diffusion.data import make_phantom
 from monai_diffusion.profiling import measure_peak_bytes
 from monai_diffusion.training.checkpoint import load_autoencoder
+from monai_diffusion.training.runtime import resolve_device
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -31,15 +32,19 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(-10 * torch.log10(mse)) if mse > 0 else float("inf")
 
 
-def _phantom(shape: tuple[int, ...], seed: int = 5) -> torch.Tensor:
-    return torch.from_numpy(make_phantom(shape, seed)).float()[None, None]
+def _phantom(shape: tuple[int, ...], seed: int = 5, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.from_numpy(make_phantom(shape, seed)).float()[None, None].to(device)
+
+
+def _device(model: AutoencoderKL) -> torch.device:
+    return next(model.parameters()).device
 
 
 def agreement(model: AutoencoderKL, sizes: list[tuple[int, ...]], tiles: list[int], overlaps: list[float]) -> None:
     print("| volume | tile | overlap | statistics | PSNR tiled vs whole dB | PSNR vs input: whole / tiled dB | time whole / tiled s |")
     print("|---|---:|---:|---|---:|---:|---:|")
     for shape in sizes:
-        x = _phantom(shape)
+        x = _phantom(shape, device=_device(model))
         with torch.no_grad():
             start = time.perf_counter()
             whole = model.reconstruct(x)
@@ -56,7 +61,7 @@ def agreement(model: AutoencoderKL, sizes: list[tuple[int, ...]], tiles: list[in
 
 
 def large(model: AutoencoderKL, shape: tuple[int, ...], tile: list[int], overlap: float, modes: list[str]) -> None:
-    x = _phantom(shape)
+    x = _phantom(shape, device=_device(model))
     first_level = model.init_args["num_channels"][0]
     voxels = x[0, 0].numel()
     print(f"input {'x'.join(map(str, shape))}: {x.numel() * 4 / 2**20:.0f} MiB; one first-level activation "
@@ -70,7 +75,7 @@ def large(model: AutoencoderKL, shape: tuple[int, ...], tile: list[int], overlap
                 result["y"] = model.reconstruct(x, **kwargs)
 
         start = time.perf_counter()
-        peak = measure_peak_bytes(run)
+        peak = measure_peak_bytes(run, _device(model))
         seconds = time.perf_counter() - start
         what = f"tiled reconstruction, tile {tile}, overlap {overlap}" if mode == "tiled" else "whole-volume reconstruction"
         print(f"{what}: peak {peak / 2**20:.0f} MiB above the input, {seconds:.0f} s (profiled); "
@@ -87,9 +92,12 @@ def main() -> None:
     parser.add_argument("--large-tile", type=int, nargs=3, default=[128, 128, 64])
     parser.add_argument("--large-modes", nargs="+", choices=["whole", "tiled"], default=["whole", "tiled"],
                         help="whole needs several full-resolution activations (GBs at 512x512x128)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
-    model, _ = load_autoencoder(args.run)
-    print(f"# {args.run}; cpu ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
+    device = resolve_device(args.device)
+    model, _ = load_autoencoder(args.run, map_location=device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"# {args.run}; {where}, torch {torch.__version__}")
     if args.large:
         large(model, tuple(args.large), args.large_tile, 0.5, args.large_modes)
         return

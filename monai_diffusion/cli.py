@@ -147,7 +147,16 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
 
     def body(args: argparse.Namespace) -> None:
         from monai_diffusion.config import ConfigError, config_to_dict
-        from monai_diffusion.memory import estimate_autoencoder, format_bytes, parse_budget, report, search_budget
+        from monai_diffusion.memory import (
+            CUDA_RESERVED_BYTES,
+            FRAGMENTATION,
+            estimate_autoencoder,
+            format_bytes,
+            parse_budget,
+            report,
+            search_budget,
+            with_margin,
+        )
 
         overrides = list(args.overrides)
         if args.input_size:
@@ -177,12 +186,15 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
                 f"--budget {args.budget}: no searched configuration fits (factors [2, 2], [4, 2], [8, 2], [16]; batch "
                 f"8-1; mixed precision; checkpointing); reduce autoencoder.num_channels or data.image_size"
             )
-        print(f"{len(candidates)} configurations fit in {args.budget} (least compression and largest batch first):")
-        print(f"  {'factors':10s} {'channels':14s} {'batch':>5s} {'precision':>9s} {'ckpt':>5s} {'compression':>11s} {'estimate':>10s}")
+        print(f"{len(candidates)} configurations fit in {args.budget} (least compression and largest batch first), "
+              f"keeping a margin of {FRAGMENTATION:.0%} for allocator fragmentation and {format_bytes(CUDA_RESERVED_BYTES)} "
+              f"for the CUDA context and cuDNN workspace:")
+        print(f"  {'factors':10s} {'channels':14s} {'batch':>5s} {'precision':>9s} {'ckpt':>5s} {'compression':>11s} "
+              f"{'estimate':>10s} {'+ margin':>10s}")
         for c in candidates[:15]:
             print(f"  {str(c.downsample_factors):10s} {str(c.num_channels):14s} {c.batch_size:5d} "
                   f"{'mixed' if c.mixed_precision else 'fp32':>9s} {'yes' if c.checkpointing else 'no':>5s} "
-                  f"{c.compression:>10d}x {format_bytes(c.total):>10s}")
+                  f"{c.compression:>10d}x {format_bytes(c.total):>10s} {format_bytes(with_margin(c.total)):>10s}")
         best = candidates[0]
         raw = config_to_dict(config)
         raw["autoencoder"].update(best.overrides())

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset
 from monai.data import Dataset as MonaiDataset
-from monai.data import MetaTensor
+from monai.data import MetaTensor, partition_dataset
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -757,7 +757,9 @@ def model_input(images: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     return images
 
 
-def build_datasets(cfg: DataConfig, seed: int, in_channels: int = 1) -> tuple[Dataset, Dataset]:
+def build_datasets(
+    cfg: DataConfig, seed: int, in_channels: int = 1, shard: tuple[int, int] | None = None
+) -> tuple[Dataset, Dataset]:
     """Build the training and validation datasets.
 
     Synthetic: two :class:`SyntheticPhantomDataset` (validation uses seed ``seed + 1``).
@@ -768,6 +770,10 @@ def build_datasets(cfg: DataConfig, seed: int, in_channels: int = 1) -> tuple[Da
         cfg: Data config.
         seed: Seed for phantom generation / file split.
         in_channels: Channels of every volume.
+        shard: ``(rank, world_size)`` under DDP. With ``cfg.cache``, each process then caches only its own
+            fixed share of the NIfTI files (MONAI's pattern: ``partition_dataset``, shuffled once with
+            ``seed``; the training shares are padded to equal length, the validation shares are not),
+            instead of every process caching the whole dataset.
 
     Returns:
         (train, val) datasets; items are ``{"image": FloatTensor (in_channels, H, W, D),
@@ -791,6 +797,11 @@ def build_datasets(cfg: DataConfig, seed: int, in_channels: int = 1) -> tuple[Da
             f"data.paths: only one NIfTI file ({files[0]}); it is used for both training and validation",
             stacklevel=2,
         )
+    if cfg.cache and shard is not None and shard[1] > 1:
+        rank, world = shard
+        train_files = partition_dataset(train_files, num_partitions=world, shuffle=True, seed=seed,
+                                        even_divisible=True)[rank]
+        val_files = partition_dataset(val_files, num_partitions=world)[rank]
     transform = build_nifti_transforms(cfg, in_channels)
     return _nifti_dataset(train_files, transform, cfg), _nifti_dataset(val_files, transform, cfg)
 
@@ -802,6 +813,7 @@ def make_loader(
     num_workers: int,
     seed: int,
     sampler: Sampler | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Wrap a dataset in a seeded DataLoader.
 
@@ -812,6 +824,7 @@ def make_loader(
         num_workers: Worker processes (0 = main process).
         seed: Seed of the loader's torch.Generator (shuffle order).
         sampler: Optional sampler (e.g. DistributedSampler); replaces ``shuffle``.
+        pin_memory: page-locked batches, so copies to a GPU with ``non_blocking=True`` overlap compute.
 
     Returns:
         DataLoader yielding ``{"image": (B, C, H, W, D), "path": list[str], ...}``.
@@ -825,6 +838,7 @@ def make_loader(
         "num_workers": num_workers,
         "generator": generator,
         "persistent_workers": num_workers > 0,
+        "pin_memory": pin_memory,
     }
     if sampler is not None:
         kwargs["sampler"] = sampler

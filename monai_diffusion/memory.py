@@ -13,8 +13,12 @@ What the count cannot see is modelled and named in the report:
   calibrated against measured CPU peaks by ``benchmarks/memory.py`` (added as ``backward working set``);
 * allocator overhead and fragmentation (CUDA's caching allocator typically adds 5-20 %), not included;
 * which attention kernel the device uses: counted as the kernel this machine runs (PyTorch's SDPA);
-* mixed precision follows CPU autocast (bf16, GroupNorm in bf16); CUDA autocast keeps GroupNorm in fp32,
-  which stores somewhat more.
+* mixed precision follows the target's autocast rules: ``target="cuda"`` (the default) runs GroupNorm in
+  float32, as CUDA autocast does, ``target="cpu"`` in bf16, as CPU autocast does (the CPU benchmarks
+  compare against that).
+
+The budget search keeps a stated margin for what the count leaves out on a GPU (``CUDA_RESERVED_BYTES``
+for the CUDA context and cuDNN workspace, ``FRAGMENTATION`` for the caching allocator).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ __all__ = [
     "StepMeasurement",
     "measure_training_step",
     "SavedTensors", "count_saved", "LevelRow", "MemoryEstimate", "estimate_autoencoder", "format_bytes", "report",
-    "Candidate", "search_budget", "parse_budget",
+    "Candidate", "search_budget", "parse_budget", "with_margin", "CUDA_RESERVED_BYTES", "FRAGMENTATION",
 ]
 
 GB = 1e9
+CUDA_RESERVED_BYTES = 0.75e9  # CUDA context (~0.3-0.5 GB) + cuDNN/cuBLAS workspaces, outside the allocator's count
+FRAGMENTATION = 0.10  # the caching allocator reserves typically 5-20 % more than it has allocated
 
 
 def format_bytes(count: float) -> str:
@@ -192,8 +198,26 @@ def _level_rows(model: AutoencoderKL, x: torch.Tensor, by_block: dict[str, int])
     return rows
 
 
-def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+@contextlib.contextmanager
+def _autocast(enabled: bool, target: str = "cpu") -> Iterator[None]:
+    """Autocast as on ``target``. The fake tensors look like CPU tensors, so CPU autocast is what runs;
+    for ``cuda``, GroupNorm is moved to float32 as CUDA autocast does (its output then stays float32)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        if not (enabled and target == "cuda"):
+            yield
+            return
+        group_norm = F.group_norm
+
+        def float32_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+            with torch.autocast("cpu", enabled=False):
+                return group_norm(x.float(), num_groups, None if weight is None else weight.float(),
+                                  None if bias is None else bias.float(), eps)
+
+        F.group_norm = float32_group_norm
+        try:
+            yield
+        finally:
+            F.group_norm = group_norm
 
 
 def estimate_autoencoder(
@@ -202,6 +226,7 @@ def estimate_autoencoder(
     batch_size: int | None = None,
     mixed_precision: bool | None = None,
     checkpointing: bool | None = None,
+    target: str = "cuda",
 ) -> MemoryEstimate:
     """Count one training step of the autoencoder stage described by ``config`` on the meta device.
 
@@ -211,24 +236,27 @@ def estimate_autoencoder(
         batch_size: default ``autoencoder.training.batch_size``.
         mixed_precision: default ``autoencoder.training.mixed_precision``.
         checkpointing: default ``autoencoder.training.use_gradient_checkpointing``.
+        target: ``cuda`` or ``cpu``: whose autocast rules mixed precision follows.
     """
     ae, tr = config.autoencoder, config.autoencoder.training
     size = tuple(input_size or config.data.image_size)[: ae.spatial_dims]
     batch = batch_size or tr.batch_size
     amp = tr.mixed_precision if mixed_precision is None else mixed_precision
     ckpt = tr.use_gradient_checkpointing if checkpointing is None else checkpointing
+    if target not in ("cuda", "cpu"):
+        raise ValueError(f"target = {target!r}: expected 'cuda' or 'cpu'")
     with FakeTensorMode():
-        return _estimate(config, size, batch, amp, ckpt)
+        return _estimate(config, size, batch, amp, ckpt, target)
 
 
-def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt: bool) -> MemoryEstimate:
+def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt: bool, target: str) -> MemoryEstimate:
     ae, tr = config.autoencoder, config.autoencoder.training
     model = AutoencoderKL(**ae.model_kwargs(use_checkpointing=ckpt))
     x = torch.empty((batch, ae.in_channels, *size))
     model.train()
     latent = model.latent_shape(size)
     with count_saved(_block_names(model), exclude=(model,), fake=True) as record:
-        with _autocast(amp):
+        with _autocast(amp, target):
             reconstruction, z_mu, z_sigma = model(x)
             loss = F.l1_loss(reconstruction.float(), x) + (z_mu.float().pow(2) + z_sigma.float().pow(2)).mean()
     ae_saved = record.total
@@ -241,7 +269,7 @@ def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt
 
         disc = PatchDiscriminator(spatial_dims=ae.spatial_dims, num_layers_d=ae.discriminator.num_layers_d,
                                   channels=ae.discriminator.num_channels, in_channels=ae.out_channels, out_channels=1)
-        with count_saved({}, exclude=(disc,), fake=True) as disc_record, _autocast(amp):
+        with count_saved({}, exclude=(disc,), fake=True) as disc_record, _autocast(amp, target):
             # the discriminator's own step: fake and real volumes; the outputs are kept alive so their saved
             # tensors stay allocated (and counted once) until both passes are done, as in a real step
             kept = [disc(reconstruction.detach().float())[-1].sum(), disc(x)[-1].sum()]
@@ -254,7 +282,7 @@ def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt
         from monai_diffusion.perceptual import MedicalNetResNet
 
         net = MedicalNetResNet(ae.perceptual.network).eval().requires_grad_(False)
-        with count_saved({}, exclude=(net,), fake=True) as perceptual_record, _autocast(amp):
+        with count_saved({}, exclude=(net,), fake=True) as perceptual_record, _autocast(amp, target):
             features = net(reconstruction.float())  # kept alive until counted, as in a real step
         perceptual_saved = perceptual_record.total
         del features
@@ -263,7 +291,7 @@ def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt
     return MemoryEstimate(
         latent_shape=latent,
         batch_size=batch,
-        precision="mixed (bf16/fp16)" if amp else "fp32",
+        precision=("mixed (bf16/fp16)" if amp else "fp32") + f", {target} rules",
         checkpointing=ckpt,
         levels=levels,
         autoencoder_activations=ae_saved,
@@ -303,8 +331,8 @@ def report(estimate: MemoryEstimate) -> str:
     lines += [f"{'autoencoder forward + backward':32s} {format_bytes(estimate.autoencoder_step):>12s}",
               f"{'training step total':32s} {format_bytes(estimate.total):>12s}",
               "", "largest contributors: " + "; ".join(f"{n} {format_bytes(b)}" for n, b in estimate.contributors()[:3]),
-              "not included: allocator overhead/fragmentation (CUDA: often 5-20 %), CUDA context (~0.3-0.5 GB), "
-              "data loading; mixed precision is counted with CPU autocast rules"]
+              "not included: allocator overhead/fragmentation (CUDA: often 5-20 %), CUDA context and cuDNN "
+              f"workspace (~{CUDA_RESERVED_BYTES / GB:.2f} GB), data loading; --budget keeps a margin for them"]
     return "\n".join(lines)
 
 
@@ -335,7 +363,8 @@ def search_budget(
     factor_options: list[list[Any]] | None = None,
     batch_sizes: tuple[int, ...] = (8, 4, 2, 1),
 ) -> list[Candidate]:
-    """Every (factors, batch, mixed precision, checkpointing) whose estimated step fits ``budget_bytes``.
+    """Every (factors, batch, mixed precision, checkpointing) whose estimated step fits ``budget_bytes``
+    with the GPU margin: ``estimate * (1 + FRAGMENTATION) + CUDA_RESERVED_BYTES <= budget_bytes``.
 
     A factor option with fewer steps than ``num_channels`` levels drops the deepest levels (``[16]`` with
     ``[32, 64, 64]`` uses ``[32, 64]``). Options that do not divide ``data.image_size`` are skipped.
@@ -363,12 +392,18 @@ def search_budget(
                 for ckpt in (False, True):
                     estimate = estimate_autoencoder(candidate_config, batch_size=batch, mixed_precision=amp,
                                                     checkpointing=ckpt)
-                    if estimate.total <= budget_bytes:
+                    if with_margin(estimate.total) <= budget_bytes:
                         size = tuple(config.data.image_size)[: ae.spatial_dims]
                         compression = int(round(float(torch.tensor(size).prod()) / float(torch.tensor(estimate.latent_shape[1:]).prod())))
                         found.append(Candidate(factors, channels, attention, batch, amp, ckpt, estimate.total, compression))
     found.sort(key=lambda c: (c.compression, -c.batch_size, c.mixed_precision, c.checkpointing))
     return found
+
+
+def with_margin(estimate_bytes: float) -> float:
+    """What an estimated step needs of a GPU's memory: the allocator's fragmentation and the CUDA context and
+    workspaces on top of the estimate."""
+    return estimate_bytes * (1 + FRAGMENTATION) + CUDA_RESERVED_BYTES
 
 
 def parse_budget(text: str) -> float:

@@ -14,6 +14,7 @@ from monai_diffusion.data import save_nifti
 from monai_diffusion.training.run import RunError
 from monai_diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from monai_diffusion.training.diffusion import generate_volumes
+from monai_diffusion.training.runtime import resolve_device
 from monai_diffusion.training.visualize import save_png, volume_grid
 
 __all__ = ["load_diffusion", "sample_volumes"]
@@ -31,7 +32,7 @@ def load_diffusion(run_or_checkpoint: str | Path, device: torch.device | str = "
         candidates = [checkpoint_path(path, name) for name in ("best", "last")]
         path = next((c for c in candidates if c.is_file()), candidates[-1])
     try:
-        state = load_checkpoint(path, map_location=device)
+        state = load_checkpoint(path, map_location="cpu")
     except CheckpointError as err:
         raise RunError(f"--run: {err}; train the diffusion model first (train_diffusion.py)") from None
     if state.get("stage") != "diffusion":
@@ -69,8 +70,7 @@ def sample_volumes(
     """
     if num_samples < 1 or batch_size < 1 or steps < 1:
         raise RunError("--num-samples, --batch-size and --steps must be integers >= 1")
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                ("cpu" if device == "auto" else device))
+    torch_device = resolve_device(device)
     unet, autoencoder, config, scale_factor, affine = load_diffusion(run, torch_device)
     output = Path(output)
     names = [output / f"sample_{index:03d}.nii.gz" for index in range(num_samples)]

@@ -235,22 +235,25 @@ def train_autoencoder(config: Config, resume: bool = False) -> dict[str, Any]:
     runtime = setup_runtime(config.device)
     try:
         run_dir = run_folder(config.output_dir, "autoencoder", tr.fast_dev_run)
-        if runtime.is_main:
-            check_run_dir(run_dir, resume, tr.fast_dev_run)
-        train_ds, val_ds = build_datasets(config.data, seed=config.seed, in_channels=config.autoencoder.in_channels)
+        runtime.on_main(lambda: check_run_dir(run_dir, resume, tr.fast_dev_run), (RunError,))
+        train_ds, val_ds = build_datasets(config.data, seed=config.seed, in_channels=config.autoencoder.in_channels,
+                                          shard=(runtime.rank, runtime.world_size))
         if runtime.is_main:
             create_run_dir(run_dir, clear_scratch=tr.fast_dev_run and not resume)
         runtime.barrier()
         seed_everything(config.seed + runtime.rank)
-        loaders = build_loaders(train_ds, val_ds, tr.batch_size, config.data.num_workers, config.seed, runtime)
+        presharded = runtime.distributed and config.data.cache and config.data.source == "nifti"
+        loaders = build_loaders(train_ds, val_ds, tr.batch_size, config.data.num_workers, config.seed, runtime,
+                                presharded)
         precision = Precision(tr.mixed_precision, runtime.device)
         task = AutoencoderTask(config, runtime, precision)
         state = LoopState()
         if resume:
-            saved = load_for_resume(run_dir, "autoencoder", runtime)
+            saved = load_for_resume(run_dir, "autoencoder")
             _compare_for_resume(saved, task, config, checkpoint_path(run_dir, "last"))
             task.load_state_dict(saved)
-            state = restore_loop(saved, precision)
+            state = restore_loop(saved, precision, runtime, config.seed)
+            del saved  # the weights now live in the task, on its device
             log.info("resumed %s at epoch %d, step %d", run_dir, state.epoch, state.global_step)
         if runtime.is_main:
             save_config(config, run_dir / "config.yaml")

@@ -8,6 +8,8 @@ is computed over a few batches, reduced across ranks under DDP, and stored in ev
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.inferers import DiffusionInferer, LatentDiffusionInferer
+from monai.inferers import DiffusionInferer
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch.utils.data import Dataset
@@ -44,7 +46,8 @@ from monai_diffusion.training.loop import EpochShuffleSampler, LoopSettings, Loo
 from monai_diffusion.training.runtime import Precision, Runtime, seed_everything, setup_runtime
 from monai_diffusion.training.visualize import volume_grid
 
-__all__ = ["DiffusionTask", "LatentDataset", "make_scheduler", "train_diffusion", "encode_latents"]
+__all__ = ["DiffusionTask", "LatentDataset", "make_scheduler", "train_diffusion", "encode_latents", "generate_volumes",
+           "sampling_generator"]
 
 log = logging.getLogger("monai_diffusion")
 
@@ -74,11 +77,14 @@ class LatentDataset(Dataset):
         return {"z_mu": self.z_mu[index], "z_sigma": self.z_sigma[index]}
 
 
-def _shard(count: int, runtime: Runtime) -> list[int]:
-    """This rank's indices, padded like DistributedSampler so every rank gets the same number."""
+def _shard(count: int, runtime: Runtime, pad: bool = True) -> list[int]:
+    """This rank's indices; ``pad``: repeated like DistributedSampler so every rank gets the same number
+    (training), else each index exactly once over all ranks (validation, so its loss does not depend on
+    the number of processes)."""
     indices = list(range(count))
-    per_rank = -(-count // runtime.world_size)
-    indices += indices[: per_rank * runtime.world_size - count]
+    if pad:
+        per_rank = -(-count // runtime.world_size)
+        indices += indices[: per_rank * runtime.world_size - count]
     return indices[runtime.rank :: runtime.world_size]
 
 
@@ -93,6 +99,8 @@ def encode_latents(
             z_mu, z_sigma = autoencoder.encode(images.float())
             mus.append(z_mu.float().cpu())
             sigmas.append(z_sigma.float().cpu())
+    if not mus:  # a rank without validation volumes
+        return torch.empty(0), torch.empty(0)
     return torch.cat(mus), torch.cat(sigmas)
 
 
@@ -226,6 +234,13 @@ def _autoencoder_args(model: AutoencoderKL) -> dict[str, Any]:
     return dict(model.init_args)
 
 
+def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator the sampler's per-step noise is drawn from: on the model's device (the schedulers draw
+    it there), so DDPM sampling is reproducible for a seed whatever the global RNG did before."""
+    kind = device.type if device.type == "cuda" else "cpu"
+    return torch.Generator(device=kind).manual_seed(seed)
+
+
 def generate_volumes(
     unet: nn.Module,
     autoencoder: AutoencoderKL,
@@ -237,20 +252,48 @@ def generate_volumes(
     generator: torch.Generator | None = None,
     verbose: bool = False,
     precision: Precision | None = None,
+    step_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Sample latents with DDPM/DDIM through MONAI's LatentDiffusionInferer and decode them."""
+    """Sample ``count`` latents with MONAI core's DDPM/DDIM scheduler and decode them.
+
+    The reverse process is written out here rather than run through ``LatentDiffusionInferer.sample``,
+    because that method draws DDPM's per-step noise from the global RNG (it passes no generator), so a
+    seed would not fix the samples. The scheduler keeps its tables and timesteps on the CPU (indexing
+    CPU tables with device timesteps fails on a GPU); only the latents live on the model's device.
+
+    Args:
+        unet: the diffusion UNet (its device is used).
+        autoencoder: decodes the latents.
+        config: the run config (scheduler, image size).
+        scale_factor: the latents were multiplied by it in training.
+        count: volumes to generate.
+        steps: DDIM steps (DDPM always runs every training step).
+        kind: ``ddim`` or ``ddpm``.
+        generator: CPU generator of the initial noise (the same noise on every device).
+        verbose: a progress bar over the steps.
+        precision: autocast for the UNet and decoder (None: fp32).
+        step_generator: generator on the model's device for DDPM's per-step noise (default: from the
+            initial-noise generator's next draw, so one seed fixes everything).
+
+    Returns:
+        BxCx[SPATIAL DIMS] volumes (float32) in the autoencoder's output range.
+    """
     device = next(unet.parameters()).device
     scheduler = make_scheduler(config.diffusion.scheduler, kind)
-    scheduler.set_timesteps(num_inference_steps=config.diffusion.scheduler.num_train_timesteps if kind == "ddpm" else steps,
-                            device=device)
+    scheduler.set_timesteps(num_inference_steps=config.diffusion.scheduler.num_train_timesteps if kind == "ddpm" else steps)
     latent_shape = autoencoder.latent_shape(tuple(config.data.image_size)[: config.autoencoder.spatial_dims])
-    noise = torch.randn((count, *latent_shape), generator=generator).to(device)
-    inferer = LatentDiffusionInferer(scheduler, scale_factor=scale_factor)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    latents = torch.randn((count, *latent_shape), generator=generator).to(device)
+    if step_generator is None:
+        step_generator = sampling_generator(int(torch.randint(0, 2**62, (1,), generator=generator)), device)
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     was_training = unet.training
     unet.eval()
-    with torch.no_grad(), (precision.autocast() if precision is not None else torch.autocast(device.type, enabled=False)):
-        volumes = inferer.sample(input_noise=noise, autoencoder_model=autoencoder, diffusion_model=unet,
-                                 scheduler=scheduler, verbose=verbose)
+    with torch.no_grad(), autocast:
+        for t in tqdm(scheduler.timesteps, desc=f"{kind} sampling", disable=not verbose, leave=False):
+            prediction = unet(latents, timesteps=torch.full((count,), int(t), device=device, dtype=torch.long))
+            latents, _ = scheduler.step(prediction.float(), t, latents, generator=step_generator)
+        volumes = autoencoder.decode_stage_2_outputs(latents / scale_factor)
     unet.train(was_training)
     return volumes.float()
 
@@ -283,7 +326,9 @@ def _latent_cache(
 ) -> tuple[LatentDataset, LatentDataset, torch.Tensor, dict[str, float]]:
     """Encode (or reload) this rank's share of the training and validation sets."""
     tr = config.diffusion.training
-    train_ds, val_ds = build_datasets(config.data, seed=config.seed, in_channels=config.autoencoder.in_channels)
+    # every volume is read once, to be encoded: nothing to gain from data.cache here
+    data = dataclasses.replace(config.data, cache=False)
+    train_ds, val_ds = build_datasets(data, seed=config.seed, in_channels=config.autoencoder.in_channels)
     fingerprint = json.dumps({"autoencoder": str(Path(source).resolve()), "data": config_to_dict(config.data),
                               "rank": runtime.rank, "world": runtime.world_size, "seed": config.seed}, sort_keys=True)
     cache_file = run_dir / f"latent_cache_rank{runtime.rank}.pt"
@@ -298,7 +343,7 @@ def _latent_cache(
     batch = config.autoencoder.training.batch_size
     train_mu, train_sigma = encode_latents(autoencoder, train_ds, _shard(len(train_ds), runtime), batch,
                                            runtime.device, "encoding training set")
-    val_mu, val_sigma = encode_latents(autoencoder, val_ds, _shard(len(val_ds), runtime), batch,
+    val_mu, val_sigma = encode_latents(autoencoder, val_ds, _shard(len(val_ds), runtime, pad=False), batch,
                                        runtime.device, "encoding validation set")
     seconds = time.perf_counter() - started
     affine = torch.as_tensor(train_ds[0].get("affine", torch.eye(4)), dtype=torch.float64)
@@ -331,8 +376,7 @@ def train_diffusion(config: Config, resume: bool = False) -> dict[str, Any]:
     runtime = setup_runtime(config.device)
     try:
         run_dir = run_folder(config.output_dir, "diffusion", tr.fast_dev_run)
-        if runtime.is_main:
-            check_run_dir(run_dir, resume, tr.fast_dev_run)
+        runtime.on_main(lambda: check_run_dir(run_dir, resume, tr.fast_dev_run), (RunError,))
         autoencoder, source = _load_frozen_autoencoder(config, runtime.device)
         if runtime.is_main:
             create_run_dir(run_dir, clear_scratch=tr.fast_dev_run and not resume)
@@ -340,7 +384,7 @@ def train_diffusion(config: Config, resume: bool = False) -> dict[str, Any]:
         seed_everything(config.seed + runtime.rank)
         train_latents, val_latents, affine, cache_info = _latent_cache(config, runtime, autoencoder, source, run_dir)
         precision = Precision(tr.mixed_precision, runtime.device)
-        saved = load_for_resume(run_dir, "diffusion", runtime) if resume else None
+        saved = load_for_resume(run_dir, "diffusion") if resume else None
         if saved is not None:
             scale_factor = saved["scale_factor"]
         else:
@@ -353,8 +397,9 @@ def train_diffusion(config: Config, resume: bool = False) -> dict[str, Any]:
                 raise RunError(f"--resume: the config changes the UNet architecture ({'; '.join(changed)}); "
                                f"restore those keys or start a new run in another output_dir")
             task.load_state_dict(saved)
-            state = restore_loop(saved, precision)
+            state = restore_loop(saved, precision, runtime, config.seed)
             log.info("resumed %s at epoch %d, step %d", run_dir, state.epoch, state.global_step)
+        del saved  # the weights now live in the task, on its device
         log.info("latent scale factor: %.4f", scale_factor)
         if runtime.is_main:
             save_config(config, run_dir / "config.yaml")

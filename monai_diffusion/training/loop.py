@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.data import DistributedSampler as UnpaddedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
@@ -25,7 +26,7 @@ from monai_diffusion.training.checkpoint import checkpoint_path, save_checkpoint
 from monai_diffusion.training.runtime import Precision, Runtime, capture_rng
 from monai_diffusion.training.visualize import save_png
 
-__all__ = ["TrainingError", "LoopSettings", "LoopState", "Task", "Optimization", "EpochShuffleSampler", "fit", "build_loaders"]
+__all__ = ["TrainingError", "LoopSettings", "LoopState", "Task", "Optimization", "EpochShuffleSampler", "fit", "build_loaders", "all_finite"]
 
 log = logging.getLogger("monai_diffusion")
 
@@ -93,16 +94,24 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def build_loaders(
-    train_ds: Dataset, val_ds: Dataset, batch_size: int, num_workers: int, seed: int, runtime: Runtime
+    train_ds: Dataset, val_ds: Dataset, batch_size: int, num_workers: int, seed: int, runtime: Runtime,
+    presharded: bool = False,
 ) -> tuple[DataLoader, DataLoader, Sampler]:
-    """Loaders with per-epoch deterministic shuffling; each rank gets its own shard under DDP."""
-    if runtime.distributed:
+    """Loaders with per-epoch deterministic shuffling; each rank gets its own shard under DDP.
+
+    The validation shards are not padded (every volume is validated exactly once, whatever the number of
+    processes). ``presharded``: the datasets already hold only this rank's share (cached data under DDP),
+    so each rank just shuffles its own.
+    """
+    pin = runtime.device.type == "cuda"
+    if runtime.distributed and not presharded:
         train_sampler: Sampler = DistributedSampler(train_ds, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
-        val_sampler: Sampler | None = DistributedSampler(val_ds, runtime.world_size, runtime.rank, shuffle=False)
+        val_sampler: Sampler | None = UnpaddedSampler(val_ds, even_divisible=False, num_replicas=runtime.world_size,
+                                                      rank=runtime.rank, shuffle=False)
     else:
-        train_sampler, val_sampler = EpochShuffleSampler(len(train_ds), seed), None
-    train = make_loader(train_ds, batch_size, False, num_workers, seed, sampler=train_sampler)
-    val = make_loader(val_ds, batch_size, False, num_workers, seed, sampler=val_sampler)
+        train_sampler, val_sampler = EpochShuffleSampler(len(train_ds), seed + runtime.rank), None
+    train = make_loader(train_ds, batch_size, False, num_workers, seed, sampler=train_sampler, pin_memory=pin)
+    val = make_loader(val_ds, batch_size, False, num_workers, seed, sampler=val_sampler, pin_memory=pin)
     return train, val, train_sampler
 
 
@@ -136,7 +145,7 @@ class Optimization:
 
     def _grads_finite(self, optimizer: torch.optim.Optimizer) -> bool:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+        return all_finite(grads)
 
     def step(self) -> None:
         """Step every optimiser that received gradients in this window, then clear them."""
@@ -158,6 +167,24 @@ class Optimization:
             self.optimizers[name].zero_grad(set_to_none=True)
         self._pending.clear()
         self.step_index += 1
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite: one fused check per device and dtype, one host sync.
+
+    (The loss scaler's own kernel; multiplying by the scale 1 leaves the tensors as they are.)
+    """
+    if not tensors:
+        return True
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
+    found = []
+    for (device, _), group in groups.items():
+        flag = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
+        found.append(flag)
+    return not bool(torch.stack(found).sum().item())
 
 
 @contextlib.contextmanager
@@ -200,12 +227,13 @@ def _validate(task: Task, loader: DataLoader, settings: LoopSettings, runtime: R
                 sums[key] = sums.get(key, 0) + value.detach().double().cpu()
             if preview is None and runtime.is_main:
                 preview = task.preview(batch)
-    keys = sorted(sums)
-    totals = runtime.all_reduce_sum(torch.stack([sums[k] for k in keys]).to(runtime.device)).cpu() if keys else None
     task.train(True)
-    if totals is None:
+    reduced: dict[str, float] = {}
+    for part in runtime.all_gather({k: float(v) for k, v in sums.items()}):  # a rank may have had no volume
+        for key, value in part.items():
+            reduced[key] = reduced.get(key, 0.0) + value
+    if not reduced:
         return {}, preview
-    reduced = dict(zip(keys, totals.tolist()))
     count = max(reduced.pop("count", 1.0), 1.0)
     return {f"val/{k}": v / count for k, v in reduced.items()}, preview
 
@@ -233,8 +261,9 @@ def fit(
         """``name``: ``last``, ``best``, or ``step`` (a rotated step checkpoint that ``last`` then points to)."""
         state.epoch, state.batch_in_epoch = epoch, batch_in_epoch
         state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped
+        rng = runtime.all_gather(capture_rng(runtime.device))  # every rank's own streams, restored per rank
         if runtime.is_main:
-            payload = {**task.state_dict(), "loop": dict(vars(state)), "rng": capture_rng(), "scaler": precision.scaler.state_dict()}
+            payload = {**task.state_dict(), "loop": dict(vars(state)), "rng": rng, "scaler": precision.scaler.state_dict()}
             if name == "step":
                 save_step_checkpoint(payload, run_dir, state.global_step, settings.keep_last_checkpoints)
             else:

@@ -12,7 +12,11 @@ from typing import Any
 
 from monai_diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from monai_diffusion.training.loop import LoopState
-from monai_diffusion.training.runtime import Precision, Runtime, restore_rng
+import logging
+
+from monai_diffusion.training.runtime import Precision, Runtime, restore_rng, seed_everything
+
+log = logging.getLogger("monai_diffusion")
 
 __all__ = ["RunError", "differences", "run_folder", "check_run_dir", "create_run_dir", "load_for_resume",
            "restore_loop", "open_writer", "check_new_folder"]
@@ -61,11 +65,16 @@ def create_run_dir(run_dir: Path, clear_scratch: bool) -> None:
         raise RunError(f"output_dir: cannot write to {run_dir} ({err.strerror}); choose a writable folder") from None
 
 
-def load_for_resume(run_dir: Path, stage: str, runtime: Runtime) -> dict[str, Any]:
-    """The ``last`` checkpoint of ``run_dir``, which must belong to ``stage``."""
+def load_for_resume(run_dir: Path, stage: str) -> dict[str, Any]:
+    """The ``last`` checkpoint of ``run_dir``, which must belong to ``stage``, loaded onto the CPU.
+
+    Each state is moved to its device by the module or optimiser that loads it (``load_state_dict``); RNG
+    states stay CPU tensors, as ``torch.set_rng_state`` requires. Drop the returned dict once loaded, so no
+    second copy of the weights stays alive during training.
+    """
     path = checkpoint_path(run_dir, "last")
     try:
-        saved = load_checkpoint(path, map_location=runtime.device)
+        saved = load_checkpoint(path, map_location="cpu")
     except CheckpointError as err:
         raise RunError(f"--resume: {err}") from None
     if saved.get("stage") != stage:
@@ -73,11 +82,24 @@ def load_for_resume(run_dir: Path, stage: str, runtime: Runtime) -> dict[str, An
     return saved
 
 
-def restore_loop(saved: dict[str, Any], precision: Precision) -> LoopState:
-    """Loop position, grad scaler and RNG states from a checkpoint (call after building the task)."""
-    precision.scaler.load_state_dict(saved["scaler"])
-    restore_rng(saved["rng"])
-    return LoopState(**saved["loop"])
+def restore_loop(saved: dict[str, Any], precision: Precision, runtime: Runtime, seed: int) -> LoopState:
+    """Loop position, grad scaler and this rank's RNG states from a checkpoint (call after building the task).
+
+    Every rank saved its own RNG streams; rank ``r`` restores stream ``r``. A run resumed with a different
+    number of processes cannot have the same streams: each rank is then re-seeded from ``seed``, the step
+    and its rank (training continues correctly, but not bit for bit as an uninterrupted run would).
+    """
+    precision.load_scaler_state(saved["scaler"])
+    state = LoopState(**saved["loop"])
+    streams = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # runs saved before 0.5: one
+    if len(streams) == runtime.world_size:
+        restore_rng(streams[runtime.rank], runtime.device)
+    else:
+        if runtime.is_main:
+            log.warning("resuming %d process(es) from a checkpoint of %d: random streams are re-seeded per rank, so "
+                        "the run continues correctly but not bit-exactly", runtime.world_size, len(streams))
+        seed_everything(seed + 1_000_003 * state.global_step + runtime.rank)
+    return state
 
 
 def open_writer(run_dir: Path, runtime: Runtime) -> Any | None:

@@ -1,0 +1,195 @@
+"""GPU smoke run: the code paths only a GPU takes, through the command lines, in about 3 minutes.
+
+    bash benchmarks/gpu_smoke.sh                 # on a CUDA machine; log in benchmarks/results/gpu_smoke.log
+    python benchmarks/gpu_smoke.py --device cpu  # the same checks on a CPU (what the tests run)
+
+Checks, each printed as PASS/FAIL with its numbers; the exit code is the number of failures (0 = all passed):
+1. both training stages a few steps with mixed precision (the precision chosen for this device is shown);
+2. kill -9 of each stage after a checkpoint, then ``--resume`` to the planned step;
+3. ``sample.py`` with DDIM and with DDPM and a seed, each twice: the two runs must agree;
+4. ``torchrun --nproc_per_node=1`` (DDP with one process: NCCL on a GPU, gloo on a CPU);
+5. the memory estimator against the measured peak (``torch.cuda.max_memory_allocated`` on a GPU) of one
+   training step of a 64x64x32 config.
+
+On a CPU the script checks itself with smaller volumes (16^3; 32^3 for the estimator) in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "monai_diffusion" / "3d_ldm"
+CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
+sys.path[:0] = [str(ROOT), str(ROOT / "GenerativeModels")]
+
+TINY = [
+    "data.image_size=[32, 32, 32]", "data.num_train=8", "data.num_val=2",
+    "autoencoder.num_channels=[16, 16, 32]", "autoencoder.attention_levels=[false, false, true]",
+    "autoencoder.norm_num_groups=8", "autoencoder.discriminator.num_layers_d=2",
+    "autoencoder.discriminator.num_channels=8", "autoencoder.training.batch_size=2",
+    "autoencoder.training.n_epochs=2", "autoencoder.training.adversarial_warmup_epochs=1",
+    "autoencoder.training.val_interval=1", "autoencoder.training.checkpoint_every_n_steps=1",
+    "autoencoder.training.mixed_precision=true",
+    "diffusion.num_channels=[16, 32]", "diffusion.attention_levels=[false, true]",
+    "diffusion.num_head_channels=[0, 16]", "diffusion.norm_num_groups=8",
+    "diffusion.scheduler.num_train_timesteps=100", "diffusion.training.batch_size=4",
+    "diffusion.training.n_epochs=4", "diffusion.training.val_interval=2",
+    "diffusion.training.preview_inference_steps=5", "diffusion.training.checkpoint_every_n_steps=1",
+    "diffusion.training.mixed_precision=true", "diffusion.training.ema_decay=0.9",
+]
+
+
+# a CPU check of the script itself: smaller volumes, and fp32 (CPU bf16 runs on slow native kernels)
+CPU = ["data.image_size=[16, 16, 16]", "autoencoder.training.mixed_precision=false",
+       "diffusion.training.mixed_precision=false", "autoencoder.discriminator.num_layers_d=1"]
+
+
+class Smoke:
+    def __init__(self, device: str, workdir: Path) -> None:
+        self.device, self.workdir, self.failures = device, workdir, 0
+        self.on_cpu = device == "cpu"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+    def command(self, script: str, *extra: str, out: Path | None = None) -> list[str]:
+        cmd = [sys.executable, str(SCRIPTS / script), "--config", str(CONFIG),
+               "--set", f"output_dir={out or self.workdir / 'run'}", "--set", f"device={self.device}"]
+        for item in TINY + (CPU if self.on_cpu else []):
+            cmd += ["--set", item]
+        return cmd + list(extra)
+
+    def run(self, cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"exit {result.returncode}: {result.stderr.strip()[-1500:]}")
+        return result
+
+    def check(self, name: str, body: Callable[[], str]) -> None:
+        started = time.perf_counter()
+        try:
+            detail = body()
+            print(f"PASS {name} ({time.perf_counter() - started:.0f} s): {detail}", flush=True)
+        except Exception as err:  # noqa: BLE001 - every failure is reported and counted, the run goes on
+            self.failures += 1
+            print(f"FAIL {name} ({time.perf_counter() - started:.0f} s): {type(err).__name__}: {err}", flush=True)
+
+    def kill_after(self, cmd: list[str], run_dir: Path, step: int) -> None:
+        from monai_diffusion.training.checkpoint import load_checkpoint
+
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
+        deadline = time.time() + 240
+        while True:
+            last = run_dir / "checkpoints" / "last.pt"
+            try:
+                if last.is_file() and load_checkpoint(last)["loop"]["global_step"] >= step:
+                    break
+            except Exception:  # noqa: BLE001 - the file is being replaced by the run; look again
+                pass
+            if process.poll() is not None:
+                raise RuntimeError(f"run ended before step {step}: {process.stderr.read().decode()[-1500:]}")
+            if time.time() > deadline:
+                process.kill()
+                raise RuntimeError(f"no checkpoint at step {step} within 240 s")
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    # -- the checks ------------------------------------------------------------------------------------
+    def stage(self, script: str, stage: str, total_steps: int) -> Callable[[], str]:
+        def body() -> str:
+            run_dir = self.workdir / "run" / stage
+            self.kill_after(self.command(script), run_dir, 2)
+            self.run(self.command(script, "--resume"))
+            summary = json.loads((run_dir / "summary.json").read_text())
+            if summary["optimizer_steps"] != total_steps:
+                raise RuntimeError(f"{summary['optimizer_steps']} optimiser steps after resume, expected {total_steps}")
+            precision = summary.get("precision", "?")
+            return (f"killed after step 2, resumed to step {summary['optimizer_steps']}; precision {precision}; "
+                    f"peak {summary.get('peak_memory', {}).get('GiB', summary.get('peak_memory_GiB'))} GiB")
+        return body
+
+    def sampling(self, scheduler: str) -> str:
+        import nibabel as nib
+        import numpy as np
+
+        outputs = []
+        for attempt in range(2):
+            out = self.workdir / f"samples_{scheduler}_{attempt}"
+            self.run(self.command("sample.py", "--num-samples", "2", "--batch-size", "2", "--scheduler", scheduler,
+                                  "--steps", "10", "--seed", "3", "--output", str(out)))
+            outputs.append([np.asarray(nib.load(str(out / f"sample_{i:03d}.nii.gz")).dataobj) for i in range(2)])
+        difference = max(float(np.abs(a - b).max()) for a, b in zip(*outputs))
+        if difference > 1e-4:
+            raise RuntimeError(f"two runs with --seed 3 differ by up to {difference:.2e}")
+        return f"2 volumes, two runs with --seed 3 agree (max difference {difference:.1e})"
+
+    def torchrun(self) -> str:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = self.workdir / "torchrun"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+               f"--master_port={port}", *self.command("train_autoencoder.py", out=out)[1:],
+               "--set", "autoencoder.training.fast_dev_run=true"]
+        self.run(cmd)
+        summary = json.loads((out / "fast_dev_run" / "autoencoder" / "summary.json").read_text())
+        return f"world size {summary['world_size']}, {summary['optimizer_steps']} steps, precision {summary['precision']}"
+
+    def estimator(self) -> str:
+        import torch
+
+        from monai_diffusion.config import load_config
+        from monai_diffusion.memory import estimate_autoencoder, measure_training_step
+        from monai_diffusion.training.runtime import resolve_device
+
+        device = resolve_device(self.device)
+        size = "[32, 32, 32]" if self.on_cpu else "[64, 64, 32]"
+        config = load_config(CONFIG, [f"data.image_size={size}", "autoencoder.training.batch_size=1",
+                                      f"autoencoder.training.mixed_precision={not self.on_cpu}", f"device={self.device}"])
+        measured = measure_training_step(config, device, repeats=1)
+        estimate = estimate_autoencoder(config, target="cuda" if device.type == "cuda" else "cpu")
+        ratio = estimate.total / measured.peak_bytes
+        kind = "max_memory_allocated" if device.type == "cuda" else "profiler peak"
+        if not 0.7 <= ratio <= 1.4:
+            raise RuntimeError(f"estimate {estimate.total / 2**20:.0f} MiB vs measured {measured.peak_bytes / 2**20:.0f} "
+                               f"MiB ({kind}): ratio {ratio:.2f} outside [0.7, 1.4]")
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        return (f"{name}: estimate {estimate.total / 2**20:.0f} MiB, measured {measured.peak_bytes / 2**20:.0f} MiB "
+                f"({kind}), ratio {ratio:.2f}; step {measured.seconds * 1000:.0f} ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a new temporary folder)")
+    args = parser.parse_args()
+    import torch
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_smoke_"))
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    print(f"# gpu_smoke on {args.device} ({where}), torch {torch.__version__}, workdir {workdir}", flush=True)
+    smoke = Smoke(args.device, workdir)
+    started = time.perf_counter()
+    smoke.check("autoencoder: mixed precision, kill -9, --resume", smoke.stage("train_autoencoder.py", "autoencoder", 8))
+    smoke.check("diffusion: mixed precision, kill -9, --resume", smoke.stage("train_diffusion.py", "diffusion", 8))
+    smoke.check("sample.py DDIM --seed twice", lambda: smoke.sampling("ddim"))
+    smoke.check("sample.py DDPM --seed twice", lambda: smoke.sampling("ddpm"))
+    smoke.check("torchrun --nproc_per_node=1", smoke.torchrun)
+    smoke.check("estimator vs measured training step", smoke.estimator)
+    print(f"# {smoke.failures} failure(s), {time.perf_counter() - started:.0f} s", flush=True)
+    return smoke.failures
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

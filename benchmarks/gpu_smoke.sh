@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# GPU smoke run (about 3 minutes on one GPU): both stages with mixed precision, kill -9 and --resume, seeded
+# DDIM/DDPM sampling twice, torchrun with one process, estimator vs torch.cuda.max_memory_allocated.
+# Exit code: the number of failed checks. Log: benchmarks/results/gpu_smoke.log (or $1).
+#
+# On a machine without monai/nibabel (e.g. the lent device machine, which has no package registry), carry
+# wheels in .whl/ (see docs/gpus.md); they are installed into /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log="${1:-benchmarks/results/gpu_smoke.log}"
+python="${PYTHON:-python3}"
+if ! "$python" -c "import monai, nibabel" 2>/dev/null && [ -d .whl ]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+mkdir -p "$(dirname "$log")"
+"$python" benchmarks/gpu_smoke.py --device "${DEVICE:-cuda}" 2>&1 | tee "$log"
+exit "${PIPESTATUS[0]}"

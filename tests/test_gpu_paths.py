@@ -1,0 +1,258 @@
+"""Code paths that only a GPU or several processes take, rebuilt on the CPU: the ``meta`` device stands in
+for a GPU (a tensor there cannot be mixed with CPU tensors, as a CUDA tensor cannot), two gloo processes
+stand in for a multi-GPU run."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from monai_diffusion.config import ConfigError, load_config
+from monai_diffusion.data import DataConfig, build_datasets
+from monai_diffusion.training import runtime as runtime_module
+from monai_diffusion.training.loop import all_finite, build_loaders
+from monai_diffusion.training.run import RunError, restore_loop
+from monai_diffusion.training.runtime import Precision, Runtime, capture_rng, choose_autocast_dtype, resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampling: scheduler tables on the CPU, model and latents on another device
+# ----------------------------------------------------------------------------------------------------
+def _tiny_sampling_setup():
+    from generative.networks.nets import AutoencoderKL
+    from monai.networks.nets import DiffusionModelUNet
+
+    config = load_config(CONFIG, ["data.image_size=[8, 8, 8]", "autoencoder.num_channels=[4, 4]",
+                                  "autoencoder.attention_levels=[false, false]", "autoencoder.downsample_factors=[2]",
+                                  "autoencoder.norm_num_groups=4", "autoencoder.training.use_adversarial_loss=false",
+                                  "diffusion.num_channels=[4]", "diffusion.attention_levels=[false]",
+                                  "diffusion.num_head_channels=[4]", "diffusion.norm_num_groups=4",
+                                  "diffusion.scheduler.num_train_timesteps=20", "diffusion.sampling.num_inference_steps=4",
+                                  "diffusion.training.preview_inference_steps=4"])
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(**config.autoencoder.model_kwargs()).eval()
+    unet = DiffusionModelUNet(**config.diffusion.unet_kwargs(3, 3)).eval()
+    return config, unet, autoencoder
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_sampling_runs_with_the_model_on_another_device_than_the_scheduler(kind):
+    """The MONAI inferer path put timesteps on the model's device and then mixed them with CPU tensors
+    (a crash on every GPU); generate_volumes keeps the scheduler on the CPU."""
+    from monai.networks.schedulers import DDIMScheduler
+
+    from monai_diffusion.training.diffusion import generate_volumes
+
+    scheduler = DDIMScheduler(20)
+    scheduler.set_timesteps(4, device="meta")  # what the old code did: it cannot work off the CPU
+    with pytest.raises(RuntimeError):
+        torch.cat((scheduler.timesteps[1:], torch.tensor([0])))
+    config, unet, autoencoder = _tiny_sampling_setup()
+    volumes = generate_volumes(unet.to("meta"), autoencoder.to("meta"), config, 1.0, 2, 3, kind,
+                               torch.Generator().manual_seed(0))
+    assert volumes.device.type == "meta" and volumes.shape == (2, 1, 8, 8, 8)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_sampling_is_fixed_by_its_seed_not_by_the_global_rng(kind):
+    from monai_diffusion.training.diffusion import generate_volumes
+
+    config, unet, autoencoder = _tiny_sampling_setup()
+
+    def sample(seed: int, global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)  # DDPM through MONAI's inferer drew its step noise from here
+        return generate_volumes(unet, autoencoder, config, 1.0, 2, 3, kind, torch.Generator().manual_seed(seed))
+
+    first = sample(7, 1)
+    torch.testing.assert_close(sample(7, 2), first, rtol=0, atol=0)
+    assert not torch.allclose(sample(8, 1), first)
+
+
+# ----------------------------------------------------------------------------------------------------
+# resume: CPU loading, RNG state, grad scaler
+# ----------------------------------------------------------------------------------------------------
+def test_rng_state_is_plain_data_and_round_trips(tmp_path):
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    saved = capture_rng()
+    torch.save(saved, tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)  # no pickled code needed
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    runtime_module.restore_rng(loaded)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_old_checkpoint_rng_format_still_restores():
+    """Checkpoints written before 0.5 stored one dict with tuples and a NumPy array."""
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    saved = {"scaler": {}, "loop": {"epoch": 1, "batch_in_epoch": 0, "global_step": 2}, "rng": old}
+    restore_loop(saved, Precision(False, torch.device("cpu")), Runtime(torch.device("cpu")), seed=0)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_empty_scaler_state_into_an_enabled_scaler():
+    """Resuming a bf16/fp32 run with fp16: the checkpoint's scaler state is empty."""
+    precision = Precision(True, torch.device("cpu"))
+    precision.scaler = torch.amp.GradScaler("cpu", enabled=True)  # what an fp16 GPU run has
+    with pytest.raises(RuntimeError):
+        precision.scaler.load_state_dict({})  # what the old code did
+    precision.load_scaler_state({})
+    assert precision.scaler.get_scale() == 2.0**16
+
+
+def test_resume_loads_checkpoints_onto_the_cpu(tmp_path, monkeypatch):
+    """Whatever the training device, the checkpoint is read onto the CPU (RNG states must stay there)."""
+    from monai_diffusion.training import checkpoint as checkpoint_module
+    from monai_diffusion.training import run as run_module
+
+    seen = {}
+    real = checkpoint_module.load_checkpoint
+
+    def spy(path, map_location="cpu"):
+        seen["map_location"] = map_location
+        return real(path, map_location)
+
+    checkpoint_module.save_checkpoint({"stage": "autoencoder"}, tmp_path / "checkpoints" / "last.pt")
+    monkeypatch.setattr(run_module, "load_checkpoint", spy)
+    assert run_module.load_for_resume(tmp_path, "autoencoder")["stage"] == "autoencoder"
+    assert seen["map_location"] == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------------
+# device choice and precision
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("capability,expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                 ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_bf16_only_on_gpus_with_native_bf16(capability, expected):
+    assert choose_autocast_dtype("cuda", capability) == expected
+    assert choose_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_cuda_device_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_device("cuda", local_rank=2, world_size=4) == torch.device("cuda", 2)
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)
+    with pytest.raises(ConfigError, match="would put all 4 processes on GPU 1"):
+        resolve_device("cuda:1", local_rank=0, world_size=4)
+    with pytest.raises(ConfigError, match="only 4 GPU"):
+        resolve_device("cuda:7")
+    with pytest.raises(ConfigError, match="LOCAL_RANK=5"):
+        resolve_device("cuda", local_rank=5, world_size=8)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU shown per process by the launcher
+    assert resolve_device("cuda", local_rank=3, world_size=4) == torch.device("cuda", 0)
+
+
+def test_all_finite_checks_every_tensor_at_once():
+    tensors = [torch.ones(3), torch.ones(2, 2, dtype=torch.float64), torch.full((4,), 3e38)]
+    assert all_finite(tensors)
+    for bad in (float("inf"), float("nan")):
+        broken = [t.clone() for t in tensors]
+        broken[1][1, 0] = bad
+        assert not all_finite(broken)
+    assert all_finite([])
+
+
+# ----------------------------------------------------------------------------------------------------
+# data under DDP: cached shards, unpadded validation, pinned memory
+# ----------------------------------------------------------------------------------------------------
+def _scans(folder: Path, count: int) -> str:
+    import nibabel as nib
+
+    folder.mkdir()
+    for index in range(count):
+        nib.save(nib.Nifti1Image(np.random.default_rng(index).random((8, 8, 8), dtype=np.float32), np.eye(4)),
+                 folder / f"scan{index}.nii.gz")
+    return str(folder)
+
+
+def test_cached_data_is_sharded_per_rank(tmp_path):
+    cfg = DataConfig(source="nifti", paths=_scans(tmp_path / "scans", 11), image_size=(8, 8, 8), cache=True,
+                     val_fraction=0.3)
+    whole_train, whole_val = build_datasets(cfg, seed=0)
+    shards = [build_datasets(cfg, seed=0, shard=(rank, 2)) for rank in range(2)]
+    train_paths = [[item["path"] for item in train] for train, _ in shards]
+    val_paths = [[item["path"] for item in val] for _, val in shards]
+    assert len(train_paths[0]) == len(train_paths[1]) == -(-len(whole_train) // 2)  # padded to equal length
+    assert set(train_paths[0]) | set(train_paths[1]) == {item["path"] for item in whole_train}
+    assert sorted(val_paths[0] + val_paths[1]) == sorted(item["path"] for item in whole_val)  # each once
+
+
+def test_validation_shards_are_not_padded_and_gpu_loaders_pin_memory():
+    train = list(range(10))
+    val = [{"image": torch.tensor([float(i)])} for i in range(5)]
+    seen = []
+    for rank in range(3):
+        runtime = Runtime(torch.device("cpu"), rank=rank, world_size=3)
+        _, val_loader, _ = build_loaders(train, val, 2, 0, 0, runtime)
+        seen += [float(v) for batch in val_loader for v in batch["image"]]
+    assert sorted(seen) == [0.0, 1.0, 2.0, 3.0, 4.0]  # every volume once: metrics do not depend on world size
+    loaders = build_loaders(train, val, 2, 0, 0, Runtime(torch.device("cuda", 0)))
+    assert loaders[0].pin_memory and loaders[1].pin_memory
+    assert not build_loaders(train, val, 2, 0, 0, Runtime(torch.device("cpu")))[0].pin_memory
+
+
+# ----------------------------------------------------------------------------------------------------
+# two processes: per-rank RNG streams survive a resume; rank 0's refusal reaches every rank
+# ----------------------------------------------------------------------------------------------------
+def _draw() -> torch.Tensor:
+    return torch.cat([torch.randn(4), torch.tensor([random.random(), float(np.random.rand())])])
+
+
+def _worker(rank: int, world: int, port: int, folder: str, phase: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    runtime = Runtime(torch.device("cpu"), rank=rank, world_size=world)
+    out = Path(folder)
+    try:
+        if phase == "run":
+            runtime_module.seed_everything(100 + rank)
+            _draw()  # some training happened before the checkpoint
+            streams = runtime.all_gather(capture_rng())
+            if runtime.is_main:
+                torch.save({"rng": streams, "scaler": {}, "loop": {"global_step": 1}}, out / "ckpt.pt")
+            torch.save(_draw(), out / f"uninterrupted_{rank}.pt")
+        else:
+            runtime_module.seed_everything(999)  # a fresh process, seeded as a new run would be
+            saved = torch.load(out / "ckpt.pt", weights_only=True)
+            restore_loop(saved, Precision(False, runtime.device), runtime, seed=0)
+            torch.save(_draw(), out / f"resumed_{rank}.pt")
+
+            def refuse() -> None:
+                raise RunError("--resume: refused on rank 0")
+
+            try:
+                runtime.on_main(refuse, (RunError,))
+            except RunError as err:
+                (out / f"error_{rank}.txt").write_text(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_resume_restores_each_ranks_own_streams(tmp_path):
+    for phase in ("run", "resume"):
+        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), phase), nprocs=2, join=True)
+    resumed = [torch.load(tmp_path / f"resumed_{r}.pt") for r in range(2)]
+    for rank in range(2):
+        torch.testing.assert_close(resumed[rank], torch.load(tmp_path / f"uninterrupted_{rank}.pt"), rtol=0, atol=0)
+    assert not torch.allclose(resumed[0], resumed[1])  # ranks draw different noise
+    assert [(tmp_path / f"error_{r}.txt").read_text() for r in range(2)] == ["--resume: refused on rank 0"] * 2

@@ -161,8 +161,11 @@ def outputs_for(name: str, model: torch.nn.Module, inp: dict[str, torch.Tensor])
             return {"recon": recon, "qloss": qloss, "indices": model.index_quantize(inp["x"]),
                     "encoded": model.encode(inp["x"])}
         if name == "spadenet":
-            z_mu, z_logvar = model.encode(inp["x"])
-            return {"z_mu": z_mu, "z_logvar": z_logvar, "decoded": model.decode(inp["seg"], z_mu)}
+            z_mu, z_logvar = model.encoder(inp["x"])  # encode() samples
+            torch.manual_seed(3)
+            decoded, kld = model(inp["seg"], inp["x"])  # the same seed gives the same sample in the tests
+            return {"z_mu": z_mu, "z_logvar": z_logvar, "decoded_mu": model.decode(inp["seg"], z_mu),
+                    "decoded": decoded, "kld": kld}
         if name == "spade_ae":
             z_mu, z_sigma = model.encode(inp["x"])
             return {"z_mu": z_mu, "z_sigma": z_sigma, "decoded": model.decode(z_mu, inp["seg"]),
@@ -195,8 +198,8 @@ def make_networks(out: Path) -> dict[str, torch.nn.Module]:
         inp = inputs_for(name)
         save({"class": cls, "kwargs": kwargs, "state_dict": model.state_dict(), "inputs": inp,
                     "outputs": outputs_for(name, model, inp)}, out / f"{name}.pth")
-        if name in PICKLED:
-            save(model, out / f"{name}_pickled.pth")
+        if name in PICKLED:  # torch.save's default zip format for one, the compact legacy format for the others
+            (torch.save if name == "unet_cross" else save)(model, out / f"{name}_pickled.pth")
         models[name] = model
     return models
 

@@ -5,7 +5,7 @@
 Three mechanisms, shared by the network adapters under ``generative.networks``:
 
 * ``resolve_alias``: accept 0.2.3's argument name (``num_channels``) beside MONAI core's (``channels``).
-* ``use_023_layout``: ``state_dict()`` returns 0.2.3's key names and ``load_state_dict`` accepts them
+* ``Layout023Mixin``: ``state_dict()`` returns 0.2.3's key names and ``load_state_dict`` accepts them
   (as well as MONAI core's). The renames are derived from the module tree, module by module, so a
   rename never touches a key of an unrelated layer that happens to share a name.
 * ``LegacyPickleMixin`` and ``legacy_class``: a whole model pickled by 0.2.3 (``torch.save(model)``)
@@ -88,7 +88,7 @@ def _to_023(module: nn.Module, state_dict: dict, prefix: str, local_metadata: di
             state_dict[new_key] = value
 
 
-def _from_023(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+def _from_023(module: nn.Module, state_dict: dict, prefix: str) -> None:
     """Load pre-hook: a dict in 0.2.3's layout is renamed to ours (in place); MONAI core's loads as is."""
     rules = module._layout_rules()
     keys = [k for k in state_dict if k.startswith(prefix)]
@@ -119,7 +119,11 @@ class Layout023Mixin:
 
     def _use_023_layout(self) -> None:
         self._register_state_dict_hook(_to_023)  # type: ignore[attr-defined]
-        self._register_load_state_dict_pre_hook(_from_023, with_module=True)  # type: ignore[attr-defined]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # called on this module before its children, with the dict they will read from
+        _from_023(self, state_dict, prefix)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,6 +182,7 @@ class LegacyPickleMixin:
         nn.Module.__setstate__(old, state)
         old_state = nn.Module.state_dict(old)  # the plain tree walk: 0.2.3's key names
         fresh = type(self)(**self._args_from_023(old))  # type: ignore[call-arg]
-        fresh.load_state_dict(old_state, strict=True)  # type: ignore[attr-defined]
+        # assign: share the unpickled tensors; a legacy-format file fills their storages after this call
+        fresh.load_state_dict(old_state, strict=True, assign=True)  # type: ignore[attr-defined]
         fresh.train(old.training)  # type: ignore[attr-defined]
         self.__dict__.update(fresh.__dict__)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai.networks.nets import spade_network as _core
 
 from generative._dropin import resolve_alias
@@ -33,8 +34,9 @@ class SPADENet(_core.SPADENet):
         upsampling_mode: upsampling interpolation mode.
         channels: MONAI core's name for ``num_channels``.
 
-    ``forward(seg, x=None)``: seg Bx``label_nc``x[SPATIAL DIMS]; returns the synthesised image (and with
-    ``is_vae`` the latent mean and log-variance).
+    ``forward(seg, x=None)``: seg Bx``label_nc``x[SPATIAL DIMS], x BxCx[SPATIAL DIMS]; returns, as 0.2.3
+    does, ``(image, kld_loss)`` with ``is_vae`` (the KL divergence of the latent, summed) and ``(image,)``
+    without. MONAI core returns ``(image, z_mu, z_logvar)`` instead.
     """
 
     def __init__(
@@ -63,3 +65,11 @@ class SPADENet(_core.SPADENet):
             spade_intermediate_channels=spade_intermediate_channels, norm=norm, act=act, last_act=last_act,
             kernel_size=kernel_size, upsampling_mode=upsampling_mode,
         )
+
+    def forward(self, seg: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Synthesise an image from ``seg`` (and the style of ``x`` with ``is_vae``); see the class docstring."""
+        outputs = super().forward(seg, x)
+        if not self.is_vae:
+            return outputs
+        image, z_mu, z_logvar = outputs
+        return image, -0.5 * torch.sum(1 + z_logvar - z_mu.pow(2) - z_logvar.exp())

@@ -13,7 +13,7 @@ __all__ = ["MMDMetric"]
 
 
 class MMDMetric(_core.MMDMetric):
-    """Maximum mean discrepancy with a linear kernel (MONAI core's computation).
+    """Maximum mean discrepancy with a linear kernel, computed as 0.2.3 does.
 
     Args:
         y_transform: applied to ``y`` before the metric (0.2.3).
@@ -23,7 +23,8 @@ class MMDMetric(_core.MMDMetric):
     ``__call__(y, y_pred)``: both BxCx[SPATIAL DIMS]; returns the scalar MMD.
 
     Raises:
-        ValueError: if ``y_mapping`` is combined with ``y_transform``/``y_pred_transform``.
+        ValueError: if ``y_mapping`` is combined with ``y_transform``/``y_pred_transform``, or if the
+            transformed ``y`` and ``y_pred`` differ in shape.
     """
 
     def __init__(
@@ -44,4 +45,11 @@ class MMDMetric(_core.MMDMetric):
             y = self.y_transform(y)
         if self.y_pred_transform is not None:
             y_pred = self.y_pred_transform(y_pred)
-        return _core.compute_mmd(y, y_pred, None)
+        if y.shape != y_pred.shape:
+            raise ValueError(f"y and y_pred shapes differ after their transforms: {tuple(y.shape)} vs {tuple(y_pred.shape)}")
+        # 0.2.3's estimate: linear-kernel Gram matrices of the flattened samples, scaled by the feature count
+        # (MONAI core's compute_mmd uses another normalisation, with different numbers)
+        y, y_pred = y.reshape(y.shape[0], -1), y_pred.reshape(y_pred.shape[0], -1)
+        features = y.shape[1]
+        k_yy, k_pp, k_py = (a @ b.T / features for a, b in ((y, y), (y_pred, y_pred), (y_pred, y)))
+        return k_yy.mean() + k_pp.mean() - 2.0 * k_py.mean()

@@ -1,7 +1,10 @@
 """MONAI Generative, vendored and patched: AutoencoderKL with per-level ``downsample_factors``.
 
-Everything that MONAI core already provides (diffusion UNet, discriminator, schedulers, inferers,
-adversarial loss) is re-exported from MONAI core under MONAI Generative's familiar import paths.
+Every public name of MONAI Generative 0.2.3 is importable at its 0.2.3 path, with 0.2.3's argument
+names, checkpoints and numbers; where MONAI core has the class, ours is a thin subclass or a re-export
+of it (docs/migration.md lists every name).
 """
 
-__version__ = "0.4.0"
+from generative.version import __version__
+
+__all__ = ["__version__"]

@@ -1,5 +1,17 @@
-"""Diffusion inferers, re-exported from MONAI core."""
+"""Diffusion inferers under MONAI Generative 0.2.3's import path (MONAI core's classes)."""
 
-from monai.inferers import DiffusionInferer, LatentDiffusionInferer
+from generative.inferers.inferer import (
+    ControlNetDiffusionInferer,
+    ControlNetLatentDiffusionInferer,
+    DiffusionInferer,
+    LatentDiffusionInferer,
+    VQVAETransformerInferer,
+)
 
-__all__ = ["DiffusionInferer", "LatentDiffusionInferer"]
+__all__ = [
+    "ControlNetDiffusionInferer",
+    "ControlNetLatentDiffusionInferer",
+    "DiffusionInferer",
+    "LatentDiffusionInferer",
+    "VQVAETransformerInferer",
+]

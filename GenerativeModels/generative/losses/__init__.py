@@ -1,5 +1,7 @@
-"""Losses, re-exported from MONAI core (the offline 3D perceptual loss lives in ``monai_diffusion``)."""
+"""Losses under MONAI Generative 0.2.3's import paths (MONAI core's, with 0.2.3's extras)."""
 
-from monai.losses import PatchAdversarialLoss
+from generative.losses.adversarial_loss import PatchAdversarialLoss
+from generative.losses.perceptual import PerceptualLoss
+from generative.losses.spectral_loss import JukeboxLoss
 
-__all__ = ["PatchAdversarialLoss"]
+__all__ = ["JukeboxLoss", "PatchAdversarialLoss", "PerceptualLoss"]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from monai.networks.blocks import Convolution
 
+from generative._dropin import LegacyPickleMixin
 from generative.networks.layers.recompute import conv_with_recomputed_input
 
 __all__ = [
@@ -297,10 +298,11 @@ class ResBlock(nn.Module, _LowMemoryMixin):
 
 
 class AttentionBlock(nn.Module, _LowMemoryMixin):
-    """Single-head spatial self-attention with a residual connection (MONAI Generative's block).
+    """Spatial self-attention with a residual connection (MONAI Generative's block).
 
     Uses ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels where
-    the device has them); the math is the original's: softmax(q k^T / sqrt(C)) v over all voxels.
+    the device has them); the math is the original's: per head, softmax(q k^T / sqrt(C / heads)) v over
+    all voxels. One head unless ``num_head_channels`` is given (AutoencoderKL always uses one).
 
     MONAI Generative creates a ``proj_attn`` linear layer but never applies it; it is kept (frozen) so
     checkpoints keep their keys. ``apply_out_projection=True`` applies it (MONAI core's ``include_fc``).
@@ -308,8 +310,11 @@ class AttentionBlock(nn.Module, _LowMemoryMixin):
     Args:
         spatial_dims: number of spatial dimensions (1D, 2D, 3D).
         num_channels: input (and output) channels.
+        num_head_channels: channels per attention head (``num_channels`` must be a multiple);
+            ``None`` = one head.
         norm_num_groups: GroupNorm groups.
         norm_eps: GroupNorm epsilon.
+        use_flash_attention: kept for MONAI Generative's API; attention always uses SDPA.
         apply_out_projection: apply ``proj_attn`` after attention.
     """
 
@@ -317,13 +322,21 @@ class AttentionBlock(nn.Module, _LowMemoryMixin):
         self,
         spatial_dims: int,
         num_channels: int,
+        num_head_channels: int | None = None,
         norm_num_groups: int = 32,
         norm_eps: float = 1e-6,
+        use_flash_attention: bool = False,
         apply_out_projection: bool = False,
     ) -> None:
         super().__init__()
+        if num_head_channels is not None and (num_head_channels < 1 or num_channels % num_head_channels):
+            raise ValueError(
+                f"num_head_channels = {num_head_channels!r}: expected a positive divisor of num_channels = {num_channels}"
+            )
         self.spatial_dims = spatial_dims
         self.num_channels = num_channels
+        self.num_heads = 1 if num_head_channels is None else num_channels // num_head_channels
+        self.use_flash_attention = use_flash_attention
         self.apply_out_projection = apply_out_projection
         self.norm = nn.GroupNorm(norm_num_groups, num_channels, eps=norm_eps, affine=True)
         self.to_q = nn.Linear(num_channels, num_channels)
@@ -335,8 +348,10 @@ class AttentionBlock(nn.Module, _LowMemoryMixin):
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = self.norm(x).reshape(shape[0], shape[1], -1).transpose(1, 2)  # B x N x C
-        q, k, v = (layer(tokens).unsqueeze(1) for layer in (self.to_q, self.to_k, self.to_v))  # B x 1 x N x C
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        heads = self.num_heads
+        # B x heads x N x C/heads
+        q, k, v = (layer(tokens).unflatten(-1, (heads, -1)).transpose(1, 2) for layer in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         if self.apply_out_projection:
             out = self.proj_attn(out)
         return out.to(x.dtype).transpose(1, 2).reshape(shape) + x
@@ -390,9 +405,13 @@ class Encoder(nn.Module, _LowMemoryMixin):
         self.num_channels = tuple(num_channels)
         self.downsample_factors = normalize_downsample_factors(downsample_factors, len(num_channels), spatial_dims)
         res_blocks = _as_level_list(num_res_blocks, len(num_channels))
+        # MONAI Generative's attributes
+        self.in_channels, self.out_channels, self.num_res_blocks = in_channels, out_channels, tuple(res_blocks)
+        self.norm_num_groups, self.norm_eps, self.attention_levels = norm_num_groups, norm_eps, tuple(attention_levels)
 
         def attention(ch: int) -> AttentionBlock:
-            return AttentionBlock(spatial_dims, ch, norm_num_groups, norm_eps, attention_out_projection)
+            return AttentionBlock(spatial_dims, ch, norm_num_groups=norm_num_groups, norm_eps=norm_eps,
+                                  use_flash_attention=use_flash_attention, apply_out_projection=attention_out_projection)
 
         blocks: list[nn.Module] = [_conv(spatial_dims, in_channels, num_channels[0])]
         channels = num_channels[0]
@@ -457,12 +476,17 @@ class Decoder(nn.Module, _LowMemoryMixin):
         self.spatial_dims = spatial_dims
         self.num_channels = tuple(num_channels)
         self.upsample_factors = normalize_downsample_factors(upsample_factors, len(num_channels), spatial_dims)
+        # MONAI Generative's attributes
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_res_blocks = tuple(_as_level_list(num_res_blocks, len(num_channels)))
+        self.norm_num_groups, self.norm_eps, self.attention_levels = norm_num_groups, norm_eps, tuple(attention_levels)
         rev_channels = list(reversed(num_channels))
         rev_attention = list(reversed(attention_levels))
         rev_res_blocks = list(reversed(_as_level_list(num_res_blocks, len(num_channels))))
 
         def attention(ch: int) -> AttentionBlock:
-            return AttentionBlock(spatial_dims, ch, norm_num_groups, norm_eps, attention_out_projection)
+            return AttentionBlock(spatial_dims, ch, norm_num_groups=norm_num_groups, norm_eps=norm_eps,
+                                  use_flash_attention=use_flash_attention, apply_out_projection=attention_out_projection)
 
         channels = rev_channels[0]
         blocks: list[nn.Module] = [_conv(spatial_dims, in_channels, channels)]
@@ -494,7 +518,7 @@ def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, low_memory: bool) -> tor
     return _norm_conv(x, blocks[-2], blocks[-1], False, low_memory)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(LegacyPickleMixin, nn.Module):
     """Autoencoder with a KL-regularised latent space (Rombach et al. 2022; Pinaya et al. 2022).
 
     Same arguments, defaults and methods as MONAI Generative's AutoencoderKL, plus ``downsample_factors``.
@@ -731,6 +755,29 @@ class AutoencoderKL(nn.Module):
     def decode_stage_2_outputs(self, z: torch.Tensor) -> torch.Tensor:
         """Decode a latent produced by the diffusion model."""
         return self.decode(z)
+
+    # -- whole models pickled by MONAI Generative 0.2.3 (``torch.save(model)``) ----------------------
+    _own_marker = "init_args"  # only our instances have it; see ``generative._dropin.LegacyPickleMixin``
+
+    @classmethod
+    def _args_from_023(cls, old: nn.Module) -> dict:
+        """Constructor arguments of an unpickled 0.2.3 AutoencoderKL tree."""
+        enc, dec = old.encoder, old.decoder
+
+        def nonlocal_attn(coder: nn.Module) -> bool:  # attention blocks beyond those of the levels
+            per_levels = sum(n for n, attn in zip(coder.num_res_blocks, coder.attention_levels) if attn)
+            return sum(type(b).__name__ == "AttentionBlock" for b in coder.blocks) > per_levels
+
+        attention = [b for b in list(enc.blocks) + list(dec.blocks) if type(b).__name__ == "AttentionBlock"]
+        return dict(
+            spatial_dims=enc.spatial_dims, in_channels=enc.in_channels, out_channels=dec.out_channels,
+            num_res_blocks=enc.num_res_blocks, num_channels=enc.num_channels, attention_levels=enc.attention_levels,
+            latent_channels=old.latent_channels, norm_num_groups=enc.norm_num_groups, norm_eps=enc.norm_eps,
+            with_encoder_nonlocal_attn=nonlocal_attn(enc), with_decoder_nonlocal_attn=nonlocal_attn(dec),
+            use_flash_attention=any(getattr(b, "use_flash_attention", False) for b in attention),
+            use_checkpointing=getattr(old, "use_checkpointing", False),
+            use_convtranspose=any(getattr(b, "use_convtranspose", False) for b in dec.blocks),
+        )
 
     def load_monai_core_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load weights saved by ``monai.networks.nets.AutoencoderKL``; see ``load_monai_core_state_dict``."""

@@ -34,21 +34,6 @@ from pathlib import Path
 
 import torch
 
-# ------------------------------------------------------------------------------------------------
-# what 0.2.3 imports at module level but we never call: stub it so `generative.losses` imports
-# ------------------------------------------------------------------------------------------------
-_lpips = types.ModuleType("lpips")
-_lpips.LPIPS = type("LPIPS", (), {})
-_tv = types.ModuleType("torchvision")
-_tv_models = types.ModuleType("torchvision.models")
-_tv_models.ResNet50_Weights = object
-_tv_models.resnet50 = None
-_tv_fe = types.ModuleType("torchvision.models.feature_extraction")
-_tv_fe.create_feature_extractor = None
-_tv.models, _tv_models.feature_extraction = _tv_models, _tv_fe
-sys.modules.update({"lpips": _lpips, "torchvision": _tv, "torchvision.models": _tv_models,
-                    "torchvision.models.feature_extraction": _tv_fe})
-
 # The network configurations (constructor keyword arguments of 0.2.3). The tests read them back from
 # the fixture files, so they are written only here.
 CONFIGS: dict[str, tuple[str, dict]] = {
@@ -349,7 +334,25 @@ def verify_ours(folder: Path) -> int:
     return failures
 
 
+def _stub_optional_imports() -> None:
+    """``lpips`` and ``torchvision``, which 0.2.3's ``generative.losses`` imports at module level but the
+    fixtures never call: stubbed so it imports. Only the script does this (the tests import this module for
+    ``CONFIGS`` and must not see a fake torchvision)."""
+    lpips = types.ModuleType("lpips")
+    lpips.LPIPS = type("LPIPS", (), {})
+    tv = types.ModuleType("torchvision")
+    tv_models = types.ModuleType("torchvision.models")
+    tv_models.ResNet50_Weights = object
+    tv_models.resnet50 = None
+    tv_fe = types.ModuleType("torchvision.models.feature_extraction")
+    tv_fe.create_feature_extractor = None
+    tv.models, tv_models.feature_extraction = tv_models, tv_fe
+    sys.modules.update({"lpips": lpips, "torchvision": tv, "torchvision.models": tv_models,
+                        "torchvision.models.feature_extraction": tv_fe})
+
+
 def main() -> None:
+    _stub_optional_imports()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", nargs="?", type=Path, help="fixture folder to write")
     parser.add_argument("--verify-ours", type=Path, help="folder of state dicts saved by our classes")

@@ -226,7 +226,7 @@ def test_023_argument_names_beside_monai_core_names() -> None:
         AttentionBlock(2, 8, num_head_channels=3, norm_num_groups=4)
 
 
-@pytest.mark.skipif(_importable("lpips"), reason="lpips importable: it would download weights")
+@pytest.mark.skipif(_importable("lpips"), reason="lpips is installed here: it would download weights")
 def test_perceptual_loss_offline_error_is_one_line() -> None:
     with pytest.raises(RuntimeError) as info:
         PerceptualLoss(spatial_dims=2, network_type="alex")

@@ -64,7 +64,8 @@ def main() -> None:
             seconds = time_call(lambda: step(model), repeats=args.repeats, device=device)
             if base is None:
                 base = (peak, seconds)
-            print(f"| {name} | {flag} | {peak / MIB:.0f} | {seconds:.3f} | {peak / base[0]:.2f} | {seconds / base[1]:.2f} |")
+            print(f"| {name} | {flag} | {peak / MIB:.0f} | {seconds:.3f} | {peak / base[0]:.2f} | "
+                  f"{seconds / base[1]:.2f} |")
 
 
 if __name__ == "__main__":

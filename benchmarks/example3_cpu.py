@@ -55,7 +55,8 @@ def main() -> None:
           f"{baseline.autoencoder_step / 1e9:.2f} |")
     print(f"| full training step (discriminator, Adam), mixed precision + checkpointing | {measured_full / 1e9:.2f} | "
           f"{estimate.total / 1e9:.2f} |")
-    print(f"\nmixed precision + checkpointing with [4, 2] needs {measured / measured_baseline:.2f}x the [2, 2] fp32 baseline")
+    print(f"\nmixed precision + checkpointing with [4, 2] needs {measured / measured_baseline:.2f}x the [2, 2] fp32 "
+          f"baseline")
 
 
 if __name__ == "__main__":

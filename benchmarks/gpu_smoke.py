@@ -83,7 +83,7 @@ class Smoke:
             print(f"FAIL {name} ({time.perf_counter() - started:.0f} s): {type(err).__name__}: {err}", flush=True)
 
     def kill_after(self, cmd: list[str], run_dir: Path, step: int) -> None:
-        from monai_diffusion.training.checkpoint import load_checkpoint
+        from monai_diffusion.checkpoints import load_checkpoint
 
         process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
         deadline = time.time() + 240
@@ -144,26 +144,28 @@ class Smoke:
                "--set", "autoencoder.training.fast_dev_run=true"]
         self.run(cmd)
         summary = json.loads((out / "fast_dev_run" / "autoencoder" / "summary.json").read_text())
-        return f"world size {summary['world_size']}, {summary['optimizer_steps']} steps, precision {summary['precision']}"
+        return (f"world size {summary['world_size']}, {summary['optimizer_steps']} steps, "
+                f"precision {summary['precision']}")
 
     def estimator(self) -> str:
         import torch
 
         from monai_diffusion.config import load_config
         from monai_diffusion.memory import estimate_autoencoder, measure_training_step
-        from monai_diffusion.training.runtime import resolve_device
+        from monai_diffusion.runtime import resolve_device
 
         device = resolve_device(self.device)
         size = "[32, 32, 32]" if self.on_cpu else "[64, 64, 32]"
         config = load_config(CONFIG, [f"data.image_size={size}", "autoencoder.training.batch_size=1",
-                                      f"autoencoder.training.mixed_precision={not self.on_cpu}", f"device={self.device}"])
+                                      f"autoencoder.training.mixed_precision={not self.on_cpu}",
+                                      f"device={self.device}"])
         measured = measure_training_step(config, device, repeats=1)
         estimate = estimate_autoencoder(config, target="cuda" if device.type == "cuda" else "cpu")
         ratio = estimate.total / measured.peak_bytes
         kind = "max_memory_allocated" if device.type == "cuda" else "profiler peak"
         if not 0.7 <= ratio <= 1.4:
-            raise RuntimeError(f"estimate {estimate.total / 2**20:.0f} MiB vs measured {measured.peak_bytes / 2**20:.0f} "
-                               f"MiB ({kind}): ratio {ratio:.2f} outside [0.7, 1.4]")
+            raise RuntimeError(f"estimate {estimate.total / 2**20:.0f} MiB vs measured "
+                               f"{measured.peak_bytes / 2**20:.0f} MiB ({kind}): ratio {ratio:.2f} outside [0.7, 1.4]")
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         return (f"{name}: estimate {estimate.total / 2**20:.0f} MiB, measured {measured.peak_bytes / 2**20:.0f} MiB "
                 f"({kind}), ratio {ratio:.2f}; step {measured.seconds * 1000:.0f} ms")
@@ -181,7 +183,8 @@ def main() -> int:
     print(f"# gpu_smoke on {args.device} ({where}), torch {torch.__version__}, workdir {workdir}", flush=True)
     smoke = Smoke(args.device, workdir)
     started = time.perf_counter()
-    smoke.check("autoencoder: mixed precision, kill -9, --resume", smoke.stage("train_autoencoder.py", "autoencoder", 8))
+    smoke.check("autoencoder: mixed precision, kill -9, --resume",
+                smoke.stage("train_autoencoder.py", "autoencoder", 8))
     smoke.check("diffusion: mixed precision, kill -9, --resume", smoke.stage("train_diffusion.py", "diffusion", 8))
     smoke.check("sample.py DDIM --seed twice", lambda: smoke.sampling("ddim"))
     smoke.check("sample.py DDPM --seed twice", lambda: smoke.sampling("ddpm"))

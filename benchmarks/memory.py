@@ -35,8 +35,8 @@ CASES = [  # (name, overrides, mixed precision, checkpointing)
     ("[4, 2] mixed + checkpointing", ["autoencoder.downsample_factors=[4, 2]"], True, True),
     ("[16], [32, 64] fp32", ["autoencoder.downsample_factors=[16]", "autoencoder.num_channels=[32, 64]",
                              "autoencoder.attention_levels=[false, true]"], False, False),
-    ("[4, 2], [16, 32, 64] mixed + ckpt", ["autoencoder.downsample_factors=[4, 2]", "autoencoder.num_channels=[16, 32, 64]"],
-     True, True),
+    ("[4, 2], [16, 32, 64] mixed + ckpt",
+     ["autoencoder.downsample_factors=[4, 2]", "autoencoder.num_channels=[16, 32, 64]"], True, True),
 ]
 
 
@@ -90,7 +90,8 @@ def main() -> None:
     kwargs = config.autoencoder.model_kwargs(use_checkpointing=False)
     torch.manual_seed(0)
     ours = AutoencoderKL(**kwargs).to(device)
-    core_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_channels", "downsample_factors", "use_checkpointing")}
+    ours_only = ("num_channels", "downsample_factors", "use_checkpointing")
+    core_kwargs = {k: v for k, v in kwargs.items() if k not in ours_only}
     core = CoreAutoencoderKL(channels=kwargs["num_channels"], include_fc=False, **core_kwargs).to(device)
     core.load_old_state_dict(dict(ours.state_dict()))
     x = torch.rand(1, 1, *args.size, device=device)

@@ -21,10 +21,10 @@ import torch
 
 from generative.networks.nets import AutoencoderKL
 from generative.networks.tiling import tiled_reconstruct
+from monai_diffusion.checkpoints import load_autoencoder
 from monai_diffusion.data import make_phantom
 from monai_diffusion.profiling import measure_peak_bytes
-from monai_diffusion.training.checkpoint import load_autoencoder
-from monai_diffusion.training.runtime import resolve_device
+from monai_diffusion.runtime import resolve_device
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,1 +1,5 @@
-"""3D latent diffusion toolkit: config, data, training loops, memory tools and CLIs."""
+"""3D latent diffusion toolkit: config, data, training loops, sampling, memory tools and CLIs."""
+
+from generative.version import __version__
+
+__all__ = ["__version__"]

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from generative.networks.nets.autoencoderkl import normalize_downsample_factors, total_downsample_factors
-from monai_diffusion.config import Config, ConfigError, config_from_dict, config_to_dict
+from monai_diffusion.config import Config, config_from_dict, config_to_dict
+from monai_diffusion.errors import ConfigError
 from monai_diffusion.memory import measure_training_step
-from monai_diffusion.training.run import check_new_folder
+from monai_diffusion.runs import check_new_folder
 
 __all__ = ["VariantResult", "recommended_latent_channels", "variant_config", "compare_factors", "parse_factors"]
 
@@ -62,20 +63,11 @@ def _name(factors: list[Any], latent_channels: int) -> str:
 
 
 def _validated(raw: dict[str, Any], factors: list[Any]) -> Config:
-    """``config_from_dict(raw)``; a diffusion UNet too deep for the variant's latent becomes one level."""
+    """The variant's config, checked for the autoencoder stage (its diffusion section is not used here)."""
     try:
         return config_from_dict(raw)
     except ConfigError as err:
-        if not str(err).startswith("diffusion."):
-            raise ConfigError(f"--factors {factors}: {err}") from None
-    # only the autoencoder trains here: a one-level UNet accepts the (smaller) latent
-    log.info("factors %s: the diffusion UNet of the config does not fit this latent; the variant's saved "
-             "config uses a one-level UNet (adjust diffusion.num_channels before training stage 2)", factors)
-    unet = raw["diffusion"]
-    heads = unet["num_head_channels"]
-    unet.update(num_channels=unet["num_channels"][:1], attention_levels=unet["attention_levels"][:1],
-                num_head_channels=heads[:1] if isinstance(heads, list) else heads)
-    return config_from_dict(raw)
+        raise ConfigError(f"--factors {factors}: {err}") from None
 
 
 def variant_config(config: Config, factors: list[Any], adjust_latent_channels: bool, output: Path,
@@ -211,8 +203,8 @@ def compare_factors(
         device: overrides ``config.device``.
     """
     from monai_diffusion.evaluation import evaluate_autoencoder
+    from monai_diffusion.runtime import resolve_device
     from monai_diffusion.training.autoencoder import train_autoencoder
-    from monai_diffusion.training.runtime import resolve_device
 
     if steps < 1:
         raise ConfigError(f"--steps {steps}: expected an integer >= 1")
@@ -221,7 +213,8 @@ def compare_factors(
     if device is not None:
         config = config_from_dict({**config_to_dict(config), "device": device})
     # every variant is validated before any training starts
-    variants = [(factors, *variant_config(config, factors, adjust_latent_channels, output, steps)) for factors in factor_list]
+    variants = [(factors, *variant_config(config, factors, adjust_latent_channels, output, steps))
+                for factors in factor_list]
     names = [n for _, n, _ in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"--factors: the same variant is listed twice ({names})")

@@ -22,13 +22,14 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from generative.networks.tiling import tile_layout, tiled_decode, tiled_encode
-from monai_diffusion.config import Config, ConfigError
-from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics
+from monai_diffusion.checkpoints import load_autoencoder
+from monai_diffusion.config import Config
 from monai_diffusion.data import build_datasets, build_file_dataset, model_input, save_nifti
-from monai_diffusion.training.checkpoint import load_autoencoder
-from monai_diffusion.training.run import RunError, check_new_folder
-from monai_diffusion.training.runtime import resolve_device
-from monai_diffusion.training.visualize import labelled_rows, orthogonal_slices, save_png
+from monai_diffusion.errors import ConfigError, RunError
+from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics
+from monai_diffusion.runs import check_new_folder, run_dir_of
+from monai_diffusion.runtime import resolve_device
+from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 
 __all__ = ["EvaluationResult", "evaluate_autoencoder", "format_summary"]
 
@@ -53,10 +54,6 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
     if np.isinf(array).any():
         return {"mean": float(np.mean(array)), "std": float("nan")}
     return {"mean": float(array.mean()), "std": float(array.std())}
-
-
-def _run_dir_of(run: Path) -> Path:
-    return run if run.is_dir() else run.parent.parent if run.parent.name == "checkpoints" else run.parent
 
 
 def _dataset(config: Config, data: str | list[str] | None) -> Dataset:
@@ -98,7 +95,9 @@ def _finite_json(value: Any) -> Any:
     return value
 
 
-def _mosaic(strips: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], order: list[str], count: int) -> tuple[np.ndarray, dict[str, list[str]]]:
+def _mosaic(
+    strips: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], order: list[str], count: int
+) -> tuple[np.ndarray, dict[str, list[str]]]:
     """Rows input / reconstruction / |error| x4 for the ``count`` worst and best volumes by PSNR."""
     worst, best = order[:count], order[::-1][:count]
     rows = []
@@ -140,7 +139,7 @@ def evaluate_autoencoder(
     run = Path(run)
     torch_device = resolve_device(device)
     model, config = load_autoencoder(run, map_location=torch_device)
-    output = Path(output) if output is not None else _run_dir_of(run) / "evaluation"
+    output = Path(output) if output is not None else run_dir_of(run) / "evaluation"
     check_new_folder(output)
     dataset = _dataset(config, data)
     if len(dataset) == 0:
@@ -185,7 +184,8 @@ def evaluate_autoencoder(
                              for v in (images[0].cpu(), recon, error))
     seconds = time.perf_counter() - started
 
-    columns = ["name", "path", *[m for m in METRICS if m in rows[0]], *(["reconstruction"] if save_reconstructions else [])]
+    columns = ["name", "path", *[m for m in METRICS if m in rows[0]]]
+    columns += ["reconstruction"] if save_reconstructions else []
     with (output / "metrics.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -218,7 +218,8 @@ def format_summary(result: EvaluationResult) -> str:
     for name, stats in s["metrics"].items():
         lines.append(f"  {name:8s} {stats['mean']:.4f} ± {stats['std']:.4f}")
     latent = s["latent"]
-    lines.append(f"latent {latent['latent_shape']} ({s['compression']:.0f}x fewer values): mean {latent['z_mean']:.3f}, "
+    lines.append(f"latent {latent['latent_shape']} ({s['compression']:.0f}x fewer values): "
+                 f"mean {latent['z_mean']:.3f}, "
                  f"std {latent['z_std']:.3f}, scale factor {latent['scale_factor']:.4f}")
     lines.append(f"worst by PSNR: {', '.join(s['mosaic']['worst'])}; best: {', '.join(s['mosaic']['best'])}")
     lines.append(f"wrote {result.output_dir}/metrics.csv, summary.json, worst_best.png"

@@ -24,9 +24,11 @@ for the CUDA context and cuDNN workspace, ``FRAGMENTATION`` for the caching allo
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -330,7 +332,8 @@ def report(estimate: MemoryEstimate) -> str:
     lines += ["", *(f"{name:32s} {format_bytes(size):>12s}" for name, size in parts)]
     lines += [f"{'autoencoder forward + backward':32s} {format_bytes(estimate.autoencoder_step):>12s}",
               f"{'training step total':32s} {format_bytes(estimate.total):>12s}",
-              "", "largest contributors: " + "; ".join(f"{n} {format_bytes(b)}" for n, b in estimate.contributors()[:3]),
+              "", "largest contributors: "
+              + "; ".join(f"{n} {format_bytes(b)}" for n, b in estimate.contributors()[:3]),
               "not included: allocator overhead/fragmentation (CUDA: often 5-20 %), CUDA context and cuDNN "
               f"workspace (~{CUDA_RESERVED_BYTES / GB:.2f} GB), data loading; --budget keeps a margin for them"]
     return "\n".join(lines)
@@ -370,7 +373,8 @@ def search_budget(
     ``[32, 64, 64]`` uses ``[32, 64]``). Options that do not divide ``data.image_size`` are skipped.
     Ranked by least compression, then largest batch, then full precision, then no checkpointing.
     """
-    from monai_diffusion.config import ConfigError, config_from_dict, config_to_dict
+    from monai_diffusion.config import config_from_dict, config_to_dict
+    from monai_diffusion.errors import ConfigError
 
     found: list[Candidate] = []
     for factors in factor_options or DEFAULT_FACTOR_OPTIONS:
@@ -394,8 +398,9 @@ def search_budget(
                                                     checkpointing=ckpt)
                     if with_margin(estimate.total) <= budget_bytes:
                         size = tuple(config.data.image_size)[: ae.spatial_dims]
-                        compression = int(round(float(torch.tensor(size).prod()) / float(torch.tensor(estimate.latent_shape[1:]).prod())))
-                        found.append(Candidate(factors, channels, attention, batch, amp, ckpt, estimate.total, compression))
+                        compression = round(math.prod(size) / math.prod(estimate.latent_shape[1:]))
+                        found.append(Candidate(factors, channels, attention, batch, amp, ckpt, estimate.total,
+                                               compression))
     found.sort(key=lambda c: (c.compression, -c.batch_size, c.mixed_precision, c.checkpointing))
     return found
 
@@ -443,9 +448,9 @@ def measure_training_step(config: Config, device: torch.device | str = "cpu", re
     plus the parameters and optimiser state that exist before it.
     """
     from monai_diffusion.profiling import measure_peak_bytes, time_call
+    from monai_diffusion.runtime import Precision, Runtime
     from monai_diffusion.training.autoencoder import AutoencoderTask
     from monai_diffusion.training.loop import Optimization
-    from monai_diffusion.training.runtime import Precision, Runtime
 
     device = torch.device(device)
     tr = config.autoencoder.training
@@ -469,3 +474,43 @@ def measure_training_step(config: Config, device: torch.device | str = "cpu", re
         peak = measure_peak_bytes(step, device) + existing
         seconds = time_call(step, repeats=repeats, warmup=0, device=device)
     return StepMeasurement(peak, seconds)
+
+
+# ----------------------------------------------------------------------------------------------------
+# what estimate_memory.py prints and writes
+# ----------------------------------------------------------------------------------------------------
+def settings_table(config: Config) -> str:
+    """The training step's estimated total for each precision / checkpointing combination."""
+    lines = ["training step total by setting:"]
+    for amp in (False, True):
+        for ckpt in (False, True):
+            total = estimate_autoencoder(config, mixed_precision=amp, checkpointing=ckpt).total
+            lines.append(f"  {'mixed precision' if amp else 'fp32':15s} {'+ checkpointing' if ckpt else '':16s} "
+                         f"{format_bytes(total):>12s}")
+    return "\n".join(lines)
+
+
+def candidates_table(candidates: list[Candidate], budget_text: str, shown: int = 15) -> str:
+    """The configurations that fit, with their estimate and the margin the search kept."""
+    lines = [f"{len(candidates)} configurations fit in {budget_text} (least compression and largest batch first), "
+             f"keeping a margin of {FRAGMENTATION:.0%} for allocator fragmentation and "
+             f"{format_bytes(CUDA_RESERVED_BYTES)} for the CUDA context and cuDNN workspace:",
+             f"  {'factors':10s} {'channels':14s} {'batch':>5s} {'precision':>9s} {'ckpt':>5s} {'compression':>11s} "
+             f"{'estimate':>10s} {'+ margin':>10s}"]
+    for c in candidates[:shown]:
+        lines.append(f"  {str(c.downsample_factors):10s} {str(c.num_channels):14s} {c.batch_size:5d} "
+                     f"{'mixed' if c.mixed_precision else 'fp32':>9s} {'yes' if c.checkpointing else 'no':>5s} "
+                     f"{c.compression:>10d}x {format_bytes(c.total):>10s} {format_bytes(with_margin(c.total)):>10s}")
+    return "\n".join(lines)
+
+
+def candidate_config(config: Config, candidate: Candidate) -> dict[str, Any]:
+    """``config`` with ``candidate``'s network and training settings, as a YAML mapping that loads."""
+    from monai_diffusion.config import config_from_dict, config_to_dict
+
+    raw = config_to_dict(config)
+    raw["autoencoder"].update(candidate.overrides())
+    raw["autoencoder"]["training"].update(batch_size=candidate.batch_size, mixed_precision=candidate.mixed_precision,
+                                          use_gradient_checkpointing=candidate.checkpointing)
+    config_from_dict(raw)  # the written file must load
+    return raw

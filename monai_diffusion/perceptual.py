@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from monai_diffusion.errors import ConfigError
+
 __all__ = ["MedicalNetResNet", "MedicalNetPerceptualLoss", "load_medicalnet_weights", "PerceptualWeightsError"]
 
 _DEPTHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -37,7 +39,7 @@ _FILES = {
 }
 
 
-class PerceptualWeightsError(ValueError):
+class PerceptualWeightsError(ConfigError):
     """The MedicalNet weights file is missing or does not fit the configured network."""
 
 
@@ -154,7 +156,8 @@ def load_medicalnet_weights(model: MedicalNetResNet, path: str | Path, key: str 
     state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
     if not isinstance(state, Mapping):
         raise PerceptualWeightsError(f"{key}: '{path}' holds no state dict")
-    cleaned = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("conv_seg")}
+    cleaned = {k.removeprefix("module."): v for k, v in state.items()}
+    cleaned = {k: v for k, v in cleaned.items() if not k.startswith("conv_seg")}
     own = model.state_dict()
     missing = [k for k in own if k not in cleaned]
     wrong = [k for k in own if k in cleaned and tuple(cleaned[k].shape) != tuple(own[k].shape)]

@@ -1,56 +1,108 @@
-"""Generate volumes with a trained latent diffusion model and write them as NIfTI files and a PNG mosaic."""
+"""Generating volumes with a trained latent diffusion model: the schedulers, the reverse process, and
+``sample.py``'s NIfTI files and PNG mosaic."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
+import torch.nn as nn
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.config import Config, ConfigError, config_from_dict
-from monai_diffusion.data import save_nifti
-from monai_diffusion.training.run import RunError
-from monai_diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
-from monai_diffusion.training.diffusion import generate_volumes
-from monai_diffusion.training.runtime import resolve_device
-from monai_diffusion.training.visualize import save_png, volume_grid
+from monai_diffusion.checkpoints import load_diffusion
+from monai_diffusion.config import Config, SchedulerConfig
+from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
+from monai_diffusion.errors import CheckpointError, RunError
+from monai_diffusion.runs import check_new_folder
+from monai_diffusion.runtime import Precision, resolve_device
+from monai_diffusion.visualize import save_png, volume_grid
 
-__all__ = ["load_diffusion", "sample_volumes"]
+__all__ = ["make_scheduler", "sampling_generator", "generate_volumes", "sample_volumes"]
 
 log = logging.getLogger("monai_diffusion")
 
+MOSAIC_VOLUMES = 8  # samples shown in samples.png
 
-def load_diffusion(run_or_checkpoint: str | Path, device: torch.device | str = "cpu"):
-    """Load ``(unet, autoencoder, config, scale_factor, reference_affine)`` from a diffusion run or checkpoint.
 
-    The EMA weights are used when the run kept them.
+def make_scheduler(config: SchedulerConfig, kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
+    """MONAI core's DDPM (training, full sampling) or DDIM (few-step sampling) scheduler."""
+    cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
+    return cls(
+        num_train_timesteps=config.num_train_timesteps,
+        schedule=config.schedule,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        clip_sample=config.clip_sample,
+    )
+
+
+def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator the sampler's per-step noise is drawn from: on the model's device (the schedulers draw
+    it there), so DDPM sampling is reproducible for a seed whatever the global RNG did before."""
+    kind = device.type if device.type == "cuda" else "cpu"
+    return torch.Generator(device=kind).manual_seed(seed)
+
+
+def generate_volumes(
+    unet: nn.Module,
+    autoencoder: AutoencoderKL,
+    config: Config,
+    scale_factor: float,
+    count: int,
+    steps: int,
+    kind: str = "ddim",
+    generator: torch.Generator | None = None,
+    verbose: bool = False,
+    precision: Precision | None = None,
+    step_generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample ``count`` latents with MONAI core's DDPM/DDIM scheduler and decode them.
+
+    The reverse process is written out here rather than run through ``LatentDiffusionInferer.sample``,
+    because that method draws DDPM's per-step noise from the global RNG (it passes no generator), so a
+    seed would not fix the samples. The scheduler keeps its tables and timesteps on the CPU (indexing
+    CPU tables with device timesteps fails on a GPU); only the latents live on the model's device.
+
+    Args:
+        unet: the diffusion UNet (its device is used).
+        autoencoder: decodes the latents.
+        config: the run config (scheduler, image size).
+        scale_factor: the latents were multiplied by it in training.
+        count: volumes to generate.
+        steps: DDIM steps (DDPM always runs every training step).
+        kind: ``ddim`` or ``ddpm``.
+        generator: CPU generator of the initial noise (the same noise on every device).
+        verbose: a progress bar over the steps.
+        precision: autocast for the UNet and decoder (None: fp32).
+        step_generator: generator on the model's device for DDPM's per-step noise (default: seeded from the
+            initial-noise generator's next draw, so one seed fixes everything).
+
+    Returns:
+        Bx``out_channels``x[SPATIAL DIMS] volumes (float32) in the autoencoder's output range.
     """
-    path = Path(run_or_checkpoint)
-    if path.is_dir():
-        candidates = [checkpoint_path(path, name) for name in ("best", "last")]
-        path = next((c for c in candidates if c.is_file()), candidates[-1])
-    try:
-        state = load_checkpoint(path, map_location="cpu")
-    except CheckpointError as err:
-        raise RunError(f"--run: {err}; train the diffusion model first (train_diffusion.py)") from None
-    if state.get("stage") != "diffusion":
-        raise RunError(f"--run: {path} is not a diffusion checkpoint")
-    try:
-        config: Config = config_from_dict(state["config"])
-    except ConfigError as err:
-        raise RunError(f"{path}: stored config is invalid ({err})") from None
-    unet = DiffusionModelUNet(**state["unet_args"])
-    if state.get("ema") is not None:
-        ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-        unet.load_state_dict(ema, strict=True)
-    else:
-        unet.load_state_dict(state["unet"], strict=True)
-    autoencoder = AutoencoderKL(**state["autoencoder_args"])
-    autoencoder.load_state_dict(state["autoencoder"], strict=True)
-    return (unet.to(device).eval(), autoencoder.to(device).eval(), config, float(state["scale_factor"]),
-            state["reference_affine"])
+    device = next(unet.parameters()).device
+    scheduler = make_scheduler(config.diffusion.scheduler, kind)
+    train_steps = config.diffusion.scheduler.num_train_timesteps
+    scheduler.set_timesteps(num_inference_steps=train_steps if kind == "ddpm" else steps)
+    latent_shape = autoencoder.latent_shape(tuple(config.data.image_size)[: config.autoencoder.spatial_dims])
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    latents = torch.randn((count, *latent_shape), generator=generator).to(device)
+    if step_generator is None:
+        step_generator = sampling_generator(int(torch.randint(0, 2**62, (1,), generator=generator)), device)
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
+    was_training = unet.training
+    unet.eval()
+    with torch.no_grad(), autocast:
+        for t in tqdm(scheduler.timesteps, desc=f"{kind} sampling", disable=not verbose, leave=False):
+            prediction = unet(latents, timesteps=torch.full((count,), int(t), device=device, dtype=torch.long))
+            latents, _ = scheduler.step(prediction.float(), t, latents, generator=step_generator)
+        volumes = autoencoder.decode_stage_2_outputs(latents / scale_factor)
+    unet.train(was_training)
+    return volumes.float()
 
 
 def sample_volumes(
@@ -63,35 +115,41 @@ def sample_volumes(
     batch_size: int = 1,
     device: str = "auto",
 ) -> list[Path]:
-    """Generate ``num_samples`` volumes; write ``sample_XXX.nii.gz`` and ``samples.png`` into ``output``.
+    """Generate ``num_samples`` volumes into the new or empty folder ``output``: ``sample_XXX.nii.gz`` (written
+    batch by batch, with the affine of the training volumes) and ``samples.png`` (the first few samples).
 
     Returns:
-        the NIfTI paths. Nothing already in ``output`` is overwritten: existing sample files are an error.
+        the NIfTI paths.
     """
-    if num_samples < 1 or batch_size < 1 or steps < 1:
-        raise RunError("--num-samples, --batch-size and --steps must be integers >= 1")
     torch_device = resolve_device(device)
-    unet, autoencoder, config, scale_factor, affine = load_diffusion(run, torch_device)
     output = Path(output)
-    names = [output / f"sample_{index:03d}.nii.gz" for index in range(num_samples)]
-    existing = [p for p in names + [output / "samples.png"] if p.exists()]
-    if existing:
-        raise RunError(f"--output: {existing[0]} already exists; choose an empty folder (nothing was overwritten)")
+    check_new_folder(output)
+    try:
+        unet, autoencoder, config, scale_factor, affine = load_diffusion(run, torch_device)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; train the diffusion model first (train_diffusion.py) or point --run at its "
+                              f"run folder") from None
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunError(f"--output: cannot create {output} ({err.strerror})") from None
+    spatial_dims = config.autoencoder.spatial_dims
+    if spatial_dims == 2:  # a 2D model's image is stored as a one-slice volume at the centre slice it learned
+        affine = centre_slice_affine(affine, config.data.image_size[-1])
     generator = torch.Generator().manual_seed(seed)
-    volumes = []
+    names, shown = [], []
+    digits = max(3, len(str(num_samples - 1)))
     for start in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - start)
-        log.info("sampling volumes %d-%d of %d (%s, %d steps)", start + 1, start + count, num_samples, scheduler, steps)
+        log.info("sampling volumes %d-%d of %d (%s, %d steps)", start + 1, start + count, num_samples, scheduler,
+                 config.diffusion.scheduler.num_train_timesteps if scheduler == "ddpm" else steps)
         batch = generate_volumes(unet, autoencoder, config, scale_factor, count, steps, scheduler, generator,
-                                 verbose=True).cpu()
-        volumes.extend(batch)
-    for volume, name in zip(volumes, names):
-        save_nifti(volume.clamp(0, 1), name, affine=affine)
-    save_png(volume_grid([("samples", [v.clamp(0, 1) for v in volumes])], spatial_dims=config.autoencoder.spatial_dims),
-             output / "samples.png")
+                                 verbose=True).cpu().clamp(0, 1)
+        for volume in batch:
+            name = output / f"sample_{len(names):0{digits}d}.nii.gz"
+            names.append(save_nifti(volume[..., None] if spatial_dims == 2 else volume, name, affine=affine))
+            if len(shown) < MOSAIC_VOLUMES:
+                shown.append(volume)
+    save_png(volume_grid([("samples", shown)], spatial_dims=spatial_dims), output / "samples.png")
     log.info("wrote %d NIfTI volumes and samples.png to %s", len(names), output)
     return names

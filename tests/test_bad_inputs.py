@@ -21,7 +21,7 @@ TINY = [
     "autoencoder.num_channels=[8, 8, 8]", "autoencoder.norm_num_groups=4",
     "autoencoder.discriminator.num_layers_d=1", "autoencoder.training.batch_size=2",
     "autoencoder.training.n_epochs=1",
-    "diffusion.num_channels=[8]", "diffusion.attention_levels=[false]", "diffusion.num_head_channels=[0]",
+    "diffusion.num_channels=[8]", "diffusion.attention_levels=[false]", "diffusion.num_head_channels=[8]",
     "diffusion.norm_num_groups=4",
 ]
 
@@ -86,7 +86,7 @@ CASES = [
     ("type-bool", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.training.mixed_precision=maybe"), r"autoencoder\.training\.mixed_precision: expected true or false, got 'maybe'"),
     ("type-float", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.training.learning_rate=fast"), r"autoencoder\.training\.learning_rate: expected a number, got 'fast'"),
     ("type-list", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.num_channels=32"), r"autoencoder\.num_channels: expected a list"),
-    ("negative-lr", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.training.learning_rate=-1"), r"autoencoder\.training\.learning_rate: expected a positive number, got -1"),
+    ("negative-lr", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.training.learning_rate=-1"), r"autoencoder\.training\.learning_rate: expected a number > 0, got -1"),
     ("device", train_autoencoder_main, lambda w, o: _argv(o, "device=gpu"), r"device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     ("source", train_autoencoder_main, lambda w, o: _argv(o, "data.source=nifty"), r"data\.source: .*got 'nifty'.*did you mean 'nifti'"),
     ("factors-length", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.downsample_factors=[4]"), r"autoencoder\.downsample_factors has 1 entries .* 2 are expected"),
@@ -97,7 +97,7 @@ CASES = [
     ("factors-empty", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.downsample_factors=[]"), r"downsample_factors has 0 entries"),
     ("per-axis-length", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.downsample_factors=[[4, 2], 2]"), r"downsample_factors\[0\] = \[4, 2\]: a per-axis factor needs exactly 3 integers"),
     ("attention-length", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.attention_levels=[false, true]"), r"autoencoder\.attention_levels: 2 entries .* 3 levels"),
-    ("norm-groups", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.num_channels=[8, 10, 8]"), r"autoencoder\.num_channels: \[8, 10, 8\] must all be positive multiples of autoencoder\.norm_num_groups = 4 \(not \[10\]\)"),
+    ("norm-groups", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.num_channels=[8, 10, 8]"), r"autoencoder\.num_channels: \[8, 10, 8\] must all be multiples of autoencoder\.norm_num_groups = 4 \(not \[10\]\)"),
     ("size-not-divisible", train_autoencoder_main, lambda w, o: _argv(o, "data.image_size=[18, 16, 16]"), r"data\.image_size: \[18, 16, 16\] is not divisible .* \[4, 4, 4\].* 16 or 20 x 16 x 16"),
     ("size-below-factor", train_autoencoder_main, lambda w, o: _argv(o, "data.image_size=[8, 8, 8]", "autoencoder.downsample_factors=[4, 4]"), r"data\.image_size: \[8, 8, 8\] .* \[16, 16, 16\].* 16 x 16 x 16"),
     ("discriminator-too-deep", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.discriminator.num_layers_d=3"), r"autoencoder\.discriminator\.num_layers_d: 3 layers need at least 24 voxels"),
@@ -116,7 +116,7 @@ CASES = [
     ("resume-changed-architecture", train_autoencoder_main, lambda w, o: _argv(w["trained"], "autoencoder.latent_channels=4") + ["--resume"], r"--resume: the config changes the autoencoder architecture \(latent_channels: 3 -> 4\)"),
     ("diffusion-missing-autoencoder", train_diffusion_main, lambda w, o: _argv(o), r"diffusion\.autoencoder_run: .*autoencoder: no such run folder.*train the autoencoder first"),
     ("diffusion-mismatched-autoencoder", train_diffusion_main, lambda w, o: _argv(o, f"diffusion.autoencoder_run={w['trained'] / 'autoencoder'}", "autoencoder.latent_channels=4"), r"does not match the config's autoencoder section \(latent_channels: 3 -> 4\)"),
-    ("diffusion-latent-size", train_diffusion_main, lambda w, o: _argv(o, "diffusion.num_channels=[8, 8, 8, 8]", "diffusion.attention_levels=[false, false, false, false]", "diffusion.num_head_channels=[0, 0, 0, 0]"), r"every latent axis must be divisible by 8"),
+    ("diffusion-latent-size", train_diffusion_main, lambda w, o: _argv(o, "diffusion.num_channels=[8, 8, 8, 8]", "diffusion.attention_levels=[false, false, false, false]", "diffusion.num_head_channels=[0, 0, 0, 8]"), r"every latent axis must be divisible by 8"),
     ("diffusion-head-channels", train_diffusion_main, lambda w, o: _argv(o, "diffusion.num_channels=[8, 8]", "diffusion.attention_levels=[false, true]", "diffusion.num_head_channels=[0, 3]"), r"diffusion\.num_head_channels\[1\]: 3 must be a positive divisor"),
     ("sample-without-run", sample_main, lambda w, o: _argv(o) + ["--output", str(o / "samples")], r"--run: .*train the diffusion model first"),
 ]

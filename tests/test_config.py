@@ -14,10 +14,10 @@ from monai_diffusion.config import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
-    discriminator_min_size,
     load_config,
     save_config,
 )
+from monai_diffusion.config.rules import discriminator_min_size
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config"
 EXAMPLES = {
@@ -105,7 +105,7 @@ def _error(tmp_path: Path, text: str, overrides: list[str] | None = None) -> str
         ("autoencoder:\n  downsample_factors: ['4', 2]\n", r"autoencoder.downsample_factors\[0\]: expected an integer .* got '4' \(str\)"),
         ("autoencoder:\n  downsample_factors: [[4, 2], 2]\n", r"downsample_factors\[0\] = \[4, 2\]: a per-axis factor needs exactly 3 integers"),
         ("autoencoder:\n  attention_levels: [false, true]\n", r"autoencoder.attention_levels: 2 entries .* num_channels has 3 levels"),
-        ("autoencoder:\n  num_channels: [32, 48, 64]\n  norm_num_groups: 32\n", r"autoencoder.num_channels: \[32, 48, 64\] must all be positive multiples of autoencoder.norm_num_groups = 32 \(not \[48\]\)"),
+        ("autoencoder:\n  num_channels: [32, 48, 64]\n  norm_num_groups: 32\n", r"autoencoder.num_channels: \[32, 48, 64\] must all be multiples of autoencoder.norm_num_groups = 32 \(not \[48\]\)"),
         ("data:\n  image_size: [60, 64, 32]\nautoencoder:\n  downsample_factors: [4, 2]\n", r"data.image_size: \[60, 64, 32\] is not divisible by the total downsampling factors \[8, 8, 8\] .* 56 or 64 x 64 x 32"),
         ("data:\n  image_size: [64, 64, 8]\nautoencoder:\n  num_channels: [32, 64]\n  attention_levels: [false, false]\n  downsample_factors: [16]\n", r"data.image_size: \[64, 64, 8\] .* \[16, 16, 16\] .* 64 x 64 x 16"),
         ("data:\n  image_size: [16, 16, 16]\n", r"autoencoder.discriminator.num_layers_d: 3 layers need at least 24 voxels per axis.*num_layers_d: 2"),

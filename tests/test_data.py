@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import SequentialSampler
 
+from monai_diffusion.config import ConfigError, DataConfig, config_from_dict
 from monai_diffusion.data import (
-    DataConfig,
     DataError,
     SyntheticPhantomDataset,
     build_datasets,
@@ -22,7 +22,6 @@ from monai_diffusion.data import (
     make_phantom,
     save_nifti,
     split_files,
-    validate_data_config,
 )
 
 VOL_SHAPE = (20, 18, 12)
@@ -415,21 +414,23 @@ def test_data_error_from_loader_worker_stays_one_line(tmp_path: Path) -> None:
     assert _one_line(e) == expected
 
 
-def test_config_errors() -> None:
-    with pytest.raises(DataError, match=r"data\.image_size: expected three positive integers"):
-        validate_data_config(DataConfig(image_size=(64, 64)))
-    with pytest.raises(DataError, match=r"data\.val_fraction: expected a number in \[0, 1\)"):
-        validate_data_config(DataConfig(val_fraction=1.5))
-    with pytest.raises(DataError, match=r"data\.intensity_percentiles"):
-        validate_data_config(DataConfig(intensity_percentiles=(99.0, 1.0)))
-    with pytest.raises(DataError, match=r"data\.spacing: expected three positive"):
-        validate_data_config(DataConfig(spacing=(1.0, 0.0, 1.0)))
-    with pytest.raises(DataError, match=r"data\.source: expected 'synthetic' or 'nifti', got 'dicom'"):
-        build_datasets(DataConfig(source="dicom"), seed=0)  # type: ignore[arg-type]
+def test_data_section_is_checked_once_at_config_load() -> None:
+    """The data section's checks live in the config package alone (no second copy in the data package)."""
+    cases = [
+        ({"image_size": [64, 64]}, r"data\.image_size: expected a list of 3 values"),
+        ({"val_fraction": 1.5}, r"data\.val_fraction: expected a number >= 0 and < 1, got 1\.5"),
+        ({"intensity_percentiles": [99.0, 1.0]}, r"data\.intensity_percentiles: expected \[lower, upper\] with lower < upper"),
+        ({"spacing": [1.0, 0.0, 1.0]}, r"data\.spacing: expected a number > 0 and <= 1000 for each entry"),
+        ({"source": "dicom"}, r"data\.source: expected one of 'synthetic', 'nifti', got 'dicom'"),
+        ({"num_workers": -1}, r"data\.num_workers: expected an integer >= 0, got -1"),
+    ]
+    for data, pattern in cases:
+        with pytest.raises(ConfigError, match=pattern):
+            config_from_dict({"data": data})
     with pytest.raises(DataError, match=r"data\.paths: no input given"):
         build_datasets(DataConfig(source="nifti"), seed=0)
-    ok = validate_data_config(DataConfig(image_size=[32, 32, 16], spacing=[1, 1, 2]))  # type: ignore[arg-type]
-    assert ok.image_size == (32, 32, 16) and ok.spacing == (1.0, 1.0, 2.0)
+    ok = config_from_dict({"data": {"image_size": [32, 32, 32], "spacing": [1, 1, 2]}}).data
+    assert ok.image_size == (32, 32, 32) and ok.spacing == (1.0, 1.0, 2.0)
 
 
 # --------------------------------------------------------------------------- saving

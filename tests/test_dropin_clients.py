@@ -13,15 +13,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generative.inferers import (ControlNetDiffusionInferer, DiffusionInferer, LatentDiffusionInferer,
-                                 VQVAETransformerInferer)
+from generative.inferers import (
+    ControlNetDiffusionInferer,
+    DiffusionInferer,
+    LatentDiffusionInferer,
+    VQVAETransformerInferer,
+)
 from generative.losses import JukeboxLoss, PatchAdversarialLoss, PerceptualLoss
 from generative.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric, SSIMMetric
-from generative.networks.nets import (VQVAE, AutoencoderKL, ControlNet, DecoderOnlyTransformer, DiffusionModelUNet,
-                                      PatchDiscriminator, SPADEAutoencoderKL, SPADEDiffusionModelUNet)
+from generative.networks.nets import (
+    VQVAE,
+    AutoencoderKL,
+    ControlNet,
+    DecoderOnlyTransformer,
+    DiffusionModelUNet,
+    PatchDiscriminator,
+    SPADEAutoencoderKL,
+    SPADEDiffusionModelUNet,
+)
 from generative.networks.schedulers import DDIMScheduler, DDPMScheduler
 from generative.utils.enums import OrderingType
 from generative.utils.ordering import Ordering
+
 
 def _importable(name: str) -> bool:
     """Whether ``name`` can be imported (a stub another test put in sys.modules counts as importable)."""

@@ -17,7 +17,7 @@ from monai_diffusion.cli import compare_factors_main, evaluate_autoencoder_main
 from monai_diffusion.compare import parse_factors, recommended_latent_channels, variant_config
 from monai_diffusion.config import ConfigError, load_config
 from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics, ms_ssim_settings, ssim_window
-from tests.test_train_autoencoder import CONFIGS, tiny, train, write_scans
+from tests.conftest import CONFIGS, tiny, train, write_scans
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -221,4 +221,4 @@ def test_two_variant_comparison_at_tiny_size(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     other = [str(tmp_path / "other") if a == str(out) else a for a in args]
     assert compare_factors_main([*other, "--steps", "0"]) == 2
-    assert "--steps 0" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert "--steps: expected an integer >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "other").exists()

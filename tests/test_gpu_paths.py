@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,29 +14,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from monai_diffusion.config import ConfigError, load_config
-from monai_diffusion.data import DataConfig, build_datasets
-from monai_diffusion.training import runtime as runtime_module
+from monai_diffusion import runtime as runtime_module
+from monai_diffusion.config import ConfigError, DataConfig, load_config
+from monai_diffusion.data import build_datasets
+from monai_diffusion.errors import RunError
+from monai_diffusion.runtime import Precision, Runtime, capture_rng, choose_autocast_dtype, resolve_device
 from monai_diffusion.training.loop import all_finite, build_loaders
-from monai_diffusion.training.run import RunError, restore_loop
-from monai_diffusion.training.runtime import Precision, Runtime, capture_rng, choose_autocast_dtype, resolve_device
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from monai_diffusion.training.runner import restore_loop
+from tests.conftest import CONFIG, free_port
 
 
 # ----------------------------------------------------------------------------------------------------
 # sampling: scheduler tables on the CPU, model and latents on another device
 # ----------------------------------------------------------------------------------------------------
 def _tiny_sampling_setup():
-    from generative.networks.nets import AutoencoderKL
     from monai.networks.nets import DiffusionModelUNet
+
+    from generative.networks.nets import AutoencoderKL
 
     config = load_config(CONFIG, ["data.image_size=[8, 8, 8]", "autoencoder.num_channels=[4, 4]",
                                   "autoencoder.attention_levels=[false, false]", "autoencoder.downsample_factors=[2]",
@@ -58,7 +51,7 @@ def test_sampling_runs_with_the_model_on_another_device_than_the_scheduler(kind)
     (a crash on every GPU); generate_volumes keeps the scheduler on the CPU."""
     from monai.networks.schedulers import DDIMScheduler
 
-    from monai_diffusion.training.diffusion import generate_volumes
+    from monai_diffusion.sampling import generate_volumes
 
     scheduler = DDIMScheduler(20)
     scheduler.set_timesteps(4, device="meta")  # what the old code did: it cannot work off the CPU
@@ -72,7 +65,7 @@ def test_sampling_runs_with_the_model_on_another_device_than_the_scheduler(kind)
 
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
 def test_sampling_is_fixed_by_its_seed_not_by_the_global_rng(kind):
-    from monai_diffusion.training.diffusion import generate_volumes
+    from monai_diffusion.sampling import generate_volumes
 
     config, unet, autoencoder = _tiny_sampling_setup()
 
@@ -121,8 +114,8 @@ def test_empty_scaler_state_into_an_enabled_scaler():
 
 def test_resume_loads_checkpoints_onto_the_cpu(tmp_path, monkeypatch):
     """Whatever the training device, the checkpoint is read onto the CPU (RNG states must stay there)."""
-    from monai_diffusion.training import checkpoint as checkpoint_module
-    from monai_diffusion.training import run as run_module
+    from monai_diffusion import checkpoints as checkpoint_module
+    from monai_diffusion.training import runner as run_module
 
     seen = {}
     real = checkpoint_module.load_checkpoint
@@ -248,9 +241,10 @@ def _worker(rank: int, world: int, port: int, folder: str, phase: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_resume_restores_each_ranks_own_streams(tmp_path):
     for phase in ("run", "resume"):
-        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), phase), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), str(tmp_path), phase), nprocs=2, join=True)
     resumed = [torch.load(tmp_path / f"resumed_{r}.pt") for r in range(2)]
     for rank in range(2):
         torch.testing.assert_close(resumed[rank], torch.load(tmp_path / f"uninterrupted_{rank}.pt"), rtol=0, atol=0)

@@ -11,14 +11,7 @@ from monai_diffusion.perceptual import (
     PerceptualWeightsError,
     load_medicalnet_weights,
 )
-
-
-def write_medicalnet_file(path, depth: str = "resnet10", seed: int = 0) -> None:
-    """A weights file laid out like MedicalNet's releases: {'state_dict': {'module.*': ...}} with a seg head."""
-    torch.manual_seed(seed)
-    state = {f"module.{k}": v for k, v in MedicalNetResNet(depth).state_dict().items()}
-    state["module.conv_seg.0.weight"] = torch.zeros(1)
-    torch.save({"state_dict": state}, path)
+from tests.conftest import write_medicalnet_file
 
 
 def test_loads_medicalnet_layout(tmp_path):

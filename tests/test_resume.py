@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_diffusion.training.checkpoint import load_checkpoint
+from monai_diffusion.checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "monai_diffusion" / "3d_ldm"
@@ -98,6 +98,7 @@ def _flatten(value, prefix=""):
         yield prefix, value
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0])
 def test_kill_and_resume_is_bit_exact_for_both_stages(tmp_path, seed):
     rng = random.Random(seed)

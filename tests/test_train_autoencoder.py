@@ -3,75 +3,24 @@ resume, DDP, notebook loading and that a short training really learns."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.cli import train_autoencoder_main
+from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.data import build_datasets
+from monai_diffusion.runtime import Precision
 from monai_diffusion.training import load_autoencoder
-from monai_diffusion.training.checkpoint import load_checkpoint
 from monai_diffusion.training.loop import Optimization, TrainingError
-from monai_diffusion.training.runtime import Precision
-from tests.test_perceptual import write_medicalnet_file
+from tests.conftest import CONFIGS, SCRIPTS, free_port, summary_of, tiny, train, write_medicalnet_file, write_scans
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "monai_diffusion" / "3d_ldm" / "train_autoencoder.py"
-CONFIGS = ROOT / "monai_diffusion" / "config"
-
-
-def tiny(levels: int = 3, size: str = "[16, 16, 16]") -> list[str]:
-    """Overrides that shrink any shipped config to seconds on a CPU."""
-    channels = [8] * levels
-    return [
-        f"data.image_size={size}",
-        "data.num_train=4",
-        "data.num_val=2",
-        f"autoencoder.num_channels={channels}",
-        f"autoencoder.attention_levels={[False] * (levels - 1) + [True]}",
-        "autoencoder.norm_num_groups=4",
-        "autoencoder.discriminator.num_layers_d=1",
-        "autoencoder.discriminator.num_channels=4",
-        "autoencoder.training.batch_size=2",
-        "autoencoder.training.adversarial_warmup_epochs=0",
-        "autoencoder.training.n_epochs=1",
-        "autoencoder.training.log_every_n_steps=1",
-        "diffusion.num_channels=[8]",  # a one-level UNet fits any latent size
-        "diffusion.attention_levels=[false]",
-        "diffusion.num_head_channels=[0]",
-        "diffusion.norm_num_groups=4",
-    ]
-
-
-def train(config: Path | str, out: Path, *overrides: str, resume: bool = False) -> int:
-    args = ["--config", str(config), "--set", f"output_dir={out}"]
-    for item in overrides:
-        args += ["--set", item]
-    return train_autoencoder_main(args + (["--resume"] if resume else []))
-
-
-def write_scans(folder: Path, shape: tuple[int, ...], spacing: tuple[float, float, float], count: int = 4,
-                seed: int = 0, prefix: str = "case") -> Path:
-    """``count`` NIfTI files of uniform noise with the given voxel spacing: ``<prefix><i>.nii.gz``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for index in range(count):
-        volume = rng.random(shape).astype(np.float32)
-        nib.save(nib.Nifti1Image(volume, np.diag([*spacing, 1.0])), folder / f"{prefix}{index}.nii.gz")
-    return folder
-
-
-def summary_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+SCRIPT = SCRIPTS / "train_autoencoder.py"
 
 
 SHIPPED = [
@@ -139,6 +88,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "autoencoder").exists()
 
 
+@pytest.mark.slow
 def test_script_runs_from_inside_3d_ldm_with_a_bare_config_name(tmp_path):
     cmd = [sys.executable, "train_autoencoder.py", "--config", "ldm_config.yaml", "--set", f"output_dir={tmp_path}",
            "--set", "autoencoder.training.fast_dev_run=true"]
@@ -198,15 +148,10 @@ def test_non_finite_loss_stops_with_the_terms():
         optimization.backward(parameter * float("nan"), "generator", {"l1": float("nan"), "kl": 1.0})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(SCRIPT), "--config", str(CONFIGS / "ldm_config.yaml"),
+           f"--master_port={free_port()}", str(SCRIPT), "--config", str(CONFIGS / "ldm_config.yaml"),
            "--set", f"output_dir={tmp_path}"]
     for item in [*tiny(), "data.num_train=8", "autoencoder.training.n_epochs=2", "device=cpu"]:
         cmd += ["--set", item]
@@ -244,6 +189,7 @@ def test_short_training_lowers_validation_l1(tmp_path):
     assert history[-1]["val/l1"] < history[0]["val/l1"]
 
 
+@pytest.mark.slow
 def test_console_command_is_installed():
     command = Path(sys.executable).parent / "ldm-train-autoencoder"
     assert command.is_file(), "pip install -e . installs the ldm-train-autoencoder command"

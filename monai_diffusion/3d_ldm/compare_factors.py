@@ -1,4 +1,5 @@
-"""Trade-off study: python compare_factors.py --config quickstart.yaml --factors "[2, 2]" "[4, 2]" "[8, 2]" "[16]" [--steps N] [--adjust-latent-channels] [--output DIR]"""
+"""Trade-off study: python compare_factors.py --config quickstart.yaml --factors "[2, 2]" "[4, 2]" "[8, 2]" "[16]"
+[--steps N] [--adjust-latent-channels] [--output DIR]"""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""Estimate memory: python estimate_memory.py --config ldm_config.yaml [--input-size H W D] [--batch-size B] [--budget 24GB]"""
+"""Estimate memory: python estimate_memory.py --config ldm_config.yaml [--input-size H W D] [--batch-size B]
+[--budget 24GB]"""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""Evaluate a trained autoencoder: python evaluate_autoencoder.py --run RUN_FOLDER [--data NIFTI_FOLDER] [--output DIR] [--tile-size 128 128 64]"""
+"""Evaluate a trained autoencoder: python evaluate_autoencoder.py --run RUN_FOLDER [--data NIFTI_FOLDER]
+[--output DIR] [--tile-size 128 128 64]"""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""Generate volumes: python sample.py --config ldm_config.yaml --num-samples N --output DIR [--scheduler ddim --steps 50 --seed 0]"""
+"""Generate volumes: python sample.py --config ldm_config.yaml --num-samples N --output DIR
+[--scheduler ddim --steps 50 --seed 0]"""
 
 import sys
 from pathlib import Path

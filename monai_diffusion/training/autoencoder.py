@@ -8,9 +8,7 @@ Loss of the discriminator: adversarial_weight · ½ (LS(D(x̂), fake) + LS(D(x),
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +18,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
+from torch.utils.data import Dataset
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.config import Config, config_to_dict, save_config
+from monai_diffusion.config import Config, config_to_dict
+from monai_diffusion.config.schema import AutoencoderTrainingConfig
 from monai_diffusion.data import build_datasets, model_input
+from monai_diffusion.errors import RunError
 from monai_diffusion.metrics import ReconstructionMetrics
 from monai_diffusion.perceptual import MedicalNetPerceptualLoss
-from monai_diffusion.profiling import peak_rss_bytes
-from monai_diffusion.training.checkpoint import checkpoint_path
-from monai_diffusion.training.loop import LoopSettings, LoopState, Optimization, build_loaders, fit
-from monai_diffusion.training.run import (
-    RunError,
-    check_run_dir,
-    create_run_dir,
-    differences,
-    load_for_resume,
-    open_writer,
-    restore_loop,
-    run_folder,
-)
-from monai_diffusion.training.runtime import Precision, Runtime, seed_everything, setup_runtime
-from monai_diffusion.training.visualize import volume_grid
+from monai_diffusion.runtime import Precision, Runtime
+from monai_diffusion.training.loop import LoopState, Optimization, build_loaders
+from monai_diffusion.training.runner import Loaders, differences, flatten, run_stage
+from monai_diffusion.visualize import volume_grid
 
-__all__ = ["AutoencoderTask", "kl_divergence", "train_autoencoder"]
+__all__ = ["AutoencoderTask", "AutoencoderStage", "kl_divergence", "train_autoencoder"]
 
 log = logging.getLogger("monai_diffusion")
 
@@ -97,7 +87,8 @@ class AutoencoderTask:
             if self.discriminator is not None:
                 self.disc_train = nn.parallel.DistributedDataParallel(self.discriminator, device_ids=ids)
         self._optimizers = {
-            "generator": torch.optim.Adam([p for p in self.autoencoder.parameters() if p.requires_grad], lr=tr.learning_rate)
+            "generator": torch.optim.Adam([p for p in self.autoencoder.parameters() if p.requires_grad],
+                                          lr=tr.learning_rate)
         }
         if self.discriminator is not None:
             self._optimizers["discriminator"] = torch.optim.Adam(
@@ -195,33 +186,63 @@ class AutoencoderTask:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the run
+# the stage
 # ----------------------------------------------------------------------------------------------------
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: data}
+class AutoencoderStage:
+    """Stage 1 for :func:`~monai_diffusion.training.runner.run_stage`."""
 
+    name = "autoencoder"
 
-def _compare_for_resume(saved: dict[str, Any], task: AutoencoderTask, config: Config, path: Path) -> None:
-    architecture = differences(saved["model_args"], task.model_args, ignore=("use_checkpointing",))
-    if architecture:
-        raise RunError(
-            f"--resume: the config changes the autoencoder architecture ({'; '.join(architecture)}) compared with "
-            f"{path}; restore those keys or start a new run in another output_dir"
-        )
-    changed = differences(_flatten(saved["config"]), _flatten(config_to_dict(config)))
-    if changed:
-        log.info("resuming with changed settings: %s", "; ".join(changed))
+    def __init__(self) -> None:
+        self.datasets: tuple[Dataset, Dataset] | None = None
 
+    def section(self, config: Config) -> AutoencoderTrainingConfig:
+        return config.autoencoder.training
 
-def _peak_memory(device: torch.device) -> tuple[str, float]:
-    if device.type == "cuda":
-        return "CUDA max allocated", torch.cuda.max_memory_allocated(device) / 2**30
-    return "process peak RSS", peak_rss_bytes() / 2**30
+    def check_inputs(self, config: Config, runtime: Runtime) -> None:
+        # finding and checking the files (headers) here refuses bad data before the run folder exists
+        self.datasets = build_datasets(config.data, seed=config.seed, in_channels=config.autoencoder.in_channels,
+                                       shard=(runtime.rank, runtime.world_size))
+
+    def build(self, config: Config, runtime: Runtime, precision: Precision, run_dir: Path,
+              saved: dict[str, Any] | None) -> tuple[AutoencoderTask, Loaders]:
+        tr = config.autoencoder.training
+        train_ds, val_ds = self.datasets
+        presharded = runtime.distributed and config.data.cache and config.data.source == "nifti"
+        loaders = build_loaders(train_ds, val_ds, tr.batch_size, config.data.num_workers, config.seed, runtime,
+                                presharded)
+        return AutoencoderTask(config, runtime, precision), loaders
+
+    def check_resume(self, saved: dict[str, Any], task: AutoencoderTask, config: Config, path: Path) -> None:
+        architecture = differences(saved["model_args"], task.model_args, ignore=("use_checkpointing",))
+        if architecture:
+            raise RunError(
+                f"--resume: the config changes the autoencoder architecture ({'; '.join(architecture)}) compared "
+                f"with {path}; restore those keys or start a new run in another output_dir"
+            )
+        changed = differences(flatten(saved["config"]), flatten(config_to_dict(config)))
+        if changed:
+            log.info("resuming with changed settings: %s", "; ".join(changed))
+
+    def summary(self, config: Config, task: AutoencoderTask, state: LoopState) -> dict[str, Any]:
+        image_size = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
+        latent = task.autoencoder.latent_shape(image_size)
+        return {
+            "input_shape": [config.autoencoder.in_channels, *image_size],
+            "latent_shape": list(latent),
+            "compression": float(np.prod(image_size) * config.autoencoder.in_channels / np.prod(latent)),
+            "autoencoder_parameters": sum(p.numel() for p in task.autoencoder.parameters()),
+            "discriminator_parameters": (sum(p.numel() for p in task.discriminator.parameters())
+                                         if task.discriminator else 0),
+        }
+
+    def describe(self, summary: dict[str, Any]) -> list[str]:
+        return [
+            f"latent shape: {summary['latent_shape']} for input {summary['input_shape']} "
+            f"({summary['compression']:.0f}x fewer values)",
+            f"parameters:   autoencoder {summary['autoencoder_parameters']:,}, discriminator "
+            f"{summary['discriminator_parameters']:,}",
+        ]
 
 
 def train_autoencoder(config: Config, resume: bool = False) -> dict[str, Any]:
@@ -231,95 +252,4 @@ def train_autoencoder(config: Config, resume: bool = False) -> dict[str, Any]:
     ``fast_dev_run``, which is replaced each time) and holds ``config.yaml``, ``checkpoints/{last,best}.pt``,
     ``previews/*.png``, ``tensorboard/`` and ``summary.json``.
     """
-    tr = config.autoencoder.training
-    runtime = setup_runtime(config.device)
-    try:
-        run_dir = run_folder(config.output_dir, "autoencoder", tr.fast_dev_run)
-        runtime.on_main(lambda: check_run_dir(run_dir, resume, tr.fast_dev_run), (RunError,))
-        train_ds, val_ds = build_datasets(config.data, seed=config.seed, in_channels=config.autoencoder.in_channels,
-                                          shard=(runtime.rank, runtime.world_size))
-        if runtime.is_main:
-            create_run_dir(run_dir, clear_scratch=tr.fast_dev_run and not resume)
-        runtime.barrier()
-        seed_everything(config.seed + runtime.rank)
-        presharded = runtime.distributed and config.data.cache and config.data.source == "nifti"
-        loaders = build_loaders(train_ds, val_ds, tr.batch_size, config.data.num_workers, config.seed, runtime,
-                                presharded)
-        precision = Precision(tr.mixed_precision, runtime.device)
-        task = AutoencoderTask(config, runtime, precision)
-        state = LoopState()
-        if resume:
-            saved = load_for_resume(run_dir, "autoencoder")
-            _compare_for_resume(saved, task, config, checkpoint_path(run_dir, "last"))
-            task.load_state_dict(saved)
-            state = restore_loop(saved, precision, runtime, config.seed)
-            del saved  # the weights now live in the task, on its device
-            log.info("resumed %s at epoch %d, step %d", run_dir, state.epoch, state.global_step)
-        if runtime.is_main:
-            save_config(config, run_dir / "config.yaml")
-        writer = open_writer(run_dir, runtime)
-        settings = LoopSettings(
-            n_epochs=tr.n_epochs,
-            max_steps=tr.max_steps,
-            accumulation_steps=tr.gradient_accumulation_steps,
-            val_interval=tr.val_interval,
-            fast_dev_run=tr.fast_dev_run,
-            fast_dev_run_batches=tr.fast_dev_run_batches,
-            log_every_n_steps=tr.log_every_n_steps,
-            checkpoint_every_n_steps=tr.checkpoint_every_n_steps,
-            keep_last_checkpoints=tr.keep_last_checkpoints,
-        )
-        started = time.perf_counter()
-        if runtime.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(runtime.device)
-        with precision.kernel_guard():
-            state = fit(task, settings, runtime, precision, loaders, run_dir, state, writer)
-        if writer is not None:
-            writer.close()
-        memory_kind, memory_gib = _peak_memory(runtime.device)
-        image_size = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
-        latent = task.autoencoder.latent_shape(image_size)
-        trained = [r for r in state.history if "volumes_per_second" in r]
-        summary = {
-            "run_dir": str(run_dir),
-            "fast_dev_run": tr.fast_dev_run,
-            "input_shape": [config.autoencoder.in_channels, *image_size],
-            "latent_shape": list(latent),
-            "compression": float(np.prod(image_size) * config.autoencoder.in_channels / np.prod(latent)),
-            "autoencoder_parameters": sum(p.numel() for p in task.autoencoder.parameters()),
-            "discriminator_parameters": sum(p.numel() for p in task.discriminator.parameters()) if task.discriminator else 0,
-            "precision": precision.name,
-            "world_size": runtime.world_size,
-            "epochs": state.epoch,
-            "optimizer_steps": state.global_step,
-            "skipped_steps": state.skipped_steps,
-            "best_val_l1": state.best_metric,
-            "final": state.history[-1] if state.history else {},
-            "peak_memory": {"kind": memory_kind, "GiB": round(memory_gib, 3)},
-            "volumes_per_second": trained[-1]["volumes_per_second"] if trained else 0.0,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        if runtime.is_main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
-            _log_summary(summary)
-        return summary
-    finally:
-        runtime.close()
-
-
-def _log_summary(summary: dict[str, Any]) -> None:
-    final = summary["final"]
-    metrics = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("val/"))
-    lines = [
-        f"run folder:   {summary['run_dir']}" + ("  (fast_dev_run)" if summary["fast_dev_run"] else ""),
-        f"latent shape: {summary['latent_shape']} for input {summary['input_shape']} "
-        f"({summary['compression']:.0f}x fewer values)",
-        f"parameters:   autoencoder {summary['autoencoder_parameters']:,}, discriminator {summary['discriminator_parameters']:,}",
-        f"training:     {summary['epochs']} epochs, {summary['optimizer_steps']} optimiser steps "
-        f"({summary['skipped_steps']} skipped), {summary['precision']}, {summary['world_size']} process(es)",
-        f"validation:   {metrics or 'not run'}",
-        f"peak memory:  {summary['peak_memory']['GiB']:.2f} GiB ({summary['peak_memory']['kind']})",
-        f"throughput:   {summary['volumes_per_second']:.2f} volumes/s; total {summary['seconds']:.0f} s",
-    ]
-    for line in lines:
-        log.info(line)
+    return run_stage(AutoencoderStage(), config, resume)

@@ -1,6 +1,6 @@
 """The training loop, written once: epochs, gradient accumulation, mixed precision, validation,
-checkpoints, resume, DDP, progress bars and TensorBoard. What is trained lives in a *task*
-(``autoencoder.py``; the diffusion stage adds its own) that only knows how to compute its losses.
+checkpoints, DDP, progress bars and TensorBoard. What is trained lives in a *task* (``autoencoder.py``,
+``diffusion.py``) that only knows how to compute its losses; ``runner.py`` sets a stage up around it.
 """
 
 from __future__ import annotations
@@ -21,18 +21,15 @@ from monai.data import DistributedSampler as UnpaddedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
+from monai_diffusion.checkpoints import checkpoint_path, save_checkpoint, save_step_checkpoint
 from monai_diffusion.data import make_loader
-from monai_diffusion.training.checkpoint import checkpoint_path, save_checkpoint, save_step_checkpoint
-from monai_diffusion.training.runtime import Precision, Runtime, capture_rng
-from monai_diffusion.training.visualize import save_png
+from monai_diffusion.errors import TrainingError
+from monai_diffusion.runtime import Precision, Runtime, capture_rng
+from monai_diffusion.visualize import save_png
 
-__all__ = ["TrainingError", "LoopSettings", "LoopState", "Task", "Optimization", "EpochShuffleSampler", "fit", "build_loaders", "all_finite"]
+__all__ = ["TrainingError", "LoopSettings", "LoopState", "Task", "Optimization", "fit", "build_loaders", "all_finite"]
 
 log = logging.getLogger("monai_diffusion")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (non-finite loss or gradients, ...); the last good checkpoint is kept."""
 
 
 @dataclass
@@ -48,6 +45,16 @@ class LoopSettings:
     log_every_n_steps: int
     checkpoint_every_n_steps: int | None
     keep_last_checkpoints: int = 3
+
+    @classmethod
+    def of(cls, section: Any) -> LoopSettings:
+        """The settings of a ``training`` config section (autoencoder or diffusion)."""
+        return cls(n_epochs=section.n_epochs, max_steps=section.max_steps,
+                   accumulation_steps=section.gradient_accumulation_steps, val_interval=section.val_interval,
+                   fast_dev_run=section.fast_dev_run, fast_dev_run_batches=section.fast_dev_run_batches,
+                   log_every_n_steps=section.log_every_n_steps,
+                   checkpoint_every_n_steps=section.checkpoint_every_n_steps,
+                   keep_last_checkpoints=section.keep_last_checkpoints)
 
 
 @dataclass
@@ -76,23 +83,6 @@ class Task(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Shuffles with a seed derived from (seed, epoch), so a resumed epoch sees the same order."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 def build_loaders(
     train_ds: Dataset, val_ds: Dataset, batch_size: int, num_workers: int, seed: int, runtime: Runtime,
     presharded: bool = False,
@@ -108,8 +98,9 @@ def build_loaders(
         train_sampler: Sampler = DistributedSampler(train_ds, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
         val_sampler: Sampler | None = UnpaddedSampler(val_ds, even_divisible=False, num_replicas=runtime.world_size,
                                                       rank=runtime.rank, shuffle=False)
-    else:
-        train_sampler, val_sampler = EpochShuffleSampler(len(train_ds), seed + runtime.rank), None
+    else:  # this process's data alone, reshuffled every epoch (set_epoch), the same order again on resume
+        train_sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=seed + runtime.rank)
+        val_sampler = None
     train = make_loader(train_ds, batch_size, False, num_workers, seed, sampler=train_sampler, pin_memory=pin)
     val = make_loader(val_ds, batch_size, False, num_workers, seed, sampler=val_sampler, pin_memory=pin)
     return train, val, train_sampler
@@ -124,23 +115,28 @@ class Optimization:
         accumulation_steps: micro-batches per optimiser step (losses are divided by it).
     """
 
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision, accumulation_steps: int) -> None:
+    def __init__(
+        self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision, accumulation_steps: int
+    ) -> None:
         self.optimizers = optimizers
         self.precision = precision
         self.accumulation_steps = accumulation_steps
         self.step_index = 0
         self.skipped = 0
+        self.window = accumulation_steps  # micro-batches in the current window (fewer in an epoch's last one)
         self._pending: set[str] = set()
 
     def backward(self, loss: torch.Tensor, optimizer: str, terms: dict[str, float]) -> None:
-        """Accumulate gradients of ``loss`` for ``optimizer``; stop on a non-finite loss (unless fp16 scaling)."""
+        """Accumulate gradients of ``loss / window`` for ``optimizer`` (the window's mean loss); stop on a
+        non-finite loss (unless fp16 scaling skips the step)."""
         if not self.precision.uses_scaler and not torch.isfinite(loss.detach()):
             shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
             raise TrainingError(
-                f"non-finite {optimizer} loss at optimiser step {self.step_index + 1} (loss={float(loss.detach()):.4g}; "
+                f"non-finite {optimizer} loss at optimiser step {self.step_index + 1} "
+                f"(loss={float(loss.detach()):.4g}; "
                 f"{shown}); stopped, the last good checkpoint is kept; check the loss weights and the learning rate"
             )
-        self.precision.scaler.scale(loss / self.accumulation_steps).backward()
+        self.precision.scaler.scale(loss / self.window).backward()
         self._pending.add(optimizer)
 
     def _grads_finite(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -159,6 +155,12 @@ class Optimization:
                     f"good checkpoint is kept"
                 )
             scaler.step(optimizer)
+            weights = [p for group in optimizer.param_groups for p in group["params"]]
+            if not all_finite(weights):  # e.g. a learning rate so large that Adam overflows: never save this
+                raise TrainingError(
+                    f"non-finite {name} weights after optimiser step {self.step_index + 1} (finite loss and "
+                    f"gradients); stopped, the last good checkpoint is kept; lower the learning rate"
+                )
         if self.precision.uses_scaler:
             scaler.update()
             if scaler.get_scale() < scale_before:
@@ -213,7 +215,9 @@ class _Running:
         return {key: value / max(self.count, 1) for key, value in self.sums.items()}
 
 
-def _validate(task: Task, loader: DataLoader, settings: LoopSettings, runtime: Runtime) -> tuple[dict[str, float], np.ndarray | None]:
+def _validate(
+    task: Task, loader: DataLoader, settings: LoopSettings, runtime: Runtime
+) -> tuple[dict[str, float], np.ndarray | None]:
     task.train(False)
     if hasattr(task, "on_validation_start"):  # e.g. reseed the validation noise
         task.on_validation_start()
@@ -249,6 +253,9 @@ def fit(
     writer: Any | None,
 ) -> LoopState:
     """Train ``task`` from ``state`` to the end (or ``max_steps`` / ``fast_dev_run``); returns the final state."""
+    if settings.max_steps is not None and state.global_step >= settings.max_steps:
+        log.info("already at max_steps = %d: nothing to train (raise max_steps to continue)", settings.max_steps)
+        return state
     train_loader, val_loader, sampler = loaders
     optimization = Optimization(task.optimizers(), precision, settings.accumulation_steps)
     optimization.step_index = state.global_step
@@ -263,7 +270,8 @@ def fit(
         state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped
         rng = runtime.all_gather(capture_rng(runtime.device))  # every rank's own streams, restored per rank
         if runtime.is_main:
-            payload = {**task.state_dict(), "loop": dict(vars(state)), "rng": rng, "scaler": precision.scaler.state_dict()}
+            payload = {**task.state_dict(), "loop": dict(vars(state)), "rng": rng,
+                       "scaler": precision.scaler.state_dict()}
             if name == "step":
                 save_step_checkpoint(payload, run_dir, state.global_step, settings.keep_last_checkpoints)
             else:
@@ -272,6 +280,7 @@ def fit(
 
     task.train(True)
     stop = False
+    resume_at = 0  # where a run stopped by max_steps in mid-epoch would continue in that epoch
     for epoch in range(state.epoch, settings.n_epochs):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -288,6 +297,8 @@ def fit(
                 if index >= batches_per_epoch:
                     break
                 # 1. forward + backward of one micro-batch (gradients synchronised only at the window's end)
+                window_start = index - index % settings.accumulation_steps
+                optimization.window = min(settings.accumulation_steps, batches_per_epoch - window_start)
                 boundary = (index + 1) % settings.accumulation_steps == 0 or index + 1 == batches_per_epoch
                 with _no_sync(task.ddp_modules(), active=not boundary):
                     logs = task.training_step(batch, epoch, optimization)
@@ -311,6 +322,7 @@ def fit(
                     save("step", epoch, index + 1)
                 if settings.max_steps is not None and step >= settings.max_steps:
                     stop = True
+                    resume_at = index + 1 if index + 1 < batches_per_epoch else 0
                     break
         elapsed = time.perf_counter() - started
         record = {"epoch": epoch + 1, "step": optimization.step_index, **running.means(),
@@ -333,7 +345,8 @@ def fit(
         if record.get(task.monitor, math.inf) < state.best_metric:
             state.best_metric = record[task.monitor]
             save("best", epoch + 1, 0)
-        save("last", epoch + 1, 0)
+        # a run stopped in mid-epoch resumes there (e.g. with a larger max_steps), not at the next epoch
+        save("last", epoch if resume_at else epoch + 1, resume_at)
         if last_epoch:
             break
     state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped

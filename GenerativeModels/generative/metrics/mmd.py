@@ -46,7 +46,9 @@ class MMDMetric(_core.MMDMetric):
         if self.y_pred_transform is not None:
             y_pred = self.y_pred_transform(y_pred)
         if y.shape != y_pred.shape:
-            raise ValueError(f"y and y_pred shapes differ after their transforms: {tuple(y.shape)} vs {tuple(y_pred.shape)}")
+            raise ValueError(
+                f"y and y_pred shapes differ after their transforms: {tuple(y.shape)} vs {tuple(y_pred.shape)}"
+            )
         # 0.2.3's estimate: linear-kernel Gram matrices of the flattened samples, scaled by the feature count
         # (MONAI core's compute_mmd uses another normalisation, with different numbers)
         y, y_pred = y.reshape(y.shape[0], -1), y_pred.reshape(y_pred.shape[0], -1)

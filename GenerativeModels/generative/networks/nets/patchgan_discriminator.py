@@ -64,7 +64,8 @@ class PatchDiscriminator(_core.PatchDiscriminator):
         )
 
     def initialise_weights(self, m: nn.Module) -> None:
-        """0.2.3's initialiser for ``self.apply``: convolution weights ~ N(0, 0.02), batch norms ~ N(1, 0.02), bias 0."""
+        """0.2.3's initialiser for ``self.apply``: convolution weights ~ N(0, 0.02), batch norms ~ N(1, 0.02),
+        bias 0."""
         normal_init(m)
 
 

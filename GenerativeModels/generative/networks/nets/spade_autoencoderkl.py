@@ -72,7 +72,8 @@ class SPADEAutoencoderKL(Layout023Mixin, _core.SPADEAutoencoderKL):
             spatial_dims=spatial_dims, label_nc=label_nc, in_channels=in_channels, out_channels=out_channels,
             num_res_blocks=num_res_blocks, channels=channels, attention_levels=attention_levels,
             latent_channels=latent_channels, norm_num_groups=norm_num_groups, norm_eps=norm_eps,
-            with_encoder_nonlocal_attn=with_encoder_nonlocal_attn, with_decoder_nonlocal_attn=with_decoder_nonlocal_attn,
+            with_encoder_nonlocal_attn=with_encoder_nonlocal_attn,
+            with_decoder_nonlocal_attn=with_decoder_nonlocal_attn,
             spade_intermediate_channels=spade_intermediate_channels, include_fc=True, use_combined_linear=False,
             use_flash_attention=use_flash_attention,
         )

@@ -71,7 +71,8 @@ class DDIMScheduler(_core.DDIMScheduler, Scheduler):
             raise ValueError("call set_timesteps(num_inference_steps) before reversed_step")
         next_timestep = timestep + self.num_train_timesteps // self.num_inference_steps
         alpha_t = self.alphas_cumprod[timestep]
-        alpha_next = self.alphas_cumprod[next_timestep] if next_timestep < len(self.alphas_cumprod) else self.first_alpha_cumprod
+        last = next_timestep >= len(self.alphas_cumprod)
+        alpha_next = self.first_alpha_cumprod if last else self.alphas_cumprod[next_timestep]
         beta_t = 1 - alpha_t
         if self.prediction_type == DDIMPredictionType.EPSILON:
             x0, eps = (sample - beta_t**0.5 * model_output) / alpha_t**0.5, model_output

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from monai_diffusion.config import ConfigError
+from monai_diffusion.errors import ConfigError
 
 __all__ = ["Runtime", "resolve_device", "setup_runtime", "seed_everything", "capture_rng", "restore_rng",
            "choose_autocast_dtype", "Precision"]
@@ -95,7 +95,8 @@ def _cuda_index(spec: str, local_rank: int, world_size: int) -> int:
                 f"device: cuda (each process takes the GPU of its LOCAL_RANK), and CUDA_VISIBLE_DEVICES to choose GPUs"
             )
         if index >= visible:
-            raise ConfigError(f"device: {spec!r} but only {visible} GPU(s) are visible; use cuda:0 .. cuda:{visible - 1}")
+            raise ConfigError(f"device: {spec!r} but only {visible} GPU(s) are visible; use cuda:0 .. "
+                              f"cuda:{visible - 1}")
         return index
     if visible == 1:
         return 0  # a launcher that shows each process only its own GPU
@@ -209,7 +210,8 @@ class Precision:
         if not self.uses_scaler:
             return
         if not state:
-            log.info("resuming with fp16 loss scaling from a checkpoint trained without it: the grad scaler starts fresh")
+            log.info("resuming with fp16 loss scaling from a checkpoint trained without it: the grad scaler "
+                     "starts fresh")
             return
         self.scaler.load_state_dict(state)
 

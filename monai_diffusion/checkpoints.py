@@ -1,0 +1,165 @@
+"""Checkpoints: atomic writes, safe reads, and loading trained models from a run folder or a ``.pt`` file.
+
+A checkpoint is a dict with the networks' and optimisers' states, the loop's position, every rank's RNG
+streams, the constructor arguments of the networks and the whole resolved config. It is written to a
+temporary file, flushed, fsync'ed and renamed, so a kill at any moment leaves the previous checkpoint
+intact. It holds plain data only (tensors, numbers, strings, lists, dicts), so it is read with
+``torch.load(..., weights_only=True)``: a checkpoint from an untrusted source cannot run code. Checkpoints
+of monai-diffusion 0.4.0 stored NumPy's RNG state as an array; exactly the NumPy types that needs are
+allowed as well.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from generative.networks.nets import AutoencoderKL
+from monai_diffusion.atomic import atomic_write, fsync_dir
+from monai_diffusion.config import Config, config_from_dict
+from monai_diffusion.errors import CheckpointError, ConfigError
+
+__all__ = ["FORMAT", "save_checkpoint", "save_step_checkpoint", "load_checkpoint", "checkpoint_path",
+           "resolve_checkpoint", "load_autoencoder", "load_diffusion", "DiffusionBundle"]
+
+FORMAT = "monai_diffusion.checkpoint/1"
+
+# what monai-diffusion 0.4.0 checkpoints need beyond weights_only's defaults: NumPy's RNG state (an array)
+_LEGACY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def checkpoint_path(run_dir: str | Path, name: str) -> Path:
+    """``<run_dir>/checkpoints/<name>.pt`` (names: ``last``, ``best``, ``step_<n>``)."""
+    return Path(run_dir) / "checkpoints" / f"{name}.pt"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
+
+
+def save_step_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Write ``checkpoints/step_<step>.pt``, make ``last.pt`` the same file, keep only the newest ``keep_last``.
+
+    ``last.pt`` is switched with an atomic rename of a hard link, so it is never half-written; ``best.pt``
+    is never rotated away.
+    """
+    path = save_checkpoint(state, checkpoint_path(run_dir, f"step_{step:08d}"))
+    last = checkpoint_path(run_dir, "last")
+    link = last.with_name(f".{last.name}.{os.getpid()}.link")
+    link.unlink(missing_ok=True)
+    os.link(path, link)
+    os.replace(link, last)
+    for old in sorted(path.parent.glob("step_*.pt"))[:-keep_last]:
+        old.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (plain data only: no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with torch.serialization.safe_globals(_LEGACY_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a monai_diffusion checkpoint, or it holds objects other than plain "
+                              f"data ({first[:200]})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {str(err)[:200]}); the file "
+                              f"is truncated or corrupt") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a monai_diffusion checkpoint (no '{FORMAT}' marker)")
+    return state
+
+
+def resolve_checkpoint(run_or_checkpoint: str | Path, key: str = "--run") -> Path:
+    """The checkpoint file of a run folder (``best``, else ``last``) or the file itself.
+
+    Raises:
+        CheckpointError: naming ``key`` when there is no such folder or file, or no checkpoint in the folder.
+    """
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        for name in ("best", "last"):
+            candidate = checkpoint_path(path, name)
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{key}: no checkpoints/best.pt or checkpoints/last.pt in the run folder {path}")
+    if not path.exists():
+        raise CheckpointError(f"{key}: {path}: no such run folder or checkpoint file")
+    return path
+
+
+def _stored_config(state: dict[str, Any], path: Path) -> Config:
+    """The config a checkpoint was trained with: types only, its rules were checked when it was trained."""
+    try:
+        return config_from_dict(state["config"], stage=None)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: stored config is not readable ({err})") from None
+
+
+def load_autoencoder(
+    run_or_checkpoint: str | Path, map_location: str | torch.device = "cpu", key: str = "--run"
+) -> tuple[AutoencoderKL, Config]:
+    """Load a trained AutoencoderKL in eval mode, with the config it was trained with.
+
+    Args:
+        run_or_checkpoint: an autoencoder run folder (``best`` is preferred over ``last``) or a ``.pt`` file.
+        map_location: device for the weights.
+        key: the option or config key named in errors.
+
+    Returns:
+        ``(model, config)``.
+    """
+    path = resolve_checkpoint(run_or_checkpoint, key)
+    state = load_checkpoint(path)
+    if "autoencoder" not in state or "model_args" not in state:
+        raise CheckpointError(f"{key}: {path} holds no autoencoder (is it a diffusion checkpoint?)")
+    config = _stored_config(state, path)
+    model = AutoencoderKL(**{**state["model_args"], "use_checkpointing": False})
+    model.load_state_dict(state["autoencoder"], strict=True)
+    return model.to(map_location).eval(), config
+
+
+class DiffusionBundle(NamedTuple):
+    """What a diffusion checkpoint holds for sampling."""
+
+    unet: DiffusionModelUNet  # EMA weights when the run kept them
+    autoencoder: AutoencoderKL  # the frozen autoencoder the UNet was trained on
+    config: Config
+    scale_factor: float  # latents were multiplied by it in training
+    reference_affine: torch.Tensor  # 4x4 affine of the training volumes
+
+
+def load_diffusion(
+    run_or_checkpoint: str | Path, map_location: str | torch.device = "cpu", key: str = "--run"
+) -> DiffusionBundle:
+    """Load a trained latent diffusion model from a diffusion run folder or checkpoint (EMA weights when the
+    run kept them), in eval mode."""
+    path = resolve_checkpoint(run_or_checkpoint, key)
+    state = load_checkpoint(path)
+    if state.get("stage") != "diffusion":
+        raise CheckpointError(f"{key}: {path} is not a diffusion checkpoint")
+    config = _stored_config(state, path)
+    unet = DiffusionModelUNet(**state["unet_args"])
+    if state.get("ema") is not None:
+        ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+        unet.load_state_dict(ema, strict=True)
+    else:
+        unet.load_state_dict(state["unet"], strict=True)
+    autoencoder = AutoencoderKL(**state["autoencoder_args"])
+    autoencoder.load_state_dict(state["autoencoder"], strict=True)
+    return DiffusionBundle(unet.to(map_location).eval(), autoencoder.to(map_location).eval(), config,
+                           float(state["scale_factor"]), torch.as_tensor(state["reference_affine"]))

@@ -1,0 +1,246 @@
+"""The rules a config must follow, checked once at load, for the stage that runs.
+
+* ``autoencoder`` (autoencoder training, memory estimation, evaluation, the factor study): the top-level
+  keys, ``data`` and ``autoencoder``.
+* ``diffusion`` (diffusion training, sampling): all of those and ``diffusion``.
+
+A stage never checks a section it does not use, so an autoencoder run is not refused for a diffusion UNet
+reason. Every error is a :class:`ConfigError` whose one-line message names the key, the value, what is
+expected and a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from generative.networks.nets.autoencoderkl import (
+    check_spatial_shape,
+    nearest_valid_sizes,
+    normalize_downsample_factors,
+    total_downsample_factors,
+)
+from monai_diffusion.config.schema import Config, limits_of
+from monai_diffusion.errors import ConfigError
+
+__all__ = ["STAGES", "validate", "check_limits", "discriminator_min_size", "autoencoder_totals", "latent_size"]
+
+STAGES = ("autoencoder", "diffusion")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the limits declared beside the fields
+# ----------------------------------------------------------------------------------------------------
+def _describe_limits(limits: dict[str, float], integer: bool) -> str:
+    kind = "an integer" if integer else "a number"
+    lower = f">= {limits['ge']:g}" if "ge" in limits else f"> {limits['gt']:g}" if "gt" in limits else ""
+    upper = f"<= {limits['le']:g}" if "le" in limits else f"< {limits['lt']:g}" if "lt" in limits else ""
+    return f"{kind} {' and '.join(part for part in (lower, upper) if part)}"
+
+
+def _within(value: float, limits: dict[str, float]) -> bool:
+    return (value >= limits.get("ge", -math.inf) and value > limits.get("gt", -math.inf)
+            and value <= limits.get("le", math.inf) and value < limits.get("lt", math.inf))
+
+
+def check_limits(section: Any, path: str, recurse: bool = False) -> None:
+    """Check every field of the dataclass ``section`` against its declared limits (each element of a list).
+
+    Args:
+        section: a schema dataclass instance.
+        path: its dotted key (``""`` for the top level).
+        recurse: also check nested sections.
+    """
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        key = f"{path}.{item.name}" if path else item.name
+        if dataclasses.is_dataclass(value):
+            if recurse:
+                check_limits(value, key, recurse)
+            continue
+        limits = limits_of(item)
+        if not limits or value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for element in values:
+            if isinstance(element, (int, float)) and not isinstance(element, bool) and not _within(element, limits):
+                integer = all(isinstance(v, int) for v in values)
+                raise ConfigError(f"{key}: expected {_describe_limits(limits, integer)}"
+                                  f"{' for each entry' if isinstance(value, (list, tuple)) else ''}, got {value!r}")
+
+
+def _check_sections(config: Config, names: tuple[str, ...]) -> None:
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        if item.name in names:
+            check_limits(value, item.name, recurse=True)
+    check_limits(config, "")
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers shared with the memory tools and the factor study
+# ----------------------------------------------------------------------------------------------------
+def discriminator_min_size(num_layers_d: int) -> int:
+    """Smallest axis length MONAI's PatchDiscriminator trains on with batch 1 (kernel 4, padding 1; strides
+    2, ..., 2, 1, 1)."""
+
+    def fits(size: int) -> bool:
+        strides = [2] * num_layers_d + [1, 1]
+        for index, stride in enumerate(strides):
+            size = (size + 2 - 4) // stride + 1
+            if size < (1 if index == len(strides) - 1 else 2):  # BatchNorm needs > 1 value per channel
+                return False
+        return True
+
+    return next(n for n in range(1, 1 << 16) if fits(n))
+
+
+def autoencoder_totals(config: Config) -> tuple[int, ...]:
+    """Total downsampling factor per axis of the config's autoencoder (ConfigError for bad factors)."""
+    ae = config.autoencoder
+    try:
+        factors = normalize_downsample_factors(ae.downsample_factors, len(ae.num_channels), ae.spatial_dims)
+    except ValueError as err:
+        raise ConfigError(f"autoencoder.{err}") from None
+    return total_downsample_factors(factors, ae.spatial_dims)
+
+
+def latent_size(config: Config) -> list[int]:
+    """Spatial size of the latent of one whole volume of ``data.image_size``."""
+    size = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
+    return [s // f for s, f in zip(size, autoencoder_totals(config))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the rules
+# ----------------------------------------------------------------------------------------------------
+def _validate_top(config: Config) -> None:
+    device = config.device
+    if not device or not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _validate_data(config: Config) -> None:
+    data = config.data
+    lower, upper = data.intensity_percentiles
+    if not lower < upper:
+        raise ConfigError(f"data.intensity_percentiles: expected [lower, upper] with lower < upper, got "
+                          f"{list(data.intensity_percentiles)}; e.g. [0.5, 99.5]")
+
+
+def _validate_autoencoder(config: Config) -> None:
+    ae, tr = config.autoencoder, config.autoencoder.training
+    levels = len(ae.num_channels)
+    if ae.spatial_dims not in (2, 3):
+        raise ConfigError(f"autoencoder.spatial_dims: expected 2 or 3, got {ae.spatial_dims}")
+    if levels == 0:
+        raise ConfigError("autoencoder.num_channels: empty; give one channel count per level, e.g. [32, 64, 64]")
+    bad = [c for c in ae.num_channels if c % ae.norm_num_groups]
+    if bad:
+        raise ConfigError(
+            f"autoencoder.num_channels: {ae.num_channels} must all be multiples of autoencoder.norm_num_groups = "
+            f"{ae.norm_num_groups} (not {bad}); change the channels or norm_num_groups"
+        )
+    if ae.out_channels != ae.in_channels:
+        raise ConfigError(f"autoencoder.out_channels: {ae.out_channels} differs from autoencoder.in_channels = "
+                          f"{ae.in_channels}; an autoencoder reconstructs its input, set both to the image channels")
+    if len(ae.attention_levels) != levels:
+        raise ConfigError(
+            f"autoencoder.attention_levels: {len(ae.attention_levels)} entries {ae.attention_levels} but "
+            f"num_channels has {levels} levels; give one true/false per level, e.g. {[False] * (levels - 1) + [True]}"
+        )
+    if isinstance(ae.num_res_blocks, list) and len(ae.num_res_blocks) != levels:
+        raise ConfigError(
+            f"autoencoder.num_res_blocks: {ae.num_res_blocks} has {len(ae.num_res_blocks)} entries, expected one "
+            f"integer or {levels} (one per level)"
+        )
+    totals = autoencoder_totals(config)
+    size = tuple(config.data.image_size)[: ae.spatial_dims]
+    try:
+        check_spatial_shape(size, totals)
+    except ValueError:
+        suggestion = [nearest_valid_sizes(s, f) if s % f else str(s) for s, f in zip(size, totals)]
+        raise ConfigError(
+            f"data.image_size: {list(size)} is not divisible by the total downsampling factors {list(totals)} "
+            f"(product of autoencoder.downsample_factors per axis); valid sizes near it: "
+            f"{' x '.join(suggestion)}, or choose smaller downsample_factors"
+        ) from None
+    if tr.use_adversarial_loss:
+        smallest = discriminator_min_size(ae.discriminator.num_layers_d)
+        if min(size) < smallest:
+            fewer = max((n for n in range(1, ae.discriminator.num_layers_d) if discriminator_min_size(n) <= min(size)),
+                        default=None)
+            fix = f"set autoencoder.discriminator.num_layers_d: {fewer}" if fewer else "set use_adversarial_loss: false"
+            raise ConfigError(
+                f"autoencoder.discriminator.num_layers_d: {ae.discriminator.num_layers_d} layers need at least "
+                f"{smallest} voxels per axis, but data.image_size is {list(size)}; {fix} or use larger volumes"
+            )
+    if ae.spatial_dims == 2 and tr.use_perceptual_loss:
+        raise ConfigError("autoencoder.training.use_perceptual_loss: the MedicalNet perceptual loss is 3D only")
+    if tr.use_perceptual_loss and not ae.perceptual.weights_path:
+        raise ConfigError(
+            "autoencoder.perceptual.weights_path: required when autoencoder.training.use_perceptual_loss is true; "
+            "download MedicalNet weights once (e.g. resnet_10_23dataset.pth from "
+            "https://github.com/Tencent/MedicalNet) "
+            "and set this key to the local file, or set use_perceptual_loss: false"
+        )
+
+
+def _validate_diffusion(config: Config) -> None:
+    df, tr = config.diffusion, config.diffusion.training
+    levels = len(df.num_channels)
+    if levels == 0 or any(c % df.norm_num_groups for c in df.num_channels):
+        raise ConfigError(
+            f"diffusion.num_channels: {df.num_channels} must be non-empty multiples of "
+            f"diffusion.norm_num_groups = {df.norm_num_groups}"
+        )
+    for key in ("attention_levels", "num_head_channels"):
+        if len(getattr(df, key)) != levels:
+            raise ConfigError(
+                f"diffusion.{key}: {len(getattr(df, key))} entries {getattr(df, key)} but diffusion.num_channels has "
+                f"{levels} levels; give one per level"
+            )
+    for level, (attention, head) in enumerate(zip(df.attention_levels, df.num_head_channels)):
+        always = level == levels - 1  # MONAI's middle block attends at the deepest level whatever attention_levels says
+        if (attention or always) and (head <= 0 or df.num_channels[level] % head):
+            why = ("the UNet's middle block always has attention there" if always and not attention
+                   else "attention is on")
+            raise ConfigError(
+                f"diffusion.num_head_channels[{level}]: {head} must be a positive divisor of "
+                f"diffusion.num_channels[{level}] = {df.num_channels[level]} ({why}); e.g. {df.num_channels[level]}"
+            )
+    unet_factor = 2 ** (levels - 1)
+    latent = latent_size(config)
+    if any(n % unet_factor for n in latent):
+        raise ConfigError(
+            f"diffusion.num_channels: a UNet with {levels} levels halves the latent {levels - 1} times, so every "
+            f"latent axis must be divisible by {unet_factor}, but data.image_size {list(config.data.image_size)} "
+            f"gives the latent {latent}; use fewer UNet levels, other autoencoder.downsample_factors or another "
+            f"image_size"
+        )
+    scheduler = df.scheduler
+    if not scheduler.beta_start < scheduler.beta_end:
+        raise ConfigError(f"diffusion.scheduler.beta_start: {scheduler.beta_start} must be below "
+                          f"diffusion.scheduler.beta_end = {scheduler.beta_end}")
+    for key, steps in (("diffusion.sampling.num_inference_steps", df.sampling.num_inference_steps),
+                       ("diffusion.training.preview_inference_steps", tr.preview_inference_steps)):
+        if steps > scheduler.num_train_timesteps:
+            raise ConfigError(f"{key}: {steps} exceeds diffusion.scheduler.num_train_timesteps = "
+                              f"{scheduler.num_train_timesteps}; use at most that many steps")
+
+
+def validate(config: Config, stage: str = "autoencoder") -> Config:
+    """Check ``config`` for ``stage`` (see the module docstring); returns it, raises ConfigError."""
+    if stage not in STAGES:
+        raise ValueError(f"stage = {stage!r}: expected one of {STAGES}")
+    sections = ("data", "autoencoder") + (("diffusion",) if stage == "diffusion" else ())
+    _check_sections(config, sections)
+    _validate_top(config)
+    _validate_data(config)
+    _validate_autoencoder(config)
+    if stage == "diffusion":
+        _validate_diffusion(config)
+    return config

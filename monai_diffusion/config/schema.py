@@ -1,0 +1,374 @@
+"""The configuration schema: one dataclass per YAML section.
+
+Each field's type is what the loader converts the YAML value to; simple limits (``>= 1``, ``> 0``, ...) are
+declared beside the field with :func:`bounded` and checked by :func:`monai_diffusion.config.rules.validate`
+for the sections a stage uses. The ``Attributes`` of each docstring are the reference documentation
+(``docs/configuration.md`` is generated from them by ``python -m monai_diffusion.config.reference``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+__all__ = [
+    "bounded",
+    "limits_of",
+    "DataConfig",
+    "PerceptualConfig",
+    "DiscriminatorConfig",
+    "LoopConfig",
+    "AutoencoderTrainingConfig",
+    "AutoencoderConfig",
+    "SchedulerConfig",
+    "DiffusionTrainingConfig",
+    "SamplingConfig",
+    "DiffusionConfig",
+    "Config",
+]
+
+
+def bounded(default: Any = None, *, factory: Any = None, ge: float | None = None, gt: float | None = None,
+            lt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field with limits on its value (on every element, for lists): ``ge`` (>=), ``gt`` (>),
+    ``lt`` (<), ``le`` (<=). ``None`` values are allowed wherever the type allows them."""
+    limits = {k: v for k, v in dict(ge=ge, gt=gt, lt=lt, le=le).items() if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata={"limits": limits})
+    return field(default=default, metadata={"limits": limits})
+
+
+def limits_of(dataclass_field: Any) -> dict[str, float]:
+    """The limits :func:`bounded` declared on a field (empty when none)."""
+    return dict(dataclass_field.metadata.get("limits", {}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """The ``data:`` section: where volumes come from and how they are preprocessed.
+
+    Attributes:
+        source: ``synthetic`` for the built-in phantoms, ``nifti`` for files given by ``paths``.
+        image_size: spatial size (H, W, D) every volume is padded or cropped to; each axis divisible by
+            the autoencoder's total downsampling factor of that axis.
+        num_train: number of synthetic training volumes.
+        num_val: number of synthetic validation volumes.
+        paths: NIfTI inputs: a folder (searched recursively for .nii / .nii.gz), a glob pattern, or a
+            list of files.
+        val_fraction: fraction of the NIfTI files held out for validation (at least one file when
+            there are two or more; the split is fixed by the seed).
+        spacing: voxel spacing in mm to resample to; null keeps the files' spacing.
+        intensity_percentiles: lower and upper percentiles mapped to 0 and 1 (clipped), per channel.
+        cache: keep the preprocessed volumes in memory (MONAI CacheDataset; under DDP each process
+            caches its own share).
+        num_workers: DataLoader worker processes (0 loads in the main process).
+    """
+
+    source: Literal["synthetic", "nifti"] = "synthetic"
+    image_size: tuple[int, int, int] = bounded(factory=lambda: (64, 64, 32), ge=1)
+    num_train: int = bounded(16, ge=1)
+    num_val: int = bounded(4, ge=1)
+    paths: Union[str, list[str], None] = None
+    val_fraction: float = bounded(0.2, ge=0, lt=1)
+    spacing: Union[tuple[float, float, float], None] = bounded(None, gt=0, le=1000)
+    intensity_percentiles: tuple[float, float] = bounded(factory=lambda: (0.5, 99.5), ge=0, le=100)
+    cache: bool = False
+    num_workers: int = bounded(0, ge=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# stage 1: the autoencoder
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class PerceptualConfig:
+    """Offline 3D perceptual loss (MedicalNet ResNet features).
+
+    Attributes:
+        network: MedicalNet depth: resnet10, resnet18, resnet34 or resnet50.
+        weights_path: local MedicalNet weights file (e.g. resnet_10_23dataset.pth); required when
+            ``training.use_perceptual_loss`` is true. Nothing is downloaded at run time.
+    """
+
+    network: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet10"
+    weights_path: Union[str, None] = None
+
+
+@dataclass
+class DiscriminatorConfig:
+    """MONAI core's PatchDiscriminator.
+
+    Attributes:
+        num_layers_d: number of strided convolution layers.
+        num_channels: channels of the first layer (doubled per layer).
+    """
+
+    num_layers_d: int = bounded(3, ge=1)
+    num_channels: int = bounded(32, ge=1)
+
+
+@dataclass
+class LoopConfig:
+    """What both training stages share: batches, steps, precision, validation and checkpoints.
+
+    Attributes:
+        batch_size: volumes (latents, in the diffusion stage) per step and device.
+        gradient_accumulation_steps: micro-batches summed before each optimiser step.
+        mixed_precision: autocast (bf16 on CPUs and GPUs of compute capability 8+, else fp16 with a
+            GradScaler).
+        fast_dev_run: run ``fast_dev_run_batches`` train and validation batches end to end, then stop.
+        fast_dev_run_batches: batches for ``fast_dev_run``.
+        n_epochs: passes over the training set.
+        max_steps: stop after this many optimiser steps (null: run all epochs).
+        learning_rate: Adam learning rate.
+        val_interval: validate every this many epochs.
+        checkpoint_every_n_steps: also save ``last`` every this many optimiser steps (null: per epoch).
+        keep_last_checkpoints: step checkpoints kept (``checkpoints/step_*.pt``; ``best`` is always kept).
+        log_every_n_steps: TensorBoard scalar interval in optimiser steps.
+    """
+
+    batch_size: int = bounded(4, ge=1)
+    gradient_accumulation_steps: int = bounded(1, ge=1)
+    mixed_precision: bool = False
+    fast_dev_run: bool = False
+    fast_dev_run_batches: int = bounded(2, ge=1)
+    n_epochs: int = bounded(100, ge=1)
+    max_steps: Union[int, None] = bounded(None, ge=1)
+    learning_rate: float = bounded(1e-4, gt=0)
+    val_interval: int = bounded(5, ge=1)
+    checkpoint_every_n_steps: Union[int, None] = bounded(None, ge=1)
+    keep_last_checkpoints: int = bounded(3, ge=1)
+    log_every_n_steps: int = bounded(10, ge=1)
+
+
+@dataclass
+class AutoencoderTrainingConfig(LoopConfig):
+    """How the autoencoder is trained (the guide's ``autoencoder.training`` keys and the recipe's knobs).
+
+    Attributes:
+        use_gradient_checkpointing: the network's low-memory checkpointing.
+        use_perceptual_loss: add the offline MedicalNet perceptual loss (needs ``perceptual.weights_path``).
+        use_adversarial_loss: add the patch adversarial loss after ``adversarial_warmup_epochs``.
+        discriminator_learning_rate: Adam learning rate of the discriminator.
+        kl_weight: weight of the KL term.
+        perceptual_weight: weight of the perceptual term.
+        adversarial_weight: weight of the generator's adversarial term.
+        adversarial_warmup_epochs: epochs trained without the adversarial loss.
+        num_preview_volumes: validation volumes shown in the preview PNG.
+    """
+
+    use_gradient_checkpointing: bool = False
+    use_perceptual_loss: bool = False
+    use_adversarial_loss: bool = True
+    discriminator_learning_rate: float = bounded(5e-4, gt=0)
+    kl_weight: float = bounded(1e-6, ge=0)
+    perceptual_weight: float = bounded(1e-3, ge=0)
+    adversarial_weight: float = bounded(1e-2, ge=0)
+    adversarial_warmup_epochs: int = bounded(5, ge=0)
+    num_preview_volumes: int = bounded(1, ge=0)
+
+
+@dataclass
+class AutoencoderConfig:
+    """The AutoencoderKL (the guide's ``autoencoder`` keys) and how it is trained.
+
+    Attributes:
+        spatial_dims: 3 for volumes (2 for the centre slices of the volumes).
+        in_channels: image channels.
+        out_channels: reconstructed channels (equal to ``in_channels``).
+        num_channels: channels per level; ``len(num_channels) - 1`` downsampling steps.
+        downsample_factors: one factor per step (an integer or a per-axis list); null = 2 everywhere.
+        latent_channels: channels of the latent.
+        num_res_blocks: residual blocks per level (one integer or one per level).
+        attention_levels: attention per level.
+        norm_num_groups: GroupNorm groups; every entry of num_channels must be divisible by it.
+        norm_eps: GroupNorm epsilon.
+        with_encoder_nonlocal_attn: ResBlock-Attention-ResBlock at the encoder's bottom.
+        with_decoder_nonlocal_attn: the same at the decoder's top.
+        use_convtranspose: transposed-convolution upsampling.
+        training: see AutoencoderTrainingConfig.
+        discriminator: see DiscriminatorConfig.
+        perceptual: see PerceptualConfig.
+    """
+
+    spatial_dims: int = 3
+    in_channels: int = bounded(1, ge=1)
+    out_channels: int = bounded(1, ge=1)
+    num_channels: list[int] = bounded(factory=lambda: [32, 64, 64], ge=1)
+    downsample_factors: Union[list[Union[int, list[int]]], None] = field(default_factory=lambda: [2, 2])
+    latent_channels: int = bounded(3, ge=1)
+    num_res_blocks: Union[int, list[int]] = bounded(1, ge=1)
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
+    norm_num_groups: int = bounded(16, ge=1)
+    norm_eps: float = bounded(1e-6, gt=0)
+    with_encoder_nonlocal_attn: bool = False
+    with_decoder_nonlocal_attn: bool = False
+    use_convtranspose: bool = False
+    training: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+
+    def model_kwargs(self, use_checkpointing: bool | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``generative.networks.nets.AutoencoderKL``."""
+        ckpt = self.training.use_gradient_checkpointing if use_checkpointing is None else use_checkpointing
+        return dict(
+            spatial_dims=self.spatial_dims,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            num_channels=list(self.num_channels),
+            downsample_factors=copy.deepcopy(self.downsample_factors),
+            latent_channels=self.latent_channels,
+            num_res_blocks=self.num_res_blocks,
+            attention_levels=list(self.attention_levels),
+            norm_num_groups=self.norm_num_groups,
+            norm_eps=self.norm_eps,
+            with_encoder_nonlocal_attn=self.with_encoder_nonlocal_attn,
+            with_decoder_nonlocal_attn=self.with_decoder_nonlocal_attn,
+            use_convtranspose=self.use_convtranspose,
+            use_checkpointing=ckpt,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# stage 2: latent diffusion
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class SchedulerConfig:
+    """The DDPM noise schedule (the established 3D LDM recipe: 1000 steps, scaled linear betas).
+
+    Attributes:
+        num_train_timesteps: diffusion steps.
+        schedule: ``scaled_linear_beta``, ``linear_beta`` or ``cosine``.
+        beta_start: first beta.
+        beta_end: last beta.
+        clip_sample: clip predicted samples to [-1, 1] (off for latents, which are not bounded).
+    """
+
+    num_train_timesteps: int = bounded(1000, ge=2)
+    schedule: Literal["scaled_linear_beta", "linear_beta", "cosine"] = "scaled_linear_beta"
+    beta_start: float = bounded(0.0015, gt=0, lt=1)
+    beta_end: float = bounded(0.0195, gt=0, lt=1)
+    clip_sample: bool = False
+
+
+@dataclass
+class DiffusionTrainingConfig(LoopConfig):
+    """How the latent diffusion UNet is trained.
+
+    Attributes:
+        n_epochs: passes over the training latents.
+        val_interval: validate (loss + sample preview) every this many epochs.
+        ema_decay: keep an exponential moving average of the UNet weights (null: off), e.g. 0.999.
+        num_preview_samples: volumes generated for the preview PNG at each validation.
+        preview_inference_steps: DDIM steps for the preview samples.
+        scale_factor_batches: batches used to estimate the latent scale factor (1 / std).
+        cache_latents_on_disk: also write the encoded latents to the run folder and reuse them on resume.
+    """
+
+    n_epochs: int = bounded(200, ge=1)
+    val_interval: int = bounded(10, ge=1)
+    ema_decay: Union[float, None] = bounded(None, gt=0, lt=1)
+    num_preview_samples: int = bounded(1, ge=0)
+    preview_inference_steps: int = bounded(50, ge=1)
+    scale_factor_batches: int = bounded(4, ge=1)
+    cache_latents_on_disk: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults for ``sample.py`` (each can be overridden on its command line).
+
+    Attributes:
+        scheduler: ``ddpm`` (all training steps) or ``ddim`` (fewer steps).
+        num_inference_steps: steps for DDIM.
+        batch_size: volumes generated at once.
+    """
+
+    scheduler: Literal["ddpm", "ddim"] = "ddim"
+    num_inference_steps: int = bounded(50, ge=1)
+    batch_size: int = bounded(1, ge=1)
+
+
+@dataclass
+class DiffusionConfig:
+    """Stage 2: MONAI core's DiffusionModelUNet trained on the frozen autoencoder's latents.
+
+    Attributes:
+        autoencoder_run: autoencoder run folder or checkpoint (null: ``<output_dir>/autoencoder``).
+        num_channels: UNet channels per level; the latent size must be divisible by 2^(levels - 1).
+        attention_levels: attention per level.
+        num_head_channels: channels per attention head, per level (0 where there is no attention; the
+            deepest level always has attention in MONAI's middle block).
+        num_res_blocks: residual blocks per level.
+        norm_num_groups: GroupNorm groups of the UNet.
+        scheduler: see SchedulerConfig.
+        training: see DiffusionTrainingConfig.
+        sampling: see SamplingConfig.
+    """
+
+    autoencoder_run: Union[str, None] = None
+    num_channels: list[int] = bounded(factory=lambda: [32, 64, 64], ge=1)
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
+    num_head_channels: list[int] = bounded(factory=lambda: [0, 32, 32], ge=0)
+    num_res_blocks: int = bounded(1, ge=1)
+    norm_num_groups: int = bounded(16, ge=1)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def unet_kwargs(self, latent_channels: int, spatial_dims: int) -> dict[str, Any]:
+        """Keyword arguments for ``monai.networks.nets.DiffusionModelUNet``."""
+        return dict(
+            spatial_dims=spatial_dims,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            num_res_blocks=self.num_res_blocks,
+            channels=list(self.num_channels),
+            attention_levels=list(self.attention_levels),
+            num_head_channels=list(self.num_head_channels),
+            norm_num_groups=self.norm_num_groups,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole run
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    """A whole run.
+
+    Attributes:
+        seed: seeds Python, NumPy and torch, and the data split.
+        output_dir: runs are written below it (``<output_dir>/autoencoder``, ``<output_dir>/diffusion``).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (``cuda:N`` only for a single
+            process; under torchrun each process takes the GPU of its LOCAL_RANK).
+        data: see DataConfig.
+        autoencoder: see AutoencoderConfig.
+        diffusion: see DiffusionConfig.
+    """
+
+    seed: int = bounded(42, ge=0)
+    output_dir: str = "runs/ldm"
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    @property
+    def autoencoder_dir(self) -> Path:
+        """Run folder of the autoencoder stage."""
+        return Path(self.output_dir) / "autoencoder"
+
+    @property
+    def diffusion_dir(self) -> Path:
+        """Run folder of the diffusion stage."""
+        return Path(self.output_dir) / "diffusion"
+
+    @property
+    def autoencoder_source(self) -> Path:
+        """Where the diffusion stage reads the trained autoencoder from."""
+        return Path(self.diffusion.autoencoder_run) if self.diffusion.autoencoder_run else self.autoencoder_dir

@@ -1,0 +1,147 @@
+"""Datasets and loaders for both data sources.
+
+Every item is a dictionary of plain tensors (never MONAI ``MetaTensor``), so ``default_collate`` works::
+
+    {"image": FloatTensor (C, H, W, D) in [0, 1], "path": "synthetic://<seed>/<i>" or the file,
+     "affine": DoubleTensor (4, 4) voxel -> world (RAS, mm)}
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import CacheDataset, partition_dataset
+from monai.data import Dataset as MonaiDataset
+from monai.transforms import Compose
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from monai_diffusion.config.schema import DataConfig
+from monai_diffusion.data.files import find_nifti_files, split_files
+from monai_diffusion.data.keys import IMAGE_KEY, PATH_KEY
+from monai_diffusion.data.phantoms import SyntheticPhantomDataset
+from monai_diffusion.data.transforms import build_nifti_transforms, check_header
+
+__all__ = ["build_datasets", "build_file_dataset", "make_loader", "model_input"]
+
+
+def _nifti_dataset(files: Sequence[Path], transform: Compose, cfg: DataConfig) -> MonaiDataset:
+    items = [{IMAGE_KEY: str(p), PATH_KEY: str(p)} for p in files]
+    if cfg.cache:
+        return CacheDataset(items, transform, num_workers=max(1, cfg.num_workers), progress=False)
+    return MonaiDataset(items, transform)
+
+
+def build_file_dataset(cfg: DataConfig, paths: str | list[str], in_channels: int = 1, key: str = "--data") -> Dataset:
+    """Every NIfTI file of ``paths`` (folder, glob or list), preprocessed like ``cfg``'s NIfTI pipeline.
+
+    Used to evaluate a trained model on data other than its own validation split.
+
+    Raises:
+        DataError: naming ``key`` for missing paths, and the file for unreadable ones.
+    """
+    files = find_nifti_files(paths, key)
+    for path in files:
+        check_header(path, in_channels)
+    return _nifti_dataset(files, build_nifti_transforms(cfg, in_channels), cfg)
+
+
+def model_input(images: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """What the network sees of a batch of volumes: 2D configs take the centre slice along the last axis.
+
+    Args:
+        images: BxCxHxWxD (or already BxCxHxW).
+        spatial_dims: the network's spatial dimensions.
+    """
+    if spatial_dims == 2 and images.dim() == 5:
+        return images[..., images.shape[-1] // 2]
+    return images
+
+
+def build_datasets(
+    cfg: DataConfig, seed: int, in_channels: int = 1, shard: tuple[int, int] | None = None
+) -> tuple[Dataset, Dataset]:
+    """Build the training and validation datasets.
+
+    Synthetic: two :class:`SyntheticPhantomDataset` (validation uses seed ``seed + 1``).
+    NIfTI: files from ``cfg.paths`` split by :func:`split_files`; every file's header
+    is checked up front, voxel data is checked when loaded.
+
+    Args:
+        cfg: Data config.
+        seed: Seed for phantom generation / file split.
+        in_channels: Channels of every volume.
+        shard: ``(rank, world_size)`` under DDP. With ``cfg.cache``, each process then caches only its own
+            fixed share of the NIfTI files (MONAI's pattern: ``partition_dataset``, shuffled once with
+            ``seed``; the training shares are padded to equal length, the validation shares are not),
+            instead of every process caching the whole dataset.
+
+    Returns:
+        (train, val) datasets; items are ``{"image": FloatTensor (in_channels, H, W, D),
+        "path": str, "affine": DoubleTensor (4, 4)}``.
+
+    Raises:
+        DataError: On a bad config value, path or file.
+    """
+    if cfg.source == "synthetic":
+        train = SyntheticPhantomDataset(cfg.num_train, cfg.image_size, seed, in_channels)
+        val = SyntheticPhantomDataset(cfg.num_val, cfg.image_size, seed + 1, in_channels)
+        return train, val
+    files = find_nifti_files(cfg.paths, "data.paths")
+    for path in files:
+        check_header(path, in_channels)
+    train_files, val_files = split_files(files, cfg.val_fraction, seed)
+    if len(files) == 1:
+        warnings.warn(
+            f"data.paths: only one NIfTI file ({files[0]}); it is used for both training and validation",
+            stacklevel=2,
+        )
+    if cfg.cache and shard is not None and shard[1] > 1:
+        rank, world = shard
+        train_files = partition_dataset(train_files, num_partitions=world, shuffle=True, seed=seed,
+                                        even_divisible=True)[rank]
+        val_files = partition_dataset(val_files, num_partitions=world)[rank]
+    transform = build_nifti_transforms(cfg, in_channels)
+    return _nifti_dataset(train_files, transform, cfg), _nifti_dataset(val_files, transform, cfg)
+
+
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+    sampler: Sampler | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Wrap a dataset in a seeded DataLoader.
+
+    Args:
+        ds: Dataset of dict items.
+        batch_size: Items per batch (>= 1).
+        shuffle: Shuffle each epoch (ignored when ``sampler`` is given).
+        num_workers: Worker processes (0 = main process).
+        seed: Seed of the loader's torch.Generator (shuffle order).
+        sampler: Optional sampler (e.g. DistributedSampler); replaces ``shuffle``.
+        pin_memory: page-locked batches, so copies to a GPU with ``non_blocking=True`` overlap compute.
+
+    Returns:
+        DataLoader yielding ``{"image": (B, C, H, W, D), "path": list[str], ...}``.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(int(seed) % 2**63)
+    kwargs: dict[str, Any] = {
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "generator": generator,
+        "persistent_workers": num_workers > 0,
+        "pin_memory": pin_memory,
+    }
+    if sampler is not None:
+        kwargs["sampler"] = sampler
+    else:
+        kwargs["shuffle"] = shuffle
+    return DataLoader(ds, **kwargs)

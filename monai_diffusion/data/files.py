@@ -1,0 +1,126 @@
+"""Finding NIfTI files (a folder, a glob or a list) and splitting them into training and validation sets."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monai_diffusion.data.phantoms import seeded_rng
+from monai_diffusion.errors import DataError
+
+__all__ = ["find_nifti_files", "split_files", "is_nifti", "NIFTI_SUFFIXES"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_GLOB_CHARS = frozenset("*?[")
+_PATHS_HINT = "point data.paths at a folder, a glob like 'scans/*.nii.gz' or a list of NIfTI files"
+
+
+def is_nifti(path: Path | str) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _find_in_folder(folder: Path, key: str) -> list[Path]:
+    """Recursive, sorted search for NIfTI files in ``folder`` (hidden files skipped)."""
+    found = sorted(
+        (p for p in folder.rglob("*") if is_nifti(p.name) and not p.name.startswith(".") and p.is_file()),
+        key=str,
+    )
+    if not found:
+        raise DataError(
+            f"{key}: folder '{folder}' contains no .nii or .nii.gz files (searched recursively); "
+            f"add NIfTI files or {_PATHS_HINT}"
+        )
+    return found
+
+
+def _find_by_glob(pattern: str, key: str) -> list[Path]:
+    """Sorted NIfTI files matching a glob pattern (``**`` recurses)."""
+    matches = sorted(glob.glob(pattern, recursive=True))
+    found = [Path(m) for m in matches if is_nifti(m) and os.path.isfile(m)]
+    if not matches:
+        raise DataError(f"{key}: glob '{pattern}' matches nothing; check the pattern or {_PATHS_HINT}")
+    if not found:
+        raise DataError(
+            f"{key}: glob '{pattern}' matches {len(matches)} path(s) but no .nii/.nii.gz file; "
+            "narrow the pattern to NIfTI files, e.g. 'scans/*.nii.gz'"
+        )
+    return found
+
+
+def _check_listed_file(entry: Any, key: str) -> Path:
+    """Validate one entry of a list of files."""
+    if not isinstance(entry, (str, os.PathLike)) or not str(entry):
+        raise DataError(f"{key}: expected a file path string, got {entry!r}")
+    path = Path(entry).expanduser()
+    if not path.exists():
+        raise DataError(f"{key}: file '{path}' does not exist; fix the path or remove it from the list")
+    if path.is_dir():
+        raise DataError(f"{key}: '{path}' is a folder; list NIfTI files only, or set data.paths to the folder itself")
+    if not is_nifti(path):
+        raise DataError(f"{key}: '{path}' is not a NIfTI file; expected a .nii or .nii.gz file")
+    return path
+
+
+def find_nifti_files(paths: str | list[str] | None, key: str = "data.paths") -> list[Path]:
+    """Resolve ``paths`` to a list of NIfTI files.
+
+    Args:
+        paths: A folder (searched recursively for *.nii and *.nii.gz, sorted), a glob
+            pattern (sorted matches, non-NIfTI matches ignored), a single file, or a
+            list of files (kept in the given order, each must exist).
+        key: Config key named in error messages.
+
+    Returns:
+        The NIfTI file paths (at least one).
+
+    Raises:
+        DataError: For None/empty input, a missing folder or file, a folder without
+            NIfTI files, a glob matching nothing, or a listed non-NIfTI file.
+    """
+    if isinstance(paths, os.PathLike):
+        paths = os.fspath(paths)
+    if paths is None or (isinstance(paths, (str, list, tuple)) and len(paths) == 0):
+        raise DataError(f"{key}: no input given; {_PATHS_HINT} (required when data.source is 'nifti')")
+    if isinstance(paths, (list, tuple)):
+        return [_check_listed_file(entry, f"{key}[{i}]") for i, entry in enumerate(paths)]
+    if not isinstance(paths, str):
+        raise DataError(f"{key}: expected a string or a list of strings, got {type(paths).__name__} {paths!r}")
+    text = os.path.expanduser(paths)
+    if any(ch in _GLOB_CHARS for ch in text):
+        return _find_by_glob(text, key)
+    path = Path(text)
+    if path.is_dir():
+        return _find_in_folder(path, key)
+    if path.is_file():
+        if not is_nifti(path):
+            raise DataError(f"{key}: '{path}' is not a NIfTI file; expected a .nii or .nii.gz file")
+        return [path]
+    kind = "file" if is_nifti(path) else "folder"
+    raise DataError(f"{key}: {kind} '{path}' does not exist; {_PATHS_HINT}")
+
+
+def split_files(files: Sequence[Path], val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Deterministically split files into training and validation sets.
+
+    With two or more files the validation set holds ``round(n * val_fraction)``
+    files, at least 1 and at most n - 1. A single file is used for both sets.
+
+    Args:
+        files: The files to split.
+        val_fraction: Fraction for validation, in [0, 1).
+        seed: Shuffle seed; the same seed gives the same split.
+
+    Returns:
+        (train_files, val_files), each sorted.
+    """
+    files = list(files)
+    if len(files) < 2:
+        return files, list(files)
+    order = seeded_rng(seed).permutation(len(files))
+    num_val = min(len(files) - 1, max(1, round(len(files) * val_fraction)))
+    val = sorted((files[i] for i in order[:num_val]), key=str)
+    train = sorted((files[i] for i in order[num_val:]), key=str)
+    return train, val

@@ -1,0 +1,153 @@
+"""Latents of the frozen autoencoder for the diffusion stage: encoding once, the on-disk cache and the
+scale factor.
+
+The training set is encoded once (mean and standard deviation of q(z|x) per volume) and the UNet trains
+from that cache, drawing a fresh latent sample z = mu + sigma * eps each time, instead of running the
+frozen encoder every epoch. Latents are multiplied by the scale factor 1 / std(z) (Rombach et al.),
+computed over a few batches and reduced across ranks under DDP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from generative.networks.nets import AutoencoderKL
+from monai_diffusion.atomic import atomic_write
+from monai_diffusion.config import Config, config_to_dict
+from monai_diffusion.data import build_datasets, model_input
+from monai_diffusion.metrics import latent_std
+from monai_diffusion.runtime import Runtime
+
+__all__ = ["LatentDataset", "LatentCache", "encode_latents", "shard_indices", "compute_scale_factor", "cached_latents",
+           "volumes_to_encode"]
+
+log = logging.getLogger("monai_diffusion")
+
+
+class LatentDataset(Dataset):
+    """Cached latent distributions: items ``{"z_mu": Cx[LATENT DIMS], "z_sigma": Cx[LATENT DIMS]}``."""
+
+    def __init__(self, z_mu: torch.Tensor, z_sigma: torch.Tensor) -> None:
+        self.z_mu, self.z_sigma = z_mu, z_sigma
+
+    def __len__(self) -> int:
+        return len(self.z_mu)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"z_mu": self.z_mu[index], "z_sigma": self.z_sigma[index]}
+
+
+def shard_indices(count: int, runtime: Runtime, pad: bool = True) -> list[int]:
+    """This rank's indices; ``pad``: repeated like DistributedSampler so every rank gets the same number
+    (training), else each index exactly once over all ranks (validation, so its loss does not depend on
+    the number of processes)."""
+    indices = list(range(count))
+    if pad:
+        per_rank = -(-count // runtime.world_size)
+        indices += indices[: per_rank * runtime.world_size - count]
+    return indices[runtime.rank :: runtime.world_size]
+
+
+def encode_latents(
+    autoencoder: AutoencoderKL, dataset: Dataset, indices: list[int], batch_size: int, device: torch.device, desc: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode ``dataset[indices]`` once; returns ``(z_mu, z_sigma)`` on the CPU, each NxCx[LATENT DIMS]
+    (empty tensors when ``indices`` is empty)."""
+    mus, sigmas = [], []
+    spatial_dims = autoencoder.spatial_dims
+    with torch.no_grad():
+        for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
+            images = torch.stack([dataset[i]["image"] for i in indices[start : start + batch_size]])
+            z_mu, z_sigma = autoencoder.encode(model_input(images, spatial_dims).to(device).float())
+            mus.append(z_mu.float().cpu())
+            sigmas.append(z_sigma.float().cpu())
+    if not mus:  # a rank without validation volumes
+        return torch.empty(0), torch.empty(0)
+    return torch.cat(mus), torch.cat(sigmas)
+
+
+@dataclasses.dataclass
+class LatentCache:
+    """One rank's encoded training and validation sets and the affine of the training volumes."""
+
+    train: LatentDataset
+    val: LatentDataset
+    affine: torch.Tensor
+    encode_seconds: float
+    reused: bool
+
+
+def _fingerprint(config: Config, source: Path, runtime: Runtime) -> str:
+    return json.dumps({"autoencoder": str(Path(source).resolve()), "data": config_to_dict(config.data),
+                       "rank": runtime.rank, "world": runtime.world_size, "seed": config.seed}, sort_keys=True)
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The cache file's contents when it is readable and made for ``fingerprint``; a damaged file is
+    reported and ignored (the latents are then encoded again and the file rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        log.warning("latent cache %s is unreadable (%s: %s); encoding the latents again", path, type(err).__name__,
+                    str(err)[:120])
+        return None
+    if not isinstance(cached, dict) or cached.get("fingerprint") != fingerprint:
+        return None
+    return cached
+
+
+def volumes_to_encode(config: Config) -> tuple[Dataset, Dataset]:
+    """The training and validation volumes of ``config`` (files found and checked, nothing loaded yet)."""
+    # every volume is read once, to be encoded: nothing to gain from data.cache here
+    data = dataclasses.replace(config.data, cache=False)
+    return build_datasets(data, seed=config.seed, in_channels=config.autoencoder.in_channels)
+
+
+def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL, source: Path, run_dir: Path,
+                   volumes: tuple[Dataset, Dataset]) -> LatentCache:
+    """Encode (or reload from ``latent_cache_rank<r>.pt``) this rank's share of ``volumes`` (training, validation)."""
+    tr = config.diffusion.training
+    train_ds, val_ds = volumes
+    fingerprint = _fingerprint(config, source, runtime)
+    cache_file = run_dir / f"latent_cache_rank{runtime.rank}.pt"
+    cached = _read_cache(cache_file, fingerprint) if tr.cache_latents_on_disk else None
+    if cached is not None:
+        log.info("latent cache: reusing %s", cache_file)
+        return LatentCache(LatentDataset(cached["train_mu"], cached["train_sigma"]),
+                           LatentDataset(cached["val_mu"], cached["val_sigma"]), cached["affine"], 0.0, True)
+    started = time.perf_counter()
+    batch = config.autoencoder.training.batch_size
+    train_mu, train_sigma = encode_latents(autoencoder, train_ds, shard_indices(len(train_ds), runtime), batch,
+                                           runtime.device, "encoding training set")
+    val_mu, val_sigma = encode_latents(autoencoder, val_ds, shard_indices(len(val_ds), runtime, pad=False), batch,
+                                       runtime.device, "encoding validation set")
+    seconds = time.perf_counter() - started
+    affine = torch.as_tensor(train_ds[0].get("affine", torch.eye(4)), dtype=torch.float64)
+    if tr.cache_latents_on_disk:
+        payload = {"fingerprint": fingerprint, "train_mu": train_mu, "train_sigma": train_sigma,
+                   "val_mu": val_mu, "val_sigma": val_sigma, "affine": affine}
+        atomic_write(cache_file, lambda handle: torch.save(payload, handle))  # a kill never leaves half a file
+    return LatentCache(LatentDataset(train_mu, train_sigma), LatentDataset(val_mu, val_sigma), affine, seconds, False)
+
+
+def compute_scale_factor(dataset: LatentDataset, batches: int, batch_size: int, runtime: Runtime, seed: int) -> float:
+    """1 / std of sampled latents over ``batches`` batches, with sums reduced across ranks."""
+    generator = torch.Generator().manual_seed(seed)
+    count = min(len(dataset), batches * batch_size)
+    z = dataset.z_mu[:count] + torch.randn(dataset.z_mu[:count].shape, generator=generator) * dataset.z_sigma[:count]
+    z = z.double()
+    count_z = torch.tensor(float(z.numel()), dtype=torch.float64)
+    totals = runtime.all_reduce_sum(torch.stack([z.sum(), z.pow(2).sum(), count_z]))
+    return float(1.0 / latent_std(*totals.tolist()))

@@ -1,0 +1,59 @@
+"""The README and the manual: what can drift from the code is checked against it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from generative.networks.nets import AutoencoderKL
+from monai_diffusion.config.reference import reference_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = {path.name: path.read_text(encoding="utf-8") for path in (ROOT / "docs").glob("*.md")}
+
+
+def test_readme_is_the_front_door():
+    assert len(README.splitlines()) <= 150
+    for page in ("training", "configuration", "network", "memory", "tiling", "evaluation", "gpus", "migration"):
+        assert f"(docs/{page}.md)" in README, page
+
+
+def test_configuration_reference_is_generated_from_the_schema():
+    assert DOCS["configuration.md"] == reference_markdown(), (
+        "docs/configuration.md is stale: python -m monai_diffusion.config.reference > docs/configuration.md")
+
+
+def test_ci_runs_the_readme_test_command_and_install():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    test_command = ".venv/bin/python -m pytest -q"
+    assert test_command in README and ci.strip().splitlines()[-1] == test_command
+    assert "pip install torch==2.13.0" in README and "pip install -q torch==2.13.0" in ci
+
+
+def test_links_images_and_named_files_exist():
+    pages = {ROOT / "README.md": README, **{ROOT / "docs" / name: text for name, text in DOCS.items()}}
+    for page, text in pages.items():
+        for target in re.findall(r"\]\(([^)#:]+)\)", text):  # markdown links and images, not URLs
+            assert (page.parent / target).exists(), f"{page.name}: {target}"
+        for path in re.findall(r"`((?:benchmarks|monai_diffusion|tests|GenerativeModels)/[\w./-]+\.(?:py|yaml|md|sh))`", text):
+            assert (ROOT / path).exists(), f"{page.name}: {path}"
+
+
+def test_readme_example_shapes():
+    import torch
+
+    with torch.device("meta"):
+        model = AutoencoderKL(3, num_channels=(16, 32, 64), attention_levels=(False, False, True), num_res_blocks=1,
+                              norm_num_groups=16, latent_channels=3, downsample_factors=[4, 2], use_checkpointing=True)
+    assert "torch.Size([1, 3, 32, 32, 8])" in README and model.latent_shape((256, 256, 64)) == (3, 32, 32, 8)
+
+
+def test_the_factor_study_tables_are_the_committed_results():
+    """The study tables in docs/evaluation.md are copied from what compare_factors.py wrote, row for row."""
+    for name in ("comparison_adjusted.md", "comparison_plain.md"):
+        result = (ROOT / "benchmarks" / "results" / "compare_factors" / name).read_text(encoding="utf-8")
+        rows = [line for line in result.splitlines() if line.startswith("| [")]
+        assert len(rows) == 4
+        for row in rows:
+            assert row in DOCS["evaluation.md"], row

@@ -25,11 +25,12 @@ from monai_diffusion.errors import ConfigError
 
 __all__ = ["MedicalNetResNet", "MedicalNetPerceptualLoss", "load_medicalnet_weights", "PerceptualWeightsError"]
 
-_DEPTHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
-    "resnet10": ("basic", (1, 1, 1, 1)),
-    "resnet18": ("basic", (2, 2, 2, 2)),
-    "resnet34": ("basic", (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+# block, blocks per stage, shortcut type of the released weights (MedicalNet's README: A for 18/34, B for 10/50)
+_DEPTHS: dict[str, tuple[str, tuple[int, int, int, int], str]] = {
+    "resnet10": ("basic", (1, 1, 1, 1), "B"),
+    "resnet18": ("basic", (2, 2, 2, 2), "A"),
+    "resnet34": ("basic", (3, 4, 6, 3), "A"),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), "B"),
 }
 _FILES = {
     "resnet10": "resnet_10_23dataset.pth",
@@ -45,6 +46,21 @@ class PerceptualWeightsError(ConfigError):
 
 def _conv3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
     return nn.Conv3d(in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class _PadShortcut(nn.Module):
+    """Shortcut type A: subsample by ``stride`` and append zero channels up to ``planes`` (no weights).
+
+    MedicalNet's own version detaches the shortcut (``out.data``); here gradients flow through it, as the
+    perceptual loss needs gradients with respect to the input."""
+
+    def __init__(self, planes: int, stride: int) -> None:
+        super().__init__()
+        self.planes, self.stride = planes, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x[:, :, :: self.stride, :: self.stride, :: self.stride]
+        return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, 0, 0, self.planes - out.shape[1]))
 
 
 class _BasicBlock(nn.Module):
@@ -98,7 +114,7 @@ class MedicalNetResNet(nn.Module):
         super().__init__()
         if depth not in _DEPTHS:
             raise ValueError(f"MedicalNet depth {depth!r}: expected one of {', '.join(_DEPTHS)}")
-        kind, layers = _DEPTHS[depth]
+        kind, layers, self.shortcut = _DEPTHS[depth]
         block = _BasicBlock if kind == "basic" else _Bottleneck
         self.depth = depth
         self.conv1 = nn.Conv3d(in_channels, 64, 7, stride=2, padding=3, bias=False)
@@ -112,12 +128,15 @@ class MedicalNetResNet(nn.Module):
         self.layer4 = self._stage(block, 512, layers[3], stride=1, dilation=4)
 
     def _stage(self, block: type, planes: int, count: int, stride: int, dilation: int) -> nn.Sequential:
-        downsample = None
+        downsample: nn.Module | None = None
         if stride != 1 or self._in_ch != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv3d(self._in_ch, planes * block.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm3d(planes * block.expansion),
-            )
+            if self.shortcut == "A":
+                downsample = _PadShortcut(planes * block.expansion, stride)
+            else:
+                downsample = nn.Sequential(
+                    nn.Conv3d(self._in_ch, planes * block.expansion, 1, stride=stride, bias=False),
+                    nn.BatchNorm3d(planes * block.expansion),
+                )
         blocks = [block(self._in_ch, planes, stride, dilation, downsample)]
         self._in_ch = planes * block.expansion
         blocks += [block(self._in_ch, planes, 1, dilation, None) for _ in range(count - 1)]
@@ -137,7 +156,8 @@ def load_medicalnet_weights(model: MedicalNetResNet, path: str | Path, key: str 
     """Load MedicalNet weights (``{'state_dict': {'module.conv1.weight': ...}}`` or a plain state dict).
 
     The segmentation head (``conv_seg``) of the released files is ignored; every backbone weight must be
-    present and of the right shape.
+    present and of the right shape (BatchNorm's ``num_batches_tracked`` counters may be absent: they are
+    not weights).
 
     Raises:
         PerceptualWeightsError: missing file, unreadable file or weights of another depth.
@@ -159,6 +179,9 @@ def load_medicalnet_weights(model: MedicalNetResNet, path: str | Path, key: str 
     cleaned = {k.removeprefix("module."): v for k, v in state.items()}
     cleaned = {k: v for k, v in cleaned.items() if not k.startswith("conv_seg")}
     own = model.state_dict()
+    for name, value in own.items():
+        if name.endswith("num_batches_tracked"):
+            cleaned.setdefault(name, value)
     missing = [k for k in own if k not in cleaned]
     wrong = [k for k in own if k in cleaned and tuple(cleaned[k].shape) != tuple(own[k].shape)]
     if missing or wrong:

@@ -144,6 +144,11 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
                              "training step)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: diffusion.sampling.batch_size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tile-size", type=_positive_int, nargs="+", default=None, metavar="N",
+                        help="decode in overlapping tiles of this size (one value or one per axis; default: as the "
+                             "autoencoder's config says, by tiles after patch training)")
+    parser.add_argument("--tile-overlap", type=float, default=None,
+                        help="fraction of a tile shared with a neighbour (default: autoencoder.tile_overlap)")
 
     def body(args: argparse.Namespace) -> None:
         from monai_diffusion.sampling import sample_volumes
@@ -167,6 +172,8 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size if args.batch_size is not None else sampling.batch_size,
             device=config.device,
+            tile_size=_tile_size(args.tile_size),
+            tile_overlap=args.tile_overlap,
         )
 
     return run_main(body, parser, argv)
@@ -222,6 +229,7 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tile_size(values: list[int] | None) -> int | list[int] | None:
+    """``--tile-size``: one size for every axis, or one per axis."""
     return None if values is None else values[0] if len(values) == 1 else values
 
 

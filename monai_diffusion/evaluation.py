@@ -21,11 +21,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from generative.networks.tiling import tile_layout, tiled_decode, tiled_encode
+from generative.networks.tiling import tiled_decode, tiled_encode
 from monai_diffusion.checkpoints import load_autoencoder
 from monai_diffusion.config import Config
+from monai_diffusion.config.rules import check_tiles
 from monai_diffusion.data import build_datasets, build_file_dataset, model_input, save_nifti
-from monai_diffusion.errors import ConfigError, RunError
+from monai_diffusion.errors import RunError
 from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics
 from monai_diffusion.runs import check_new_folder, run_dir_of
 from monai_diffusion.runtime import resolve_device
@@ -129,7 +130,8 @@ def evaluate_autoencoder(
         output: folder for the results; must be new or empty.
         data: NIfTI folder, glob or files to evaluate (preprocessed like the run's data); default: the
             run's own validation set.
-        tile_size: reconstruct in overlapping tiles of this size (volumes larger than memory).
+        tile_size: reconstruct in overlapping tiles of this size (volumes larger than memory); default: as
+            the run's config says (``Config.inference_tile``: by tiles after patch training).
         tile_overlap: fraction of a tile shared with its neighbour.
         device: "auto", "cpu", "cuda" or "cuda:N".
         save_reconstructions: write the NIfTI reconstructions.
@@ -146,11 +148,9 @@ def evaluate_autoencoder(
         raise RunError(f"--data: no volumes to evaluate in {data}")
     spatial_dims = config.autoencoder.spatial_dims
     spatial = tuple(config.data.image_size)[:spatial_dims]  # both pipelines pad/crop to it
-    if tile_size is not None:
-        try:
-            tile_layout(spatial, tile_size, tile_overlap, model.total_factors)
-        except ValueError as err:
-            raise ConfigError(f"--tile-size/--tile-overlap: {err}") from None
+    if tile_size is None:  # as the run says: by tiles after patch training
+        tile_size, tile_overlap = config.inference_tile, config.autoencoder.tile_overlap
+    check_tiles(spatial, tile_size, tile_overlap, model.total_factors)
     metrics = ReconstructionMetrics(spatial_dims, spatial)
     latents = LatentStatistics(seed=seed)
     rows: list[dict[str, Any]] = []

@@ -60,15 +60,17 @@ def shard_indices(count: int, runtime: Runtime, pad: bool = True) -> list[int]:
 
 def encode_latents(
     autoencoder: AutoencoderKL, dataset: Dataset, indices: list[int], batch_size: int, device: torch.device, desc: str,
+    tile_size: list[int] | None = None, tile_overlap: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``dataset[indices]`` once; returns ``(z_mu, z_sigma)`` on the CPU, each NxCx[LATENT DIMS]
-    (empty tensors when ``indices`` is empty)."""
+    (empty tensors when ``indices`` is empty). ``tile_size``: encode each whole volume by tiles."""
     mus, sigmas = [], []
     spatial_dims = autoencoder.spatial_dims
     with torch.no_grad():
         for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
             images = torch.stack([dataset[i]["image"] for i in indices[start : start + batch_size]])
-            z_mu, z_sigma = autoencoder.encode(model_input(images, spatial_dims).to(device).float())
+            z_mu, z_sigma = autoencoder.encode(model_input(images, spatial_dims).to(device).float(),
+                                               tile_size=tile_size, tile_overlap=tile_overlap)
             mus.append(z_mu.float().cpu())
             sigmas.append(z_sigma.float().cpu())
     if not mus:  # a rank without validation volumes
@@ -89,6 +91,7 @@ class LatentCache:
 
 def _fingerprint(config: Config, source: Path, runtime: Runtime) -> str:
     return json.dumps({"autoencoder": str(Path(source).resolve()), "data": config_to_dict(config.data),
+                       "tile": config.inference_tile, "overlap": config.autoencoder.tile_overlap,
                        "rank": runtime.rank, "world": runtime.world_size, "seed": config.seed}, sort_keys=True)
 
 
@@ -129,10 +132,11 @@ def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL,
                            LatentDataset(cached["val_mu"], cached["val_sigma"]), cached["affine"], 0.0, True)
     started = time.perf_counter()
     batch = config.autoencoder.training.batch_size
+    tiles = {"tile_size": config.inference_tile, "tile_overlap": config.autoencoder.tile_overlap}
     train_mu, train_sigma = encode_latents(autoencoder, train_ds, shard_indices(len(train_ds), runtime), batch,
-                                           runtime.device, "encoding training set")
+                                           runtime.device, "encoding training set", **tiles)
     val_mu, val_sigma = encode_latents(autoencoder, val_ds, shard_indices(len(val_ds), runtime, pad=False), batch,
-                                       runtime.device, "encoding validation set")
+                                       runtime.device, "encoding validation set", **tiles)
     seconds = time.perf_counter() - started
     affine = torch.as_tensor(train_ds[0].get("affine", torch.eye(4)), dtype=torch.float64)
     if tr.cache_latents_on_disk:

@@ -36,10 +36,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config
+from monai_diffusion.config.rules import autoencoder_totals, training_size
 
 __all__ = [
     "StepMeasurement",
     "measure_training_step",
+    "DiffusionEstimate",
+    "estimate_diffusion",
+    "training_batch",
     "SavedTensors", "count_saved", "LevelRow", "MemoryEstimate", "estimate_autoencoder", "format_bytes", "report",
     "Candidate", "search_budget", "parse_budget", "with_margin", "CUDA_RESERVED_BYTES", "FRAGMENTATION",
 ]
@@ -200,6 +204,12 @@ def _level_rows(model: AutoencoderKL, x: torch.Tensor, by_block: dict[str, int])
     return rows
 
 
+def training_batch(config: Config, volumes: int | None = None) -> int:
+    """Samples in one training step: volumes per step, times ``data.patches_per_volume`` on patches."""
+    volumes = volumes or config.autoencoder.training.batch_size
+    return volumes * (config.data.patches_per_volume if config.data.patch_size is not None else 1)
+
+
 @contextlib.contextmanager
 def _autocast(enabled: bool, target: str = "cpu") -> Iterator[None]:
     """Autocast as on ``target``. The fake tensors look like CPU tensors, so CPU autocast is what runs;
@@ -234,21 +244,29 @@ def estimate_autoencoder(
 
     Args:
         config: the run config (its ``autoencoder`` and ``data`` sections are used).
-        input_size: spatial size (default ``data.image_size``).
-        batch_size: default ``autoencoder.training.batch_size``.
+        input_size: spatial size (default: what the autoencoder trains on, ``data.patch_size`` or
+            ``data.image_size``).
+        batch_size: volumes per step (default ``autoencoder.training.batch_size``); each brings
+            ``data.patches_per_volume`` patches when the config trains on patches.
         mixed_precision: default ``autoencoder.training.mixed_precision``.
         checkpointing: default ``autoencoder.training.use_gradient_checkpointing``.
         target: ``cuda`` or ``cpu``: whose autocast rules mixed precision follows.
     """
     ae, tr = config.autoencoder, config.autoencoder.training
-    size = tuple(input_size or config.data.image_size)[: ae.spatial_dims]
-    batch = batch_size or tr.batch_size
+    size = tuple(input_size)[: ae.spatial_dims] if input_size else training_size(config)
+    batch = training_batch(config, batch_size)
     amp = tr.mixed_precision if mixed_precision is None else mixed_precision
     ckpt = tr.use_gradient_checkpointing if checkpointing is None else checkpointing
     if target not in ("cuda", "cpu"):
         raise ValueError(f"target = {target!r}: expected 'cuda' or 'cpu'")
+    return _estimate_fake(config, size, batch, amp, ckpt, target)
+
+
+def _estimate_fake(config: Config, size: tuple[int, ...], samples: int, amp: bool, ckpt: bool,
+                   target: str = "cuda") -> MemoryEstimate:
+    """:func:`estimate_autoencoder` for ``samples`` inputs of ``size`` (no defaults applied)."""
     with FakeTensorMode():
-        return _estimate(config, size, batch, amp, ckpt, target)
+        return _estimate(config, tuple(size), samples, amp, ckpt, target)
 
 
 def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt: bool, target: str) -> MemoryEstimate:
@@ -306,6 +324,53 @@ def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt
     )
 
 
+@dataclass
+class DiffusionEstimate:
+    """A diffusion UNet training step on whole-volume latents, by component (bytes)."""
+
+    latent_shape: tuple[int, ...]
+    batch_size: int
+    activations: int
+    backward_working_set: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    ema: int
+
+    @property
+    def total(self) -> int:
+        return (self.activations + self.backward_working_set + self.parameters + self.gradients
+                + self.optimizer_state + self.ema)
+
+
+def estimate_diffusion(config: Config, batch_size: int | None = None, mixed_precision: bool | None = None,
+                       target: str = "cuda") -> DiffusionEstimate:
+    """Count one training step of the diffusion stage (MONAI's DiffusionModelUNet on the latents of whole
+    volumes, noise-prediction loss, Adam, EMA copy) on fake tensors, as :func:`estimate_autoencoder` does."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    df, ae = config.diffusion, config.autoencoder
+    batch = batch_size or df.training.batch_size
+    amp = df.training.mixed_precision if mixed_precision is None else mixed_precision
+    size = tuple(config.data.image_size)[: ae.spatial_dims]
+    latent = (ae.latent_channels, *(s // f for s, f in zip(size, autoencoder_totals(config))))
+    with FakeTensorMode():
+        unet = DiffusionModelUNet(**df.unet_kwargs(ae.latent_channels, ae.spatial_dims)).train()
+        blocks = {f"down.{i}": b for i, b in enumerate(unet.down_blocks)}
+        blocks.update({"middle": unet.middle_block, **{f"up.{i}": b for i, b in enumerate(unet.up_blocks)}})
+        x = torch.empty((batch, *latent))
+        timesteps = torch.zeros((batch,), dtype=torch.long)
+        with count_saved(blocks, exclude=(unet,), fake=True) as record, _autocast(amp, target):
+            loss = F.mse_loss(unet(x, timesteps=timesteps).float(), x)
+        del loss
+        params = sum(p.numel() for p in unet.parameters())
+    return DiffusionEstimate(
+        latent_shape=latent, batch_size=batch, activations=record.total,
+        backward_working_set=int(1.5 * 4 * record.largest_numel), parameters=4 * params, gradients=4 * params,
+        optimizer_state=8 * params, ema=4 * params if df.training.ema_decay is not None else 0,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # report and budget search
 # ----------------------------------------------------------------------------------------------------
@@ -341,7 +406,7 @@ def report(estimate: MemoryEstimate) -> str:
 
 @dataclass
 class Candidate:
-    """One configuration tried by the budget search."""
+    """One configuration the budget search found to fit."""
 
     downsample_factors: list
     num_channels: list[int]
@@ -351,6 +416,7 @@ class Candidate:
     checkpointing: bool
     total: int
     compression: int
+    patch_size: list[int] | None = None  # None: whole volumes
 
     def overrides(self) -> dict[str, Any]:
         return {"downsample_factors": self.downsample_factors, "num_channels": self.num_channels,
@@ -358,6 +424,41 @@ class Candidate:
 
 
 DEFAULT_FACTOR_OPTIONS: list[list[Any]] = [[2, 2], [4, 2], [8, 2], [16]]
+PATCH_FRACTIONS = (0.75, 0.5, 0.375, 0.25)  # patch sizes tried, as fractions of each axis of the volume
+
+
+def patch_options(image_size: tuple[int, ...], totals: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Patch sizes for the budget search, largest first: fractions of the volume rounded down to the latent
+    grid (at least one latent voxel... per axis: the total factor)."""
+    options: list[tuple[int, ...]] = []
+    for fraction in PATCH_FRACTIONS:
+        patch = tuple(max(f, int(s * fraction) // f * f) for s, f in zip(image_size, totals))
+        if patch not in options and patch != tuple(image_size):
+            options.append(patch)
+    return options
+
+
+def _factor_variant(config: Config, factors: list[Any]) -> Config | None:
+    """``config`` with ``factors`` (levels cut or extended to match), or None if that does not fit the volume."""
+    from monai_diffusion.config import config_from_dict, config_to_dict
+    from monai_diffusion.errors import ConfigError
+
+    levels = len(factors) + 1
+    ae = config.autoencoder
+    raw = config_to_dict(config)
+    raw["autoencoder"].update(
+        downsample_factors=factors,
+        num_channels=(list(ae.num_channels) + [ae.num_channels[-1]] * levels)[:levels],
+        attention_levels=(list(ae.attention_levels) + [ae.attention_levels[-1]] * levels)[: levels - 1]
+        + [ae.attention_levels[-1]],
+    )
+    if isinstance(raw["autoencoder"]["num_res_blocks"], list):
+        raw["autoencoder"]["num_res_blocks"] = raw["autoencoder"]["num_res_blocks"][:levels]
+    raw["data"]["patch_size"] = None  # the search chooses the patch
+    try:
+        return config_from_dict(raw)
+    except ConfigError:
+        return None  # this factor option does not fit the volume size: not a candidate
 
 
 def search_budget(
@@ -365,43 +466,49 @@ def search_budget(
     budget_bytes: float,
     factor_options: list[list[Any]] | None = None,
     batch_sizes: tuple[int, ...] = (8, 4, 2, 1),
+    patches: bool | None = None,
 ) -> list[Candidate]:
-    """Every (factors, batch, mixed precision, checkpointing) whose estimated step fits ``budget_bytes``
-    with the GPU margin: ``estimate * (1 + FRAGMENTATION) + CUDA_RESERVED_BYTES <= budget_bytes``.
+    """The (factors, batch, mixed precision, checkpointing, patch) settings whose estimated training step fits
+    ``budget_bytes`` with the GPU margin: ``estimate * (1 + FRAGMENTATION) + CUDA_RESERVED_BYTES <= budget``.
 
     A factor option with fewer steps than ``num_channels`` levels drops the deepest levels (``[16]`` with
-    ``[32, 64, 64]`` uses ``[32, 64]``). Options that do not divide ``data.image_size`` are skipped.
-    Ranked by least compression, then largest batch, then full precision, then no checkpointing.
+    ``[32, 64, 64]`` uses ``[32, 64]``); options that do not divide ``data.image_size`` are skipped. For each
+    factor option, precision setting and batch size, whole volumes are tried first and then, with
+    ``patches`` (default: when the config trains on patches, or when no whole-volume setting fits),
+    patch sizes from :func:`patch_options`, keeping the largest patch that fits. Ranked by least
+    compression, then the largest patch, then the largest batch, then full precision, then no checkpointing.
     """
-    from monai_diffusion.config import config_from_dict, config_to_dict
-    from monai_diffusion.errors import ConfigError
-
     found: list[Candidate] = []
-    for factors in factor_options or DEFAULT_FACTOR_OPTIONS:
-        levels = len(factors) + 1
-        ae = config.autoencoder
-        channels = (list(ae.num_channels) + [ae.num_channels[-1]] * levels)[:levels]
-        attention = (list(ae.attention_levels) + [ae.attention_levels[-1]] * levels)[:levels]
-        attention[-1] = ae.attention_levels[-1]
-        raw = config_to_dict(config)
-        raw["autoencoder"].update(downsample_factors=factors, num_channels=channels, attention_levels=attention)
-        if isinstance(raw["autoencoder"]["num_res_blocks"], list):
-            raw["autoencoder"]["num_res_blocks"] = raw["autoencoder"]["num_res_blocks"][:levels]
-        try:
-            candidate_config = config_from_dict(raw)
-        except ConfigError:
-            continue  # this factor option does not fit the volume size (or the UNet): not a candidate
-        for batch in batch_sizes:
-            for amp in (False, True):
-                for ckpt in (False, True):
-                    estimate = estimate_autoencoder(candidate_config, batch_size=batch, mixed_precision=amp,
-                                                    checkpointing=ckpt)
-                    if with_margin(estimate.total) <= budget_bytes:
-                        size = tuple(config.data.image_size)[: ae.spatial_dims]
-                        compression = round(math.prod(size) / math.prod(estimate.latent_shape[1:]))
-                        found.append(Candidate(factors, channels, attention, batch, amp, ckpt, estimate.total,
-                                               compression))
-    found.sort(key=lambda c: (c.compression, -c.batch_size, c.mixed_precision, c.checkpointing))
+    size = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
+
+    def scan(with_patches: bool) -> None:
+        for factors in factor_options or DEFAULT_FACTOR_OPTIONS:
+            variant = _factor_variant(config, factors)
+            if variant is None:
+                continue
+            ae = variant.autoencoder
+            totals = autoencoder_totals(variant)
+            compression = round(math.prod(size) / math.prod(s // f for s, f in zip(size, totals)))
+            sizes: list[tuple[int, ...] | None] = [None]
+            if with_patches and ae.spatial_dims == 3:
+                sizes += patch_options(size, totals)
+            for batch in batch_sizes:
+                for amp in (False, True):
+                    for ckpt in (False, True):
+                        for patch in sizes:  # the largest that fits
+                            samples = batch * (config.data.patches_per_volume if patch else 1)
+                            estimate = _estimate_fake(variant, patch or size, samples, amp, ckpt)
+                            if with_margin(estimate.total) <= budget_bytes:
+                                found.append(Candidate(factors, list(ae.num_channels), list(ae.attention_levels), batch,
+                                                       amp, ckpt, estimate.total, compression,
+                                                       list(patch) if patch else None))
+                                break
+
+    scan(with_patches=bool(patches) or (patches is None and config.data.patch_size is not None))
+    if not found and patches is None:
+        scan(with_patches=True)  # the whole volume does not fit: patch training is the way in
+    found.sort(key=lambda c: (c.compression, -math.prod(c.patch_size or size), -c.batch_size, c.mixed_precision,
+                              c.checkpointing))
     return found
 
 
@@ -441,8 +548,8 @@ class StepMeasurement:
 
 def measure_training_step(config: Config, device: torch.device | str = "cpu", repeats: int = 3) -> StepMeasurement:
     """Run and measure the training step of ``config`` (AutoencoderTask: generator and, after the warm-up,
-    discriminator losses, Adam) on one batch of random volumes, with the config's precision and
-    checkpointing.
+    discriminator losses, Adam) on one batch of random volumes (patches, when the config trains on
+    patches), with the config's precision and checkpointing.
 
     The peak is ``profiling.measure_peak_bytes`` of one step after a first step created Adam's state,
     plus the parameters and optimiser state that exist before it.
@@ -458,8 +565,7 @@ def measure_training_step(config: Config, device: torch.device | str = "cpu", re
     torch.manual_seed(config.seed)
     task = AutoencoderTask(config, Runtime(device), precision)
     optimization = Optimization(task.optimizers(), precision, 1)
-    size = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
-    batch = {"image": torch.rand(tr.batch_size, config.autoencoder.in_channels, *size)}
+    batch = {"image": torch.rand(training_batch(config), config.autoencoder.in_channels, *training_size(config))}
 
     def step() -> None:
         task.training_step(batch, epoch=tr.adversarial_warmup_epochs, optimization=optimization)
@@ -495,10 +601,11 @@ def candidates_table(candidates: list[Candidate], budget_text: str, shown: int =
     lines = [f"{len(candidates)} configurations fit in {budget_text} (least compression and largest batch first), "
              f"keeping a margin of {FRAGMENTATION:.0%} for allocator fragmentation and "
              f"{format_bytes(CUDA_RESERVED_BYTES)} for the CUDA context and cuDNN workspace:",
-             f"  {'factors':10s} {'channels':14s} {'batch':>5s} {'precision':>9s} {'ckpt':>5s} {'compression':>11s} "
-             f"{'estimate':>10s} {'+ margin':>10s}"]
+             f"  {'factors':10s} {'channels':14s} {'patch':>13s} {'batch':>5s} {'precision':>9s} {'ckpt':>5s} "
+             f"{'compression':>11s} {'estimate':>10s} {'+ margin':>10s}"]
     for c in candidates[:shown]:
-        lines.append(f"  {str(c.downsample_factors):10s} {str(c.num_channels):14s} {c.batch_size:5d} "
+        patch = "x".join(map(str, c.patch_size)) if c.patch_size else "whole"
+        lines.append(f"  {str(c.downsample_factors):10s} {str(c.num_channels):14s} {patch:>13s} {c.batch_size:5d} "
                      f"{'mixed' if c.mixed_precision else 'fp32':>9s} {'yes' if c.checkpointing else 'no':>5s} "
                      f"{c.compression:>10d}x {format_bytes(c.total):>10s} {format_bytes(with_margin(c.total)):>10s}")
     return "\n".join(lines)
@@ -512,5 +619,6 @@ def candidate_config(config: Config, candidate: Candidate) -> dict[str, Any]:
     raw["autoencoder"].update(candidate.overrides())
     raw["autoencoder"]["training"].update(batch_size=candidate.batch_size, mixed_precision=candidate.mixed_precision,
                                           use_gradient_checkpointing=candidate.checkpointing)
+    raw["data"]["patch_size"] = candidate.patch_size
     config_from_dict(raw)  # the written file must load
     return raw

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.checkpoints import load_diffusion
 from monai_diffusion.config import Config, SchedulerConfig
+from monai_diffusion.config.rules import check_tiles
 from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
 from monai_diffusion.errors import CheckpointError, RunError
 from monai_diffusion.runs import check_new_folder
@@ -59,6 +60,8 @@ def generate_volumes(
     verbose: bool = False,
     precision: Precision | None = None,
     step_generator: torch.Generator | None = None,
+    tile_size: list[int] | None = None,
+    tile_overlap: float | None = None,
 ) -> torch.Tensor:
     """Sample ``count`` latents with MONAI core's DDPM/DDIM scheduler and decode them.
 
@@ -80,6 +83,9 @@ def generate_volumes(
         precision: autocast for the UNet and decoder (None: fp32).
         step_generator: generator on the model's device for DDPM's per-step noise (default: seeded from the
             initial-noise generator's next draw, so one seed fixes everything).
+        tile_size: decode the latents by tiles of this many output voxels per axis (default:
+            ``config.inference_tile``, i.e. by tiles whenever the autoencoder trained on patches).
+        tile_overlap: fraction of a tile shared with its neighbour (default: ``autoencoder.tile_overlap``).
 
     Returns:
         Bx``out_channels``x[SPATIAL DIMS] volumes (float32) in the autoencoder's output range.
@@ -100,7 +106,9 @@ def generate_volumes(
         for t in tqdm(scheduler.timesteps, desc=f"{kind} sampling", disable=not verbose, leave=False):
             prediction = unet(latents, timesteps=torch.full((count,), int(t), device=device, dtype=torch.long))
             latents, _ = scheduler.step(prediction.float(), t, latents, generator=step_generator)
-        volumes = autoencoder.decode_stage_2_outputs(latents / scale_factor)
+        tile = tile_size if tile_size is not None else config.inference_tile
+        overlap = tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap
+        volumes = autoencoder.decode(latents / scale_factor, tile_size=tile, tile_overlap=overlap)
     unet.train(was_training)
     return volumes.float()
 
@@ -114,12 +122,17 @@ def sample_volumes(
     seed: int = 0,
     batch_size: int = 1,
     device: str = "auto",
+    tile_size: list[int] | None = None,
+    tile_overlap: float | None = None,
 ) -> list[Path]:
     """Generate ``num_samples`` volumes into the new or empty folder ``output``: ``sample_XXX.nii.gz`` (written
     batch by batch, with the affine of the training volumes) and ``samples.png`` (the first few samples).
 
     Returns:
         the NIfTI paths.
+
+    ``tile_size`` / ``tile_overlap``: decode by tiles (default: as the trained config says, see
+    :func:`generate_volumes`).
     """
     torch_device = resolve_device(device)
     output = Path(output)
@@ -134,6 +147,9 @@ def sample_volumes(
     except OSError as err:
         raise RunError(f"--output: cannot create {output} ({err.strerror})") from None
     spatial_dims = config.autoencoder.spatial_dims
+    image = tuple(config.data.image_size)[:spatial_dims]
+    check_tiles(image, tile_size, tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap,
+                autoencoder.total_factors)
     if spatial_dims == 2:  # a 2D model's image is stored as a one-slice volume at the centre slice it learned
         affine = centre_slice_affine(affine, config.data.image_size[-1])
     generator = torch.Generator().manual_seed(seed)
@@ -144,7 +160,7 @@ def sample_volumes(
         log.info("sampling volumes %d-%d of %d (%s, %d steps)", start + 1, start + count, num_samples, scheduler,
                  config.diffusion.scheduler.num_train_timesteps if scheduler == "ddpm" else steps)
         batch = generate_volumes(unet, autoencoder, config, scale_factor, count, steps, scheduler, generator,
-                                 verbose=True).cpu().clamp(0, 1)
+                                 verbose=True, tile_size=tile_size, tile_overlap=tile_overlap).cpu().clamp(0, 1)
         for volume in batch:
             name = output / f"sample_{len(names):0{digits}d}.nii.gz"
             names.append(save_nifti(volume[..., None] if spatial_dims == 2 else volume, name, affine=affine))

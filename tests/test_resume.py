@@ -1,5 +1,6 @@
 """Crash safety: kill -9 at random moments, --resume, and the final weights equal an uninterrupted run's,
-bit for bit (CPU, deterministic settings), for both training scripts. Also checkpoint rotation."""
+bit for bit (CPU, deterministic settings), for both training scripts: the autoencoder on random patches with
+augmentation, a warm-up and a cosine schedule and gradient clipping. Also checkpoint rotation."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ COMMON = [
     "diffusion.training.n_epochs=6", "diffusion.training.val_interval=2",
     "diffusion.training.preview_inference_steps=2", "diffusion.training.ema_decay=0.9",
     "diffusion.training.checkpoint_every_n_steps=1", "device=cpu",
+    # the autoencoder trains on random patches with augmentation: both must be drawn again exactly on resume
+    "data.patch_size=[8, 8, 8]", "data.patches_per_volume=2", "data.augmentation.flip_prob=0.5",
+    "autoencoder.tile_size=16", "autoencoder.training.warmup_steps=3", "autoencoder.training.lr_schedule=cosine",
+    "autoencoder.training.grad_clip_norm=1.0",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 

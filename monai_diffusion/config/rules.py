@@ -21,10 +21,12 @@ from generative.networks.nets.autoencoderkl import (
     normalize_downsample_factors,
     total_downsample_factors,
 )
+from generative.networks.tiling import tile_layout
 from monai_diffusion.config.schema import Config, limits_of
 from monai_diffusion.errors import ConfigError
 
-__all__ = ["STAGES", "validate", "check_limits", "discriminator_min_size", "autoencoder_totals", "latent_size"]
+__all__ = ["STAGES", "validate", "check_limits", "discriminator_min_size", "autoencoder_totals", "latent_size",
+           "training_size", "check_tiles"]
 
 STAGES = ("autoencoder", "diffusion")
 
@@ -114,6 +116,18 @@ def latent_size(config: Config) -> list[int]:
     return [s // f for s, f in zip(size, autoencoder_totals(config))]
 
 
+def check_tiles(spatial: tuple[int, ...], tile_size: int | list[int] | None, overlap: float,
+                factors: tuple[int, ...], key: str = "--tile-size/--tile-overlap") -> None:
+    """ConfigError naming ``key`` unless tiles of ``tile_size`` with ``overlap`` fit a volume of ``spatial``
+    on the latent grid of ``factors`` (no-op for ``tile_size=None``)."""
+    if tile_size is None:
+        return
+    try:
+        tile_layout(spatial, tile_size, overlap, factors)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
 # ----------------------------------------------------------------------------------------------------
 # the rules
 # ----------------------------------------------------------------------------------------------------
@@ -129,6 +143,50 @@ def _validate_data(config: Config) -> None:
     if not lower < upper:
         raise ConfigError(f"data.intensity_percentiles: expected [lower, upper] with lower < upper, got "
                           f"{list(data.intensity_percentiles)}; e.g. [0.5, 99.5]")
+    if data.intensity_window is not None and not data.intensity_window[0] < data.intensity_window[1]:
+        raise ConfigError(f"data.intensity_window: expected [a_min, a_max] with a_min < a_max, got "
+                          f"{list(data.intensity_window)}; e.g. [-1000, 1000] for CT in Hounsfield units")
+
+
+def _off_grid(sizes: tuple[int, ...], totals: tuple[int, ...]) -> str | None:
+    """The nearest valid sizes (``'24 or 32 x 32 x 32'``) when a size is not a multiple of its total factor."""
+    if all(s % f == 0 for s, f in zip(sizes, totals)):
+        return None
+    return " x ".join(nearest_valid_sizes(s, f) if s % f else str(s) for s, f in zip(sizes, totals))
+
+
+def training_size(config: Config) -> tuple[int, ...]:
+    """The spatial size the autoencoder trains on: ``data.patch_size`` or the whole ``data.image_size``."""
+    size = config.data.patch_size if config.data.patch_size is not None else config.data.image_size
+    return tuple(size)[: config.autoencoder.spatial_dims]
+
+
+def _validate_patches_and_tiles(config: Config, totals: tuple[int, ...]) -> None:
+    data, ae = config.data, config.autoencoder
+    image = tuple(data.image_size)[: ae.spatial_dims]
+    if data.patch_size is not None:
+        patch = tuple(data.patch_size)
+        if ae.spatial_dims != 3:
+            raise ConfigError("data.patch_size: patch training is for 3D autoencoders (autoencoder.spatial_dims: 3); "
+                              "set data.patch_size: null")
+        larger = [f"{p} > {s}" for p, s in zip(patch, image) if p > s]
+        if larger:
+            raise ConfigError(f"data.patch_size: {list(patch)} is larger than the volume data.image_size "
+                              f"{list(image)} ({', '.join(larger)}); use patches at most the volume's size")
+        nearest = _off_grid(patch, totals)
+        if nearest:
+            raise ConfigError(f"data.patch_size: {list(patch)} is not a multiple of the total downsampling factors "
+                              f"{list(totals)} on every axis; valid sizes near it: {nearest}")
+    tile = config.inference_tile
+    if ae.tile_size is not None:
+        if len(tile) != ae.spatial_dims or (isinstance(ae.tile_size, list) and len(ae.tile_size) != ae.spatial_dims):
+            raise ConfigError(f"autoencoder.tile_size: {ae.tile_size} needs one size or {ae.spatial_dims} (one per "
+                              f"axis)")
+        nearest = _off_grid(tuple(tile), totals)
+        if nearest:
+            raise ConfigError(f"autoencoder.tile_size: {ae.tile_size} is off the latent grid: every tile size must "
+                              f"be a multiple of the total downsampling factors {list(totals)}; valid sizes near it: "
+                              f"{nearest}")
 
 
 def _validate_autoencoder(config: Config) -> None:
@@ -168,15 +226,18 @@ def _validate_autoencoder(config: Config) -> None:
             f"(product of autoencoder.downsample_factors per axis); valid sizes near it: "
             f"{' x '.join(suggestion)}, or choose smaller downsample_factors"
         ) from None
+    _validate_patches_and_tiles(config, totals)
+    trained = training_size(config)
     if tr.use_adversarial_loss:
         smallest = discriminator_min_size(ae.discriminator.num_layers_d)
-        if min(size) < smallest:
-            fewer = max((n for n in range(1, ae.discriminator.num_layers_d) if discriminator_min_size(n) <= min(size)),
-                        default=None)
+        if min(trained) < smallest:
+            fewer = max((n for n in range(1, ae.discriminator.num_layers_d)
+                         if discriminator_min_size(n) <= min(trained)), default=None)
             fix = f"set autoencoder.discriminator.num_layers_d: {fewer}" if fewer else "set use_adversarial_loss: false"
+            key = "data.patch_size" if config.data.patch_size is not None else "data.image_size"
             raise ConfigError(
                 f"autoencoder.discriminator.num_layers_d: {ae.discriminator.num_layers_d} layers need at least "
-                f"{smallest} voxels per axis, but data.image_size is {list(size)}; {fix} or use larger volumes"
+                f"{smallest} voxels per axis, but {key} is {list(trained)}; {fix} or use larger volumes"
             )
     if ae.spatial_dims == 2 and tr.use_perceptual_loss:
         raise ConfigError("autoencoder.training.use_perceptual_loss: the MedicalNet perceptual loss is 3D only")

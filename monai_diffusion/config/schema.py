@@ -16,6 +16,7 @@ from typing import Any, Literal, Union
 __all__ = [
     "bounded",
     "limits_of",
+    "AugmentationConfig",
     "DataConfig",
     "PerceptualConfig",
     "DiscriminatorConfig",
@@ -49,6 +50,23 @@ def limits_of(dataclass_field: Any) -> dict[str, float]:
 # data
 # ----------------------------------------------------------------------------------------------------
 @dataclass
+class AugmentationConfig:
+    """Random augmentation of the training volumes (or patches), with MONAI's random transforms; off by default.
+
+    Attributes:
+        flip_prob: probability of flipping each axis (RandFlipd).
+        affine_prob: probability of a small random rotation and scaling (RandAffined, border padding).
+        rotate_degrees: largest rotation about each axis, in degrees.
+        scale_range: largest relative change of scale (0.1 = between 0.9x and 1.1x).
+    """
+
+    flip_prob: float = bounded(0.0, ge=0, le=1)
+    affine_prob: float = bounded(0.0, ge=0, le=1)
+    rotate_degrees: float = bounded(10.0, ge=0, le=180)
+    scale_range: float = bounded(0.1, ge=0, lt=1)
+
+
+@dataclass
 class DataConfig:
     """The ``data:`` section: where volumes come from and how they are preprocessed.
 
@@ -64,9 +82,19 @@ class DataConfig:
             there are two or more; the split is fixed by the seed).
         spacing: voxel spacing in mm to resample to; null keeps the files' spacing.
         intensity_percentiles: lower and upper percentiles mapped to 0 and 1 (clipped), per channel.
+        intensity_window: a fixed window instead of the percentiles, e.g. CT Hounsfield units
+            [-1000, 1000]: ``a_min`` and ``a_max`` are mapped to 0 and 1 (clipped); null: percentiles.
         cache: keep the preprocessed volumes in memory (MONAI CacheDataset; under DDP each process
             caches its own share).
         num_workers: DataLoader worker processes (0 loads in the main process).
+        patch_size: train the autoencoder on random patches of this size (H, W, D) cut from the whole
+            volumes, each axis a multiple of that axis's total downsampling factor; validation, latents and
+            samples stay whole volumes (run by tiles). null: train on whole volumes.
+        patches_per_volume: patches cut from each volume a training batch reads.
+        patch_random_fraction: share of patches centred anywhere; the others are centred on foreground
+            (voxels above ``foreground_threshold``), so few patches are air.
+        foreground_threshold: intensity (after scaling to [0, 1]) above which a voxel is foreground.
+        augmentation: see AugmentationConfig.
     """
 
     source: Literal["synthetic", "nifti"] = "synthetic"
@@ -77,8 +105,14 @@ class DataConfig:
     val_fraction: float = bounded(0.2, ge=0, lt=1)
     spacing: Union[tuple[float, float, float], None] = bounded(None, gt=0, le=1000)
     intensity_percentiles: tuple[float, float] = bounded(factory=lambda: (0.5, 99.5), ge=0, le=100)
+    intensity_window: Union[tuple[float, float], None] = None
     cache: bool = False
     num_workers: int = bounded(0, ge=0)
+    patch_size: Union[tuple[int, int, int], None] = bounded(None, ge=1)
+    patches_per_volume: int = bounded(4, ge=1)
+    patch_random_fraction: float = bounded(0.25, ge=0, le=1)
+    foreground_threshold: float = bounded(0.05, ge=0, lt=1)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,6 +163,12 @@ class LoopConfig:
         checkpoint_every_n_steps: also save ``last`` every this many optimiser steps (null: per epoch).
         keep_last_checkpoints: step checkpoints kept (``checkpoints/step_*.pt``; ``best`` is always kept).
         log_every_n_steps: TensorBoard scalar interval in optimiser steps.
+        warmup_steps: optimiser steps over which every learning rate rises linearly from 0 (fp16 runs
+            are less prone to NaNs with a warm-up).
+        lr_schedule: after the warm-up: ``constant``, or ``cosine`` / ``linear`` decay to
+            ``min_lr_ratio`` x the learning rate at the last step (``max_steps``, else all epochs).
+        min_lr_ratio: the decayed learning rate's final fraction of the learning rate.
+        grad_clip_norm: clip the gradient norm of each network to this value (null: no clipping).
     """
 
     batch_size: int = bounded(4, ge=1)
@@ -143,6 +183,10 @@ class LoopConfig:
     checkpoint_every_n_steps: Union[int, None] = bounded(None, ge=1)
     keep_last_checkpoints: int = bounded(3, ge=1)
     log_every_n_steps: int = bounded(10, ge=1)
+    warmup_steps: int = bounded(0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)
+    grad_clip_norm: Union[float, None] = bounded(None, gt=0)
 
 
 @dataclass
@@ -190,6 +234,11 @@ class AutoencoderConfig:
         with_encoder_nonlocal_attn: ResBlock-Attention-ResBlock at the encoder's bottom.
         with_decoder_nonlocal_attn: the same at the decoder's top.
         use_convtranspose: transposed-convolution upsampling.
+        tile_size: run the autoencoder on whole volumes in overlapping tiles of this size (one value or one
+            per axis, multiples of the total downsampling factor): validation, the latent cache of the
+            diffusion stage, samples. null: ``data.patch_size`` when training on patches, else whole
+            volumes at once.
+        tile_overlap: fraction of a tile shared with its neighbour.
         training: see AutoencoderTrainingConfig.
         discriminator: see DiscriminatorConfig.
         perceptual: see PerceptualConfig.
@@ -208,6 +257,8 @@ class AutoencoderConfig:
     with_encoder_nonlocal_attn: bool = False
     with_decoder_nonlocal_attn: bool = False
     use_convtranspose: bool = False
+    tile_size: Union[int, list[int], None] = bounded(None, ge=1)
+    tile_overlap: float = bounded(0.5, ge=0, lt=1)
     training: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
@@ -367,6 +418,18 @@ class Config:
     def diffusion_dir(self) -> Path:
         """Run folder of the diffusion stage."""
         return Path(self.output_dir) / "diffusion"
+
+    @property
+    def inference_tile(self) -> Union[list[int], None]:
+        """The tile size the autoencoder runs whole volumes with (``autoencoder.tile_size``, else
+        ``data.patch_size`` when it trained on patches, else None: whole volumes at once), per axis."""
+        tile = self.autoencoder.tile_size
+        if tile is None and self.data.patch_size is not None:
+            tile = list(self.data.patch_size)
+        if tile is None:
+            return None
+        dims = self.autoencoder.spatial_dims
+        return [int(tile)] * dims if isinstance(tile, int) else [int(t) for t in tile][:dims]
 
     @property
     def autoencoder_source(self) -> Path:

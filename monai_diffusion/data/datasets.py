@@ -116,6 +116,7 @@ def make_loader(
     seed: int,
     sampler: Sampler | None = None,
     pin_memory: bool = False,
+    collate_fn: Any = None,
 ) -> DataLoader:
     """Wrap a dataset in a seeded DataLoader.
 
@@ -127,6 +128,7 @@ def make_loader(
         seed: Seed of the loader's torch.Generator (shuffle order).
         sampler: Optional sampler (e.g. DistributedSampler); replaces ``shuffle``.
         pin_memory: page-locked batches, so copies to a GPU with ``non_blocking=True`` overlap compute.
+        collate_fn: how items become a batch (default: ``default_collate``).
 
     Returns:
         DataLoader yielding ``{"image": (B, C, H, W, D), "path": list[str], ...}``.
@@ -140,6 +142,8 @@ def make_loader(
         "persistent_workers": num_workers > 0,
         "pin_memory": pin_memory,
     }
+    if collate_fn is not None:
+        kwargs["collate_fn"] = collate_fn
     if sampler is not None:
         kwargs["sampler"] = sampler
     else:

@@ -1,9 +1,9 @@
 """The NIfTI preprocessing pipeline on MONAI transforms, with every failure reported by file name.
 
 Load and check (readable, 3D, channel count, finite voxels) -> RAS orientation -> optional resampling to
-``data.spacing`` -> percentile scaling to [0, 1] -> pad/crop to ``data.image_size`` -> keep the affine ->
-a plain float32 tensor. MONAI wraps errors raised inside a ``Compose`` in ``RuntimeError``; the one-line
-:class:`DataError` is dug out again by :class:`CheckedCompose`.
+``data.spacing`` -> scaling to [0, 1] (a fixed window or percentiles) -> pad/crop to ``data.image_size`` ->
+keep the affine -> a plain float32 tensor. MONAI wraps errors raised inside a ``Compose`` in ``RuntimeError``;
+the one-line :class:`DataError` is dug out again by :class:`CheckedCompose`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
@@ -183,9 +184,9 @@ class CheckedCompose(Compose):
 def build_nifti_transforms(cfg: DataConfig, in_channels: int = 1) -> CheckedCompose:
     """Build the deterministic NIfTI preprocessing pipeline on key "image".
 
-    Load + validate -> RAS orientation -> optional resampling to ``cfg.spacing``
-    (bilinear) -> percentile scaling to [0, 1] (clipped, per channel) -> pad/crop to
-    ``cfg.image_size`` -> keep the affine -> plain float32 tensor.
+    Load + validate -> RAS orientation -> optional resampling to ``cfg.spacing`` (bilinear) -> scaling to
+    [0, 1] (``cfg.intensity_window``, else percentiles per channel; clipped) -> pad/crop to ``cfg.image_size``
+    -> keep the affine -> plain float32 tensor.
 
     Args:
         cfg: Data config.
@@ -202,10 +203,14 @@ def build_nifti_transforms(cfg: DataConfig, in_channels: int = 1) -> CheckedComp
     ]
     if cfg.spacing is not None:
         transforms.append(Spacingd(IMAGE_KEY, pixdim=cfg.spacing, mode="bilinear"))
-    transforms += [
-        ScaleIntensityRangePercentilesd(
+    if cfg.intensity_window is not None:  # e.g. CT: fixed Hounsfield units
+        a_min, a_max = cfg.intensity_window
+        transforms.append(ScaleIntensityRanged(IMAGE_KEY, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True))
+    else:
+        transforms.append(ScaleIntensityRangePercentilesd(
             IMAGE_KEY, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
-        ),
+        ))
+    transforms += [
         ResizeWithPadOrCropd(IMAGE_KEY, spatial_size=cfg.image_size),
         KeepAffined(IMAGE_KEY, AFFINE_KEY),
         EnsureTyped(IMAGE_KEY, data_type="tensor", dtype=torch.float32, track_meta=False),

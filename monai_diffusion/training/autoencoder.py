@@ -24,6 +24,7 @@ from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.config.schema import AutoencoderTrainingConfig
 from monai_diffusion.data import build_datasets, model_input
+from monai_diffusion.data.patches import RandomizedVolumes, build_random_transform
 from monai_diffusion.errors import RunError
 from monai_diffusion.metrics import ReconstructionMetrics
 from monai_diffusion.perceptual import MedicalNetPerceptualLoss
@@ -96,6 +97,8 @@ class AutoencoderTask:
             )
         spatial = tuple(config.data.image_size)[: ae_cfg.spatial_dims]
         self.metrics = ReconstructionMetrics(ae_cfg.spatial_dims, spatial, multiscale=False)
+        self.tile = config.inference_tile  # whole validation volumes run by tiles (None: at once)
+        self._shown: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- what the loop needs -------------------------------------------------------------------------
     def ddp_modules(self) -> list[nn.Module]:
@@ -148,18 +151,21 @@ class AutoencoderTask:
         return logs
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Whole validation volumes, reconstructed by tiles when the config runs the autoencoder by tiles
+        (``Config.inference_tile``: always after patch training)."""
         images = self._images(batch)
         with self.precision.autocast():
-            reconstruction = self.autoencoder.reconstruct(images)
+            reconstruction = self.autoencoder.reconstruct(images, tile_size=self.tile,
+                                                          tile_overlap=self.config.autoencoder.tile_overlap)
+        self._shown = (images, reconstruction)  # for the preview of this batch
         sums = {name: values.sum() for name, values in self.metrics(reconstruction, images).items()}
         return {**sums, "count": torch.tensor(float(len(images)))}
 
     def preview(self, batch: dict[str, Any]) -> np.ndarray:
+        """Input and reconstruction of the batch :meth:`validation_step` has just reconstructed."""
         count = max(1, self.training.num_preview_volumes)
-        images = self._images(batch)[:count]
-        with self.precision.autocast():
-            reconstruction = self.autoencoder.reconstruct(images).float().clamp(0, 1)
-        return volume_grid([("input", list(images)), ("reconstruction", list(reconstruction))],
+        images, reconstruction = (t[:count].float() for t in self._shown)
+        return volume_grid([("input", list(images)), ("reconstruction", list(reconstruction.clamp(0, 1)))],
                            spatial_dims=self.config.autoencoder.spatial_dims)
 
     def state_dict(self) -> dict[str, Any]:
@@ -208,6 +214,9 @@ class AutoencoderStage:
               saved: dict[str, Any] | None) -> tuple[AutoencoderTask, Loaders]:
         tr = config.autoencoder.training
         train_ds, val_ds = self.datasets
+        random_part = build_random_transform(config.data)
+        if random_part is not None:  # patches and/or augmentation, drawn afresh every epoch
+            train_ds = RandomizedVolumes(train_ds, random_part, config.seed + runtime.rank)
         presharded = runtime.distributed and config.data.cache and config.data.source == "nifti"
         loaders = build_loaders(train_ds, val_ds, tr.batch_size, config.data.num_workers, config.seed, runtime,
                                 presharded)

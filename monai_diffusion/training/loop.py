@@ -9,7 +9,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,16 +18,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 from monai.data import DistributedSampler as UnpaddedSampler
+from monai.data import list_data_collate
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from monai_diffusion.checkpoints import checkpoint_path, save_checkpoint, save_step_checkpoint
 from monai_diffusion.data import make_loader
+from monai_diffusion.data.patches import EpochTaggedSampler, RandomizedVolumes
 from monai_diffusion.errors import TrainingError
 from monai_diffusion.runtime import Precision, Runtime, capture_rng
 from monai_diffusion.visualize import save_png
 
-__all__ = ["TrainingError", "LoopSettings", "LoopState", "Task", "Optimization", "fit", "build_loaders", "all_finite"]
+__all__ = ["TrainingError", "LoopSettings", "LoopState", "Task", "Optimization", "fit", "build_loaders", "all_finite",
+           "lr_factor"]
 
 log = logging.getLogger("monai_diffusion")
 
@@ -45,6 +48,10 @@ class LoopSettings:
     log_every_n_steps: int
     checkpoint_every_n_steps: int | None
     keep_last_checkpoints: int = 3
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip_norm: float | None = None
 
     @classmethod
     def of(cls, section: Any) -> LoopSettings:
@@ -54,7 +61,22 @@ class LoopSettings:
                    fast_dev_run=section.fast_dev_run, fast_dev_run_batches=section.fast_dev_run_batches,
                    log_every_n_steps=section.log_every_n_steps,
                    checkpoint_every_n_steps=section.checkpoint_every_n_steps,
-                   keep_last_checkpoints=section.keep_last_checkpoints)
+                   keep_last_checkpoints=section.keep_last_checkpoints, warmup_steps=section.warmup_steps,
+                   lr_schedule=section.lr_schedule, min_lr_ratio=section.min_lr_ratio,
+                   grad_clip_norm=section.grad_clip_norm)
+
+
+def lr_factor(step: int, warmup: int, schedule: str, total: int, min_ratio: float) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) as a fraction of the configured one: a linear
+    warm-up over ``warmup`` steps, then ``constant``, or a ``cosine`` / ``linear`` decay that reaches
+    ``min_ratio`` at step ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
 
 
 @dataclass
@@ -94,6 +116,7 @@ def build_loaders(
     so each rank just shuffles its own.
     """
     pin = runtime.device.type == "cuda"
+    collate = None
     if runtime.distributed and not presharded:
         train_sampler: Sampler = DistributedSampler(train_ds, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
         val_sampler: Sampler | None = UnpaddedSampler(val_ds, even_divisible=False, num_replicas=runtime.world_size,
@@ -101,7 +124,11 @@ def build_loaders(
     else:  # this process's data alone, reshuffled every epoch (set_epoch), the same order again on resume
         train_sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=seed + runtime.rank)
         val_sampler = None
-    train = make_loader(train_ds, batch_size, False, num_workers, seed, sampler=train_sampler, pin_memory=pin)
+    if isinstance(train_ds, RandomizedVolumes):  # random patches / augmentation, seeded by (epoch, index)
+        train_sampler = EpochTaggedSampler(train_sampler, len(train_ds))
+        collate = list_data_collate if train_ds.patches else None  # a volume's patches join the batch
+    train = make_loader(train_ds, batch_size, False, num_workers, seed, sampler=train_sampler, pin_memory=pin,
+                        collate_fn=collate)
     val = make_loader(val_ds, batch_size, False, num_workers, seed, sampler=val_sampler, pin_memory=pin)
     return train, val, train_sampler
 
@@ -116,11 +143,14 @@ class Optimization:
     """
 
     def __init__(
-        self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision, accumulation_steps: int
+        self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision, accumulation_steps: int,
+        grad_clip_norm: float | None = None,
     ) -> None:
         self.optimizers = optimizers
         self.precision = precision
         self.accumulation_steps = accumulation_steps
+        self.grad_clip_norm = grad_clip_norm
+        self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
         self.step_index = 0
         self.skipped = 0
         self.window = accumulation_steps  # micro-batches in the current window (fewer in an epoch's last one)
@@ -139,6 +169,17 @@ class Optimization:
         self.precision.scaler.scale(loss / self.window).backward()
         self._pending.add(optimizer)
 
+    def schedule(self, factor: Callable[[int], float]) -> None:
+        """Scale every learning rate by ``factor(step)`` (torch's ``LambdaLR``), from the current step on.
+
+        The factor depends on the step alone, so a resumed run continues the schedule where it stopped; the
+        configured learning rate (already in the optimisers) is the base, also when it changed on resume.
+        """
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["initial_lr"] = group["lr"]
+            self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=self.step_index - 1))
+
     def _grads_finite(self, optimizer: torch.optim.Optimizer) -> bool:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         return all_finite(grads)
@@ -154,6 +195,10 @@ class Optimization:
                     f"non-finite gradients for {name} at optimiser step {self.step_index + 1}; stopped, the last "
                     f"good checkpoint is kept"
                 )
+            if self.grad_clip_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16 scaling)
+                params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
             scaler.step(optimizer)
             weights = [p for group in optimizer.param_groups for p in group["params"]]
             if not all_finite(weights):  # e.g. a learning rate so large that Adam overflows: never save this
@@ -169,6 +214,8 @@ class Optimization:
             self.optimizers[name].zero_grad(set_to_none=True)
         self._pending.clear()
         self.step_index += 1
+        for scheduler in self.schedulers:
+            scheduler.step()
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -257,12 +304,17 @@ def fit(
         log.info("already at max_steps = %d: nothing to train (raise max_steps to continue)", settings.max_steps)
         return state
     train_loader, val_loader, sampler = loaders
-    optimization = Optimization(task.optimizers(), precision, settings.accumulation_steps)
+    optimization = Optimization(task.optimizers(), precision, settings.accumulation_steps, settings.grad_clip_norm)
     optimization.step_index = state.global_step
     optimization.skipped = state.skipped_steps
     batches_per_epoch = len(train_loader)
     if settings.fast_dev_run:
         batches_per_epoch = min(batches_per_epoch, settings.fast_dev_run_batches)
+    if settings.warmup_steps or settings.lr_schedule != "constant":
+        steps_per_epoch = -(-batches_per_epoch // settings.accumulation_steps)
+        total = settings.max_steps if settings.max_steps is not None else settings.n_epochs * steps_per_epoch
+        optimization.schedule(lambda step: lr_factor(step, settings.warmup_steps, settings.lr_schedule, total,
+                                                     settings.min_lr_ratio))
 
     def save(name: str, epoch: int, batch_in_epoch: int) -> None:
         """``name``: ``last``, ``best``, or ``step`` (a rotated step checkpoint that ``last`` then points to)."""
@@ -316,6 +368,8 @@ def fit(
                 if writer is not None and step % settings.log_every_n_steps == 0:
                     for key, value in running.means().items():
                         writer.add_scalar(f"train/{key}", value, step)
+                    for name, optimizer in task.optimizers().items():
+                        writer.add_scalar(f"train/lr_{name}", optimizer.param_groups[0]["lr"], step)
                     if precision.uses_scaler:
                         writer.add_scalar("train/skipped_steps", optimization.skipped, step)
                 if settings.checkpoint_every_n_steps and step % settings.checkpoint_every_n_steps == 0:

@@ -1,0 +1,132 @@
+"""GPU suite: the guide's examples trained on whole volumes and on patches, measured against the estimator.
+
+    bash benchmarks/gpu_suite.sh                          # on a CUDA machine (about 8 minutes on one GPU)
+    python benchmarks/gpu_suite.py --device cpu --tiny    # the same table at toy sizes (what the tests run)
+
+For every shipped example config (``monai_diffusion/config/examples/*.yaml``) and two modes, whole volumes
+and patches (the config's own ``data.patch_size``, else half of each axis on the latent grid), one real
+autoencoder training step (generator and discriminator losses, Adam, the config's precision and
+checkpointing) is run and measured: peak memory (``torch.cuda.max_memory_allocated`` on a GPU, the
+profiler's peak on a CPU, plus the weights and Adam state) and median step time, beside the estimator's
+count for the same step. Then the whole-volume inference of the 16 GB config of Example 4: a tiled encode
+and a tiled decode, peak and time. A row that does not fit the device is reported as out of memory.
+The table goes to stdout and to ``--output`` (markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "GenerativeModels")]
+
+import torch  # noqa: E402
+
+from monai_diffusion.config import load_config  # noqa: E402
+from monai_diffusion.config.rules import autoencoder_totals  # noqa: E402
+from monai_diffusion.memory import estimate_autoencoder, measure_training_step  # noqa: E402
+from monai_diffusion.profiling import measure_peak_bytes, time_call  # noqa: E402
+from monai_diffusion.runtime import resolve_device  # noqa: E402
+
+EXAMPLES = ROOT / "monai_diffusion" / "config" / "examples"
+
+
+def tiny_overrides(path: Path) -> list[str]:
+    """Toy sizes for a CPU check of the script: two latent voxels per axis (patches: one), 8 channels, fp32,
+    no discriminator (it needs 6 voxels per axis)."""
+    config = load_config(path)
+    totals = autoencoder_totals(config)
+    levels = len(config.autoencoder.num_channels)
+    patch = f"data.patch_size={list(totals)}" if config.data.patch_size is not None else "data.patch_size=null"
+    return [f"data.image_size={[2 * f for f in totals]}", f"autoencoder.num_channels={[8] * levels}",
+            "autoencoder.norm_num_groups=4", "autoencoder.training.use_adversarial_loss=false",
+            "autoencoder.training.mixed_precision=false", "autoencoder.training.batch_size=1", patch]
+
+
+def half_patch(config) -> list[int]:
+    totals = autoencoder_totals(config)
+    return [max(f, s // 2 // f * f) for s, f in zip(config.data.image_size, totals)]
+
+
+def rows(device: torch.device, tiny: bool) -> list[str]:
+    out = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        base = tiny_overrides(path) if tiny else []
+        config = load_config(path, base)
+        patch = list(config.data.patch_size) if config.data.patch_size is not None else half_patch(config)
+        for mode, extra in (("whole", ["data.patch_size=null"]), ("patches", [f"data.patch_size={patch}"])):
+            variant = load_config(path, base + extra + [f"device={device.type}"])
+            tr = variant.autoencoder.training
+            size = variant.data.patch_size or variant.data.image_size
+            estimate = estimate_autoencoder(variant, target="cuda" if device.type == "cuda" else "cpu").total
+            label = (f"| {path.stem} | {mode} | {'x'.join(map(str, size))} | {tr.batch_size} | "
+                     f"{'mixed' if tr.mixed_precision else 'fp32'} | {'yes' if tr.use_gradient_checkpointing else 'no'} | "
+                     f"{estimate / 2**20:.0f} |")
+            try:
+                measured = measure_training_step(variant, device, repeats=2)
+                out.append(f"{label} {measured.peak_bytes / 2**20:.0f} | {estimate / measured.peak_bytes:.2f} | "
+                           f"{measured.seconds * 1000:.0f} |")
+            except torch.OutOfMemoryError:
+                out.append(f"{label} out of memory | | |")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(out[-1], flush=True)
+    return out
+
+
+def inference(device: torch.device, tiny: bool) -> list[str]:
+    """Tiled encode and decode of a whole volume of the 16 GB config of Example 4, random weights."""
+    from generative.networks.nets import AutoencoderKL
+
+    path = EXAMPLES / "example4_512x512x128_16gb.yaml"
+    config = load_config(path, tiny_overrides(path) if tiny else [])
+    torch.manual_seed(0)
+    model = AutoencoderKL(**config.autoencoder.model_kwargs(use_checkpointing=False)).to(device).eval()
+    tile, overlap = config.inference_tile, config.autoencoder.tile_overlap
+    x = torch.rand(1, 1, *config.data.image_size, device=device)
+    out = []
+    result = {}
+    for name, fn in (("tiled encode", lambda: result.update(z=model.encode(x, tile_size=tile, tile_overlap=overlap)[0])),
+                     ("tiled decode", lambda: result.update(y=model.decode(result["z"], tile_size=tile,
+                                                                           tile_overlap=overlap)))):
+        with torch.no_grad():
+            started = time.perf_counter()
+            peak = measure_peak_bytes(fn, device)
+            seconds = time.perf_counter() - started
+        out.append(f"| {name} | {'x'.join(map(str, config.data.image_size))} | {'x'.join(map(str, tile))} | "
+                   f"{peak / 2**20:.0f} | {seconds:.1f} |")
+        print(out[-1], flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
+    parser.add_argument("--output", default=None, help="also write the tables to this markdown file")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    started = time.perf_counter()
+    lines = [f"# gpu_suite on {name}, torch {torch.__version__}{', --tiny' if args.tiny else ''}", "",
+             "## Training step: measured vs estimated", "",
+             "| config | mode | input | batch | precision | ckpt | estimate MiB | measured MiB | estimate / measured "
+             "| step ms |", "|---|---|---|---:|---|---|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    lines += rows(device, args.tiny)
+    header = ["", "## Whole-volume inference of example4_512x512x128_16gb (random weights)", "",
+              "| phase | volume | tile | peak MiB | time s |", "|---|---|---|---:|---:|"]
+    print("\n".join(header), flush=True)
+    lines += header + inference(device, args.tiny)
+    kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "the profiler's peak"
+    lines += ["", f"Measured peaks: {kind} above the start, plus the weights and Adam state for training steps. "
+              f"MiB = 2^20 bytes. {time.perf_counter() - started:.0f} s in all."]
+    if args.output:
+        Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

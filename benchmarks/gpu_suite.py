@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from monai_diffusion.config import load_config  # noqa: E402
 from monai_diffusion.config.rules import autoencoder_totals  # noqa: E402
 from monai_diffusion.memory import estimate_autoencoder, measure_training_step  # noqa: E402
-from monai_diffusion.profiling import measure_peak_bytes, time_call  # noqa: E402
+from monai_diffusion.profiling import measure_peak_bytes  # noqa: E402
 from monai_diffusion.runtime import resolve_device  # noqa: E402
 
 EXAMPLES = ROOT / "monai_diffusion" / "config" / "examples"
@@ -62,9 +62,10 @@ def rows(device: torch.device, tiny: bool) -> list[str]:
             tr = variant.autoencoder.training
             size = variant.data.patch_size or variant.data.image_size
             estimate = estimate_autoencoder(variant, target="cuda" if device.type == "cuda" else "cpu").total
-            label = (f"| {path.stem} | {mode} | {'x'.join(map(str, size))} | {tr.batch_size} | "
-                     f"{'mixed' if tr.mixed_precision else 'fp32'} | {'yes' if tr.use_gradient_checkpointing else 'no'} | "
-                     f"{estimate / 2**20:.0f} |")
+            precision = "mixed" if tr.mixed_precision else "fp32"
+            checkpointing = "yes" if tr.use_gradient_checkpointing else "no"
+            label = (f"| {path.stem} | {mode} | {'x'.join(map(str, size))} | {tr.batch_size} | {precision} | "
+                     f"{checkpointing} | {estimate / 2**20:.0f} |")
             try:
                 measured = measure_training_step(variant, device, repeats=2)
                 out.append(f"{label} {measured.peak_bytes / 2**20:.0f} | {estimate / measured.peak_bytes:.2f} | "
@@ -89,9 +90,14 @@ def inference(device: torch.device, tiny: bool) -> list[str]:
     x = torch.rand(1, 1, *config.data.image_size, device=device)
     out = []
     result = {}
-    for name, fn in (("tiled encode", lambda: result.update(z=model.encode(x, tile_size=tile, tile_overlap=overlap)[0])),
-                     ("tiled decode", lambda: result.update(y=model.decode(result["z"], tile_size=tile,
-                                                                           tile_overlap=overlap)))):
+
+    def encode() -> None:
+        result["z"] = model.encode(x, tile_size=tile, tile_overlap=overlap)[0]
+
+    def decode() -> None:
+        result["y"] = model.decode(result["z"], tile_size=tile, tile_overlap=overlap)
+
+    for name, fn in (("tiled encode", encode), ("tiled decode", decode)):
         with torch.no_grad():
             started = time.perf_counter()
             peak = measure_peak_bytes(fn, device)

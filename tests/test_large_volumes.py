@@ -11,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from monai_diffusion.cli import estimate_memory_main, sample_main, train_autoencoder_main
 from monai_diffusion.config import DataConfig, load_config

@@ -187,3 +187,63 @@ def test_estimate_memory_cli_reports_patches(capsys):
     assert estimate_memory_main(args) == 0
     out = capsys.readouterr().out
     assert "latent shape: [4, 16, 16, 8] per volume; batch 1" in out  # the 256x256x128 patch's latent
+
+
+# ----------------------------------------------------------------------------------------------------
+# end to end through the command lines
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_patch_trained_pipeline_runs_whole_volumes_by_tiles(tmp_path, monkeypatch):
+    """64x64x48 CT volumes, 32^3 patches: the autoencoder trains on patches and validates whole volumes by
+    tiles, the diffusion stage trains on whole-volume latents encoded by tiles, and sample.py decodes whole
+    volumes by tiles with the training data's affine."""
+    from generative.networks.nets import AutoencoderKL
+
+    from monai_diffusion.cli import train_diffusion_main
+    from monai_diffusion.data import make_phantom
+    from tests.conftest import summary_of
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    for index in range(4):
+        hu = make_phantom((64, 64, 48), index) * 2000.0 - 1000.0
+        nib.save(nib.Nifti1Image(hu.astype(np.float32), affine), scans / f"ct{index}.nii.gz")
+    calls: list[tuple[str, tuple[int, ...], object]] = []
+    for name in ("encode", "decode", "reconstruct"):
+        original = getattr(AutoencoderKL, name)
+
+        def spy(self, x, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, tuple(x.shape[2:]), kwargs.get("tile_size")))
+            return _original(self, x, *args, **kwargs)
+
+        monkeypatch.setattr(AutoencoderKL, name, spy)
+    overrides = [
+        "data.source=nifti", f"data.paths={scans}", "data.image_size=[64, 64, 48]", "data.val_fraction=0.25",
+        "data.patch_size=[32, 32, 32]", "data.patches_per_volume=2", "data.intensity_window=[-1000, 1000]",
+        "autoencoder.num_channels=[8, 8, 8]", "autoencoder.attention_levels=[false, false, false]",
+        "autoencoder.norm_num_groups=4", "autoencoder.discriminator.num_layers_d=1",
+        "autoencoder.discriminator.num_channels=4", "autoencoder.training.batch_size=1",
+        "autoencoder.training.n_epochs=1", "autoencoder.training.adversarial_warmup_epochs=0",
+        "diffusion.num_channels=[8, 8]", "diffusion.attention_levels=[false, true]", "diffusion.num_head_channels=[0, 8]",
+        "diffusion.norm_num_groups=4", "diffusion.scheduler.num_train_timesteps=20", "diffusion.training.batch_size=2",
+        "diffusion.training.n_epochs=1", "diffusion.training.preview_inference_steps=2",
+        "diffusion.sampling.num_inference_steps=2", "device=cpu",
+    ]
+    args = cli_args(CONFIG, tmp_path / "run", *overrides)
+    assert train_autoencoder_main(args) == 0
+    summary = summary_of(tmp_path / "run" / "autoencoder")
+    assert summary["optimizer_steps"] == 3 and "val/psnr" in summary["final"]  # 3 volumes x 2 patches, batch 1
+    assert ("reconstruct", (64, 64, 48), [32, 32, 32]) in calls  # validation: a whole volume, by tiles
+    calls.clear()
+    assert train_diffusion_main(args) == 0
+    assert summary_of(tmp_path / "run" / "diffusion")["latent_shape"] == [3, 16, 16, 12]  # whole-volume latents
+    tiled = [c for c in calls if c[0] == "encode" and c[2] is not None]  # (the tiles' own calls carry none)
+    assert len(tiled) == 4 and all(c == ("encode", (64, 64, 48), [32, 32, 32]) for c in tiled)
+    calls.clear()
+    out = tmp_path / "samples"
+    assert sample_main(args + ["--num-samples", "1", "--output", str(out)]) == 0
+    assert ("decode", (16, 16, 12), [32, 32, 32]) in calls and ("decode", (16, 16, 12), None) not in calls
+    sample = nib.load(str(out / "sample_000.nii.gz"))
+    assert sample.shape == (64, 64, 48)
+    np.testing.assert_allclose(sample.affine, affine, atol=1e-6)

@@ -18,7 +18,8 @@ from monai_diffusion.config import Config, load_config
 from monai_diffusion.errors import ConfigError, RunError, UserError
 
 __all__ = ["config_parser", "resolve_config_path", "run_main", "train_autoencoder_main", "train_diffusion_main",
-           "sample_main", "estimate_memory_main", "evaluate_autoencoder_main", "compare_factors_main"]
+           "sample_main", "estimate_memory_main", "evaluate_autoencoder_main", "compare_factors_main",
+           "evaluate_samples_main"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 log = logging.getLogger("monai_diffusion")
@@ -289,5 +290,40 @@ def compare_factors_main(argv: Sequence[str] | None = None) -> int:
         compare_factors(config, factor_list, output, steps, args.adjust_latent_channels, args.device)
         print((output / "comparison.md").read_text(encoding="utf-8"))
         print(f"wrote {output}/comparison.csv, comparison.md, comparison.png and one run folder per variant")
+
+    return run_main(body, parser, argv)
+
+
+def evaluate_samples_main(argv: Sequence[str] | None = None) -> int:
+    """``evaluate_samples.py`` / ``ldm-evaluate-samples``."""
+    parser = _parser("Compare generated volumes with real ones: FID and MMD of MedicalNet features, diversity "
+                     "(pairwise MS-SSIM) and copies of training volumes (nearest neighbour by SSIM).",
+                     with_config=False)
+    parser.add_argument("--run", required=True, help="the diffusion run folder (or checkpoint) that made the samples")
+    parser.add_argument("--samples", required=True, help="folder of generated NIfTI volumes (sample.py's --output)")
+    parser.add_argument("--real", nargs="+", default=None, metavar="PATH",
+                        help="real NIfTI volumes (folder, glob or files; default: the run's validation set)")
+    parser.add_argument("--train", nargs="+", default=None, metavar="PATH",
+                        help="volumes searched for copies (default: the run's training set)")
+    parser.add_argument("--medicalnet-weights", default=None,
+                        help="local MedicalNet weights for FID and MMD (default: autoencoder.perceptual.weights_path)")
+    parser.add_argument("--medicalnet-network", default=None, choices=["resnet10", "resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--copy-threshold", type=float, default=0.95,
+                        help="flag a sample whose nearest training volume has at least this SSIM")
+    parser.add_argument("--output", default=None, help="results folder, new or empty (default: <samples>/evaluation)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+    def body(args: argparse.Namespace) -> None:
+        from monai_diffusion.sample_quality import evaluate_samples, format_sample_summary
+
+        if not 0 < args.copy_threshold <= 1:
+            raise ConfigError(f"--copy-threshold: expected a number in (0, 1], got {args.copy_threshold}")
+
+        def paths(values: list[str] | None) -> str | list[str] | None:
+            return values[0] if values and len(values) == 1 else values
+
+        result = evaluate_samples(args.run, args.samples, args.output, paths(args.real), paths(args.train),
+                                  args.medicalnet_weights, args.medicalnet_network, args.copy_threshold, args.device)
+        print(format_sample_summary(result))
 
     return run_main(body, parser, argv)

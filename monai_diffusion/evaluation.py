@@ -32,7 +32,7 @@ from monai_diffusion.runs import check_new_folder, run_dir_of
 from monai_diffusion.runtime import resolve_device
 from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 
-__all__ = ["EvaluationResult", "evaluate_autoencoder", "format_summary"]
+__all__ = ["EvaluationResult", "evaluate_autoencoder", "format_summary", "finite_json"]
 
 log = logging.getLogger("monai_diffusion")
 
@@ -85,14 +85,14 @@ def _as_saved(recon: torch.Tensor, item: dict[str, Any], spatial_dims: int) -> t
     return recon[..., None], affine
 
 
-def _finite_json(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     """inf/nan (e.g. the PSNR of identical volumes) as strings, so summary.json stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite_json(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
@@ -206,7 +206,7 @@ def evaluate_autoencoder(
         "mosaic": shown,
         "seconds": round(seconds, 1),
     }
-    (output / "summary.json").write_text(json.dumps(_finite_json(summary), indent=2, allow_nan=False),
+    (output / "summary.json").write_text(json.dumps(finite_json(summary), indent=2, allow_nan=False),
                                          encoding="utf-8")
     return EvaluationResult(output, rows, summary)
 

@@ -198,7 +198,6 @@ def test_patch_trained_pipeline_runs_whole_volumes_by_tiles(tmp_path, monkeypatc
     tiles, the diffusion stage trains on whole-volume latents encoded by tiles, and sample.py decodes whole
     volumes by tiles with the training data's affine."""
     from generative.networks.nets import AutoencoderKL
-
     from monai_diffusion.cli import train_diffusion_main
     from monai_diffusion.data import make_phantom
     from tests.conftest import summary_of

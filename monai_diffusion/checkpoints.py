@@ -22,6 +22,7 @@ from monai.networks.nets import DiffusionModelUNet
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.atomic import atomic_write, fsync_dir
+from monai_diffusion.conditioning import Conditioning
 from monai_diffusion.config import Config, config_from_dict
 from monai_diffusion.errors import CheckpointError, ConfigError
 
@@ -141,6 +142,7 @@ class DiffusionBundle(NamedTuple):
     config: Config
     scale_factor: float  # latents were multiplied by it in training
     reference_affine: torch.Tensor  # 4x4 affine of the training volumes
+    conditioning: Conditioning  # a conditional model's classes and covariate statistics (inactive: unconditional)
 
 
 def load_diffusion(
@@ -162,4 +164,5 @@ def load_diffusion(
     autoencoder = AutoencoderKL(**state["autoencoder_args"])
     autoencoder.load_state_dict(state["autoencoder"], strict=True)
     return DiffusionBundle(unet.to(map_location).eval(), autoencoder.to(map_location).eval(), config,
-                           float(state["scale_factor"]), torch.as_tensor(state["reference_affine"]))
+                           float(state["scale_factor"]), torch.as_tensor(state["reference_affine"]),
+                           Conditioning.from_state(state.get("conditioning")))

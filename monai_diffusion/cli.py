@@ -150,9 +150,16 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
                              "autoencoder's config says, by tiles after patch training)")
     parser.add_argument("--tile-overlap", type=float, default=None,
                         help="fraction of a tile shared with a neighbour (default: autoencoder.tile_overlap)")
+    parser.add_argument("--condition", action="append", nargs="+", default=None, metavar="NAME=VALUE",
+                        help="conditions of a conditional model, e.g. --condition sex=F age=70 (repeatable; "
+                             "age=40,70 gives one set per value); --num-samples volumes per set")
+    parser.add_argument("--conditions-csv", default=None,
+                        help="a CSV of condition sets: a header with the covariate names, one row per set")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (default: diffusion.sampling.guidance_scale; 1 = as trained)")
 
     def body(args: argparse.Namespace) -> None:
-        from monai_diffusion.sampling import sample_volumes
+        from monai_diffusion.sampling import expand_conditions, sample_volumes
 
         config = load_cli_config(args, "diffusion")
         sampling = config.diffusion.sampling
@@ -161,6 +168,8 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
         if scheduler == "ddpm" and args.steps is not None:
             raise ConfigError(f"--steps {args.steps}: DDPM always runs all diffusion.scheduler.num_train_timesteps = "
                               f"{config.diffusion.scheduler.num_train_timesteps} steps; use --scheduler ddim for fewer")
+        if args.guidance_scale is not None and args.guidance_scale < 0:
+            raise ConfigError(f"--guidance-scale: expected a number >= 0, got {args.guidance_scale}")
         if steps > config.diffusion.scheduler.num_train_timesteps:
             raise ConfigError(f"--steps {steps}: exceeds diffusion.scheduler.num_train_timesteps = "
                               f"{config.diffusion.scheduler.num_train_timesteps}")
@@ -175,6 +184,8 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
             device=config.device,
             tile_size=_tile_size(args.tile_size),
             tile_overlap=args.tile_overlap,
+            conditions=expand_conditions(args.condition, args.conditions_csv),
+            guidance_scale=args.guidance_scale,
         )
 
     return run_main(body, parser, argv)

@@ -23,8 +23,10 @@ from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.atomic import atomic_write
+from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.data import build_datasets, model_input
+from monai_diffusion.data.datasets import item_covariates
 from monai_diffusion.metrics import latent_std
 from monai_diffusion.runtime import Runtime
 
@@ -35,16 +37,19 @@ log = logging.getLogger("monai_diffusion")
 
 
 class LatentDataset(Dataset):
-    """Cached latent distributions: items ``{"z_mu": Cx[LATENT DIMS], "z_sigma": Cx[LATENT DIMS]}``."""
+    """Cached latent distributions: items ``{"z_mu": Cx[LATENT DIMS], "z_sigma": Cx[LATENT DIMS]}``, plus
+    ``class_labels`` and/or ``context`` of a conditional model (see ``conditioning.Conditions``)."""
 
-    def __init__(self, z_mu: torch.Tensor, z_sigma: torch.Tensor) -> None:
+    def __init__(self, z_mu: torch.Tensor, z_sigma: torch.Tensor, conditions: Conditions | None = None) -> None:
         self.z_mu, self.z_sigma = z_mu, z_sigma
+        self.conditions = conditions if conditions is not None else Conditions()
 
     def __len__(self) -> int:
         return len(self.z_mu)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"z_mu": self.z_mu[index], "z_sigma": self.z_sigma[index]}
+        return {"z_mu": self.z_mu[index], "z_sigma": self.z_sigma[index],
+                **self.conditions.index(index).as_kwargs()}
 
 
 def shard_indices(count: int, runtime: Runtime, pad: bool = True) -> list[int]:
@@ -80,13 +85,15 @@ def encode_latents(
 
 @dataclasses.dataclass
 class LatentCache:
-    """One rank's encoded training and validation sets and the affine of the training volumes."""
+    """One rank's encoded training and validation sets (with their conditions), the conditioning fitted on the
+    whole training set, and the affine of the training volumes."""
 
     train: LatentDataset
     val: LatentDataset
     affine: torch.Tensor
     encode_seconds: float
     reused: bool
+    conditioning: Conditioning = dataclasses.field(default_factory=Conditioning)
 
 
 def _fingerprint(config: Config, source: Path, runtime: Runtime) -> str:
@@ -121,29 +128,37 @@ def volumes_to_encode(config: Config) -> tuple[Dataset, Dataset]:
 def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL, source: Path, run_dir: Path,
                    volumes: tuple[Dataset, Dataset]) -> LatentCache:
     """Encode (or reload from ``latent_cache_rank<r>.pt``) this rank's share of ``volumes`` (training, validation)."""
-    tr = config.diffusion.training
+    tr, cond = config.diffusion.training, config.diffusion.conditioning
     train_ds, val_ds = volumes
+    train_idx, val_idx = shard_indices(len(train_ds), runtime), shard_indices(len(val_ds), runtime, pad=False)
+    # the conditions come from the covariates alone (no image is read), fitted on the whole training set
+    train_items = [item_covariates(train_ds, i) for i in range(len(train_ds))]
+    conditioning = Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, train_items)
+    train_conditions = conditioning.encode([train_items[i] for i in train_idx])
+    val_conditions = conditioning.encode([item_covariates(val_ds, i) for i in val_idx])
     fingerprint = _fingerprint(config, source, runtime)
     cache_file = run_dir / f"latent_cache_rank{runtime.rank}.pt"
     cached = _read_cache(cache_file, fingerprint) if tr.cache_latents_on_disk else None
     if cached is not None:
         log.info("latent cache: reusing %s", cache_file)
-        return LatentCache(LatentDataset(cached["train_mu"], cached["train_sigma"]),
-                           LatentDataset(cached["val_mu"], cached["val_sigma"]), cached["affine"], 0.0, True)
+        return LatentCache(LatentDataset(cached["train_mu"], cached["train_sigma"], train_conditions),
+                           LatentDataset(cached["val_mu"], cached["val_sigma"], val_conditions), cached["affine"],
+                           0.0, True, conditioning)
     started = time.perf_counter()
     batch = config.autoencoder.training.batch_size
     tiles = {"tile_size": config.inference_tile, "tile_overlap": config.autoencoder.tile_overlap}
-    train_mu, train_sigma = encode_latents(autoencoder, train_ds, shard_indices(len(train_ds), runtime), batch,
-                                           runtime.device, "encoding training set", **tiles)
-    val_mu, val_sigma = encode_latents(autoencoder, val_ds, shard_indices(len(val_ds), runtime, pad=False), batch,
-                                       runtime.device, "encoding validation set", **tiles)
+    train_mu, train_sigma = encode_latents(autoencoder, train_ds, train_idx, batch, runtime.device,
+                                           "encoding training set", **tiles)
+    val_mu, val_sigma = encode_latents(autoencoder, val_ds, val_idx, batch, runtime.device,
+                                       "encoding validation set", **tiles)
     seconds = time.perf_counter() - started
     affine = torch.as_tensor(train_ds[0].get("affine", torch.eye(4)), dtype=torch.float64)
     if tr.cache_latents_on_disk:
         payload = {"fingerprint": fingerprint, "train_mu": train_mu, "train_sigma": train_sigma,
                    "val_mu": val_mu, "val_sigma": val_sigma, "affine": affine}
         atomic_write(cache_file, lambda handle: torch.save(payload, handle))  # a kill never leaves half a file
-    return LatentCache(LatentDataset(train_mu, train_sigma), LatentDataset(val_mu, val_sigma), affine, seconds, False)
+    return LatentCache(LatentDataset(train_mu, train_sigma, train_conditions),
+                       LatentDataset(val_mu, val_sigma, val_conditions), affine, seconds, False, conditioning)
 
 
 def compute_scale_factor(dataset: LatentDataset, batches: int, batch_size: int, runtime: Runtime, seed: int) -> float:

@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import itertools
+import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -14,15 +19,16 @@ from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.checkpoints import load_diffusion
+from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, SchedulerConfig
 from monai_diffusion.config.rules import check_tiles
 from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
-from monai_diffusion.errors import CheckpointError, RunError
+from monai_diffusion.errors import CheckpointError, ConfigError, RunError
 from monai_diffusion.runs import check_new_folder
 from monai_diffusion.runtime import Precision, resolve_device
 from monai_diffusion.visualize import save_png, volume_grid
 
-__all__ = ["make_scheduler", "sampling_generator", "generate_volumes", "sample_volumes"]
+__all__ = ["make_scheduler", "sampling_generator", "generate_volumes", "sample_volumes", "expand_conditions"]
 
 log = logging.getLogger("monai_diffusion")
 
@@ -62,6 +68,9 @@ def generate_volumes(
     step_generator: torch.Generator | None = None,
     tile_size: list[int] | None = None,
     tile_overlap: float | None = None,
+    conditions: Conditions | None = None,
+    conditioning: Conditioning | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Sample ``count`` latents with MONAI core's DDPM/DDIM scheduler and decode them.
 
@@ -86,6 +95,10 @@ def generate_volumes(
         tile_size: decode the latents by tiles of this many output voxels per axis (default:
             ``config.inference_tile``, i.e. by tiles whenever the autoencoder trained on patches).
         tile_overlap: fraction of a tile shared with its neighbour (default: ``autoencoder.tile_overlap``).
+        conditions: the ``count`` samples' conditions (a conditional model; None: unconditional).
+        conditioning: the model's conditioning (for the empty conditions of classifier-free guidance).
+        guidance_scale: classifier-free guidance: ``eps_uncond + scale * (eps_cond - eps_uncond)``; 1 uses the
+            conditional prediction alone.
 
     Returns:
         Bx``out_channels``x[SPATIAL DIMS] volumes (float32) in the autoencoder's output range.
@@ -102,15 +115,51 @@ def generate_volumes(
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     was_training = unet.training
     unet.eval()
+    guided = conditions is not None and conditioning is not None and guidance_scale != 1.0
+    if conditions is not None:  # one forward of the conditional and the unconditional halves together
+        conditions = (conditions.cat(conditioning.null(count)) if guided else conditions).to(device)
+    kwargs = conditions.as_kwargs() if conditions is not None else {}
     with torch.no_grad(), autocast:
         for t in tqdm(scheduler.timesteps, desc=f"{kind} sampling", disable=not verbose, leave=False):
-            prediction = unet(latents, timesteps=torch.full((count,), int(t), device=device, dtype=torch.long))
-            latents, _ = scheduler.step(prediction.float(), t, latents, generator=step_generator)
+            inputs = torch.cat([latents, latents]) if guided else latents
+            timesteps = torch.full((len(inputs),), int(t), device=device, dtype=torch.long)
+            prediction = unet(inputs, timesteps=timesteps, **kwargs).float()
+            if guided:
+                conditional, unconditional = prediction.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+            latents, _ = scheduler.step(prediction, t, latents, generator=step_generator)
         tile = tile_size if tile_size is not None else config.inference_tile
         overlap = tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap
         volumes = autoencoder.decode(latents / scale_factor, tile_size=tile, tile_overlap=overlap)
     unet.train(was_training)
     return volumes.float()
+
+
+def expand_conditions(sets: Sequence[Sequence[str]] | None, csv_file: str | Path | None) -> list[dict[str, str]]:
+    """Condition sets from ``--condition`` (each a list of ``name=value``; ``name=a,b`` gives one set per value,
+    several such names their grid) and from ``--conditions-csv`` (one set per row; the header names them)."""
+    expanded: list[dict[str, str]] = []
+    for tokens in sets or []:
+        choices: dict[str, list[str]] = {}
+        for token in tokens:
+            name, found, values = token.partition("=")
+            if not found or not name.strip() or not values.strip():
+                raise ConfigError(f"--condition {token!r}: expected name=value (e.g. age=70 sex=F; age=40,70 for "
+                                  f"several)")
+            choices[name.strip()] = [v.strip() for v in values.split(",")]
+        expanded += [dict(zip(choices, combination)) for combination in itertools.product(*choices.values())]
+    if csv_file is not None:
+        path = Path(csv_file)
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise ConfigError(f"--conditions-csv: cannot read {path} ({err})") from None
+        if not rows:
+            raise ConfigError(f"--conditions-csv: {path} has no rows (a header with the covariate names, then one "
+                              f"row per condition)")
+        expanded += [{k.strip(): (v or "").strip() for k, v in row.items()} for row in rows]
+    return expanded
 
 
 def sample_volumes(
@@ -124,48 +173,89 @@ def sample_volumes(
     device: str = "auto",
     tile_size: list[int] | None = None,
     tile_overlap: float | None = None,
+    conditions: Sequence[dict[str, str]] | None = None,
+    guidance_scale: float | None = None,
 ) -> list[Path]:
-    """Generate ``num_samples`` volumes into the new or empty folder ``output``: ``sample_XXX.nii.gz`` (written
-    batch by batch, with the affine of the training volumes) and ``samples.png`` (the first few samples).
+    """Generate volumes into the new or empty folder ``output``: ``sample_XXX.nii.gz`` (written batch by batch,
+    with the affine of the training volumes) and ``samples.png`` (the first few samples).
+
+    Args:
+        run: diffusion run folder or checkpoint.
+        num_samples: volumes to generate (per condition set, for a conditional model).
+        output: results folder.
+        scheduler, steps, seed, batch_size, device: as ``sample.py``'s options.
+        tile_size, tile_overlap: decode by tiles (default: as the trained config says, see :func:`generate_volumes`).
+        conditions: condition sets (name -> value as text) of a conditional model; each sample's conditions are
+            written beside it (``sample_XXX.json``) and into ``conditions.csv``.
+        guidance_scale: classifier-free guidance (default: the config's ``diffusion.sampling.guidance_scale``).
 
     Returns:
         the NIfTI paths.
-
-    ``tile_size`` / ``tile_overlap``: decode by tiles (default: as the trained config says, see
-    :func:`generate_volumes`).
     """
     torch_device = resolve_device(device)
     output = Path(output)
     check_new_folder(output)
     try:
-        unet, autoencoder, config, scale_factor, affine = load_diffusion(run, torch_device)
+        bundle = load_diffusion(run, torch_device)
     except CheckpointError as err:
         raise CheckpointError(f"{err}; train the diffusion model first (train_diffusion.py) or point --run at its "
                               f"run folder") from None
+    config, conditioning = bundle.config, bundle.conditioning
+    sets = _condition_sets(conditioning, conditions)
+    scale = config.diffusion.sampling.guidance_scale if guidance_scale is None else guidance_scale
+    spatial_dims = config.autoencoder.spatial_dims
+    image = tuple(config.data.image_size)[:spatial_dims]
+    check_tiles(image, tile_size, tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap,
+                bundle.autoencoder.total_factors)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunError(f"--output: cannot create {output} ({err.strerror})") from None
-    spatial_dims = config.autoencoder.spatial_dims
-    image = tuple(config.data.image_size)[:spatial_dims]
-    check_tiles(image, tile_size, tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap,
-                autoencoder.total_factors)
+    affine = bundle.reference_affine
     if spatial_dims == 2:  # a 2D model's image is stored as a one-slice volume at the centre slice it learned
         affine = centre_slice_affine(affine, config.data.image_size[-1])
     generator = torch.Generator().manual_seed(seed)
-    names, shown = [], []
-    digits = max(3, len(str(num_samples - 1)))
-    for start in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - start)
-        log.info("sampling volumes %d-%d of %d (%s, %d steps)", start + 1, start + count, num_samples, scheduler,
+    jobs = [values for values in sets for _ in range(num_samples)]  # one entry per volume: its condition set
+    names, shown, rows = [], [], []
+    digits = max(3, len(str(len(jobs) - 1)))
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        log.info("sampling volumes %d-%d of %d (%s, %d steps)", start + 1, start + len(chunk), len(jobs), scheduler,
                  config.diffusion.scheduler.num_train_timesteps if scheduler == "ddpm" else steps)
-        batch = generate_volumes(unet, autoencoder, config, scale_factor, count, steps, scheduler, generator,
-                                 verbose=True, tile_size=tile_size, tile_overlap=tile_overlap).cpu().clamp(0, 1)
-        for volume in batch:
+        batch_conditions = conditioning.encode(chunk) if conditioning.active else None
+        batch = generate_volumes(bundle.unet, bundle.autoencoder, config, bundle.scale_factor, len(chunk), steps,
+                                 scheduler, generator, verbose=True, tile_size=tile_size, tile_overlap=tile_overlap,
+                                 conditions=batch_conditions, conditioning=conditioning,
+                                 guidance_scale=scale).cpu().clamp(0, 1)
+        for volume, values in zip(batch, chunk):
             name = output / f"sample_{len(names):0{digits}d}.nii.gz"
             names.append(save_nifti(volume[..., None] if spatial_dims == 2 else volume, name, affine=affine))
+            if values:
+                sidecar = {"conditions": values, "guidance_scale": scale, "seed": seed}
+                name.with_name(name.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=2))
+                rows.append({"file": name.name, **{k: v for k, v in values.items()}})
             if len(shown) < MOSAIC_VOLUMES:
                 shown.append(volume)
+    if rows:
+        with (output / "conditions.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     save_png(volume_grid([("samples", shown)], spatial_dims=spatial_dims), output / "samples.png")
     log.info("wrote %d NIfTI volumes and samples.png to %s", len(names), output)
     return names
+
+
+def _condition_sets(conditioning: Conditioning, conditions: Sequence[dict[str, str]] | None) -> list[dict[str, Any]]:
+    """The checked condition sets: ``[{}]`` (one unconditional set) for an unconditional model."""
+    if not conditioning.active:
+        if conditions:
+            raise ConfigError("--condition: this model is unconditional (trained without diffusion.conditioning); "
+                              "drop --condition / --conditions-csv")
+        return [{}]
+    if not conditions:
+        names = list(conditioning.categorical) + list(conditioning.continuous)
+        raise ConfigError(f"--condition: the model is conditioned on {names}; give them, e.g. --condition "
+                          + " ".join(f"{n}=..." for n in names) + " (or --conditions-csv FILE)")
+    return [conditioning.parse(values, f"--condition {' '.join(f'{k}={v}' for k, v in values.items())}")
+            for values in conditions]

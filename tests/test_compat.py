@@ -32,7 +32,8 @@ def test_old_autoencoder_checkpoint_reconstructs_as_before():
 
 
 def test_old_diffusion_checkpoint_samples_as_before(tmp_path):
-    unet, autoencoder, config, scale_factor, _ = load_diffusion(OLD / "diffusion")
+    unet, autoencoder, config, scale_factor, _, conditioning = load_diffusion(OLD / "diffusion")
+    assert not conditioning.active  # 0.4 models are unconditional
     assert scale_factor == EXPECTED["scale_factor"]
     volumes = generate_volumes(unet, autoencoder, config, scale_factor, 2, 2, "ddim", torch.Generator().manual_seed(0))
     torch.testing.assert_close(volumes, EXPECTED["ddim_2_steps_seed_0"], rtol=0, atol=1e-5)

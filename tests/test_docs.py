@@ -15,7 +15,8 @@ DOCS = {path.name: path.read_text(encoding="utf-8") for path in (ROOT / "docs").
 
 def test_readme_is_the_front_door():
     assert len(README.splitlines()) <= 150
-    for page in ("training", "configuration", "network", "memory", "tiling", "evaluation", "gpus", "migration"):
+    for page in ("training", "configuration", "network", "memory", "large-volumes", "tiling", "conditional",
+                 "evaluation", "gpus", "migration"):
         assert f"(docs/{page}.md)" in README, page
 
 

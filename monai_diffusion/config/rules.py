@@ -282,6 +282,7 @@ def _validate_diffusion(config: Config) -> None:
             f"gives the latent {latent}; use fewer UNet levels, other autoencoder.downsample_factors or another "
             f"image_size"
         )
+    _validate_conditioning(config)
     scheduler = df.scheduler
     if not scheduler.beta_start < scheduler.beta_end:
         raise ConfigError(f"diffusion.scheduler.beta_start: {scheduler.beta_start} must be below "
@@ -291,6 +292,32 @@ def _validate_diffusion(config: Config) -> None:
         if steps > scheduler.num_train_timesteps:
             raise ConfigError(f"{key}: {steps} exceeds diffusion.scheduler.num_train_timesteps = "
                               f"{scheduler.num_train_timesteps}; use at most that many steps")
+
+
+PHANTOM_COVARIATES = ("cavity", "size")  # the phantoms' class and continuous covariate
+
+
+def _validate_conditioning(config: Config) -> None:
+    cond, df, data = config.diffusion.conditioning, config.diffusion, config.data
+    names = cond.categorical + cond.continuous
+    if not names:
+        return
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"diffusion.conditioning: {twice} listed twice; each covariate is categorical or "
+                          f"continuous")
+    if cond.continuous and not any(df.attention_levels):
+        raise ConfigError("diffusion.conditioning.continuous: continuous covariates reach the UNet through "
+                          "cross-attention; switch on at least one of diffusion.attention_levels")
+    if data.source == "synthetic":
+        unknown = [n for n in names if n not in PHANTOM_COVARIATES]
+        if not data.phantom_covariates or unknown:
+            raise ConfigError(f"diffusion.conditioning: the synthetic phantoms offer the covariates "
+                              f"{list(PHANTOM_COVARIATES)} with data.phantom_covariates: true (got {names}); for "
+                              f"your own covariates point data.paths at a datalist (.json or .csv)")
+    elif not (isinstance(data.paths, str) and data.paths.lower().endswith((".json", ".csv"))):
+        raise ConfigError(f"diffusion.conditioning: covariates {names} need a datalist: point data.paths at a "
+                          f".json or .csv file with an image column and one column per covariate")
 
 
 def validate(config: Config, stage: str = "autoencoder") -> Config:

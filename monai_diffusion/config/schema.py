@@ -26,6 +26,7 @@ __all__ = [
     "SchedulerConfig",
     "DiffusionTrainingConfig",
     "SamplingConfig",
+    "ConditioningConfig",
     "DiffusionConfig",
     "Config",
 ]
@@ -76,8 +77,9 @@ class DataConfig:
             the autoencoder's total downsampling factor of that axis.
         num_train: number of synthetic training volumes.
         num_val: number of synthetic validation volumes.
-        paths: NIfTI inputs: a folder (searched recursively for .nii / .nii.gz), a glob pattern, or a
-            list of files.
+        paths: NIfTI inputs: a folder (searched recursively for .nii / .nii.gz), a glob pattern, a list of
+            files, or a datalist with per-volume covariates (a MONAI-style ``.json`` or a ``.csv`` with an
+            ``image`` column; see docs/conditional.md).
         val_fraction: fraction of the NIfTI files held out for validation (at least one file when
             there are two or more; the split is fixed by the seed).
         spacing: voxel spacing in mm to resample to; null keeps the files' spacing.
@@ -95,6 +97,8 @@ class DataConfig:
             (voxels above ``foreground_threshold``), so few patches are air.
         foreground_threshold: intensity (after scaling to [0, 1]) above which a voxel is foreground.
         augmentation: see AugmentationConfig.
+        phantom_covariates: synthetic phantoms with a class ``cavity`` (0/1: a dark cavity at the body's
+            centre) and a continuous ``size`` (the body's scale), for conditional diffusion.
     """
 
     source: Literal["synthetic", "nifti"] = "synthetic"
@@ -113,6 +117,7 @@ class DataConfig:
     patch_random_fraction: float = bounded(0.25, ge=0, le=1)
     foreground_threshold: float = bounded(0.05, ge=0, lt=1)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    phantom_covariates: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,11 +342,34 @@ class SamplingConfig:
         scheduler: ``ddpm`` (all training steps) or ``ddim`` (fewer steps).
         num_inference_steps: steps for DDIM.
         batch_size: volumes generated at once.
+        guidance_scale: classifier-free guidance of a conditional model: 1 follows the conditions as trained,
+            larger values follow them more strongly, 0 ignores them.
     """
 
     scheduler: Literal["ddpm", "ddim"] = "ddim"
     num_inference_steps: int = bounded(50, ge=1)
     batch_size: int = bounded(1, ge=1)
+    guidance_scale: float = bounded(1.0, ge=0)
+
+
+@dataclass
+class ConditioningConfig:
+    """Conditional diffusion on per-volume covariates (from a datalist, or the phantoms' ``cavity`` and ``size``).
+
+    Attributes:
+        categorical: covariates with a few values (e.g. sex): class embeddings (MONAI's ``num_class_embeds``);
+            several combine into one class per combination of values. The values seen in training are the
+            classes.
+        continuous: numeric covariates (e.g. age): normalised with the training set's mean and standard
+            deviation (stored in the checkpoint), given to the UNet through cross-attention (needs an
+            attention level).
+        dropout: probability of dropping a training sample's conditions, which teaches the UNet the
+            unconditional model that classifier-free guidance needs (``sample.py --guidance-scale``).
+    """
+
+    categorical: list[str] = field(default_factory=list)
+    continuous: list[str] = field(default_factory=list)
+    dropout: float = bounded(0.1, ge=0, lt=1)
 
 
 @dataclass
@@ -359,6 +387,7 @@ class DiffusionConfig:
         scheduler: see SchedulerConfig.
         training: see DiffusionTrainingConfig.
         sampling: see SamplingConfig.
+        conditioning: see ConditioningConfig (empty lists: an unconditional model).
     """
 
     autoencoder_run: Union[str, None] = None
@@ -370,6 +399,7 @@ class DiffusionConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
 
     def unet_kwargs(self, latent_channels: int, spatial_dims: int) -> dict[str, Any]:
         """Keyword arguments for ``monai.networks.nets.DiffusionModelUNet``."""

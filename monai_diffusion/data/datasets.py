@@ -20,6 +20,7 @@ from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from monai_diffusion.config.schema import DataConfig
+from monai_diffusion.data.datalist import is_datalist, read_datalist
 from monai_diffusion.data.files import find_nifti_files, split_files
 from monai_diffusion.data.keys import IMAGE_KEY, PATH_KEY
 from monai_diffusion.data.phantoms import SyntheticPhantomDataset
@@ -28,11 +29,23 @@ from monai_diffusion.data.transforms import build_nifti_transforms, check_header
 __all__ = ["build_datasets", "build_file_dataset", "make_loader", "model_input"]
 
 
-def _nifti_dataset(files: Sequence[Path], transform: Compose, cfg: DataConfig) -> MonaiDataset:
-    items = [{IMAGE_KEY: str(p), PATH_KEY: str(p)} for p in files]
+def _nifti_dataset(files: Sequence[Path | dict[str, Any]], transform: Compose, cfg: DataConfig) -> MonaiDataset:
+    """Files (or datalist items: ``image`` and covariates) through ``transform``; the covariates pass through."""
+    items = [{**f, PATH_KEY: str(f[IMAGE_KEY])} if isinstance(f, dict) else {IMAGE_KEY: str(f), PATH_KEY: str(f)}
+             for f in files]
     if cfg.cache:
         return CacheDataset(items, transform, num_workers=max(1, cfg.num_workers), progress=False)
     return MonaiDataset(items, transform)
+
+
+def item_covariates(dataset: Dataset, index: int) -> dict[str, Any]:
+    """Item ``index``'s covariates and where it came from, without reading its image: a datalist row (the
+    MONAI dataset's input dict) or a phantom's ``cavity`` and ``size``."""
+    if hasattr(dataset, "covariates"):  # phantoms
+        return dataset.covariates(index)
+    item = dict(dataset.data[index])
+    item.pop(IMAGE_KEY, None)
+    return item
 
 
 def build_file_dataset(cfg: DataConfig, paths: str | list[str], in_channels: int = 1, key: str = "--data") -> Dataset:
@@ -87,9 +100,12 @@ def build_datasets(
         DataError: On a bad config value, path or file.
     """
     if cfg.source == "synthetic":
-        train = SyntheticPhantomDataset(cfg.num_train, cfg.image_size, seed, in_channels)
-        val = SyntheticPhantomDataset(cfg.num_val, cfg.image_size, seed + 1, in_channels)
+        train = SyntheticPhantomDataset(cfg.num_train, cfg.image_size, seed, in_channels, cfg.phantom_covariates)
+        val = SyntheticPhantomDataset(cfg.num_val, cfg.image_size, seed + 1, in_channels, cfg.phantom_covariates)
         return train, val
+    if is_datalist(cfg.paths):
+        train_files, val_files = _datalist_split(cfg, seed, in_channels)
+        return _build_nifti(cfg, train_files, val_files, seed, in_channels, shard)
     files = find_nifti_files(cfg.paths, "data.paths")
     for path in files:
         check_header(path, in_channels)
@@ -99,6 +115,23 @@ def build_datasets(
             f"data.paths: only one NIfTI file ({files[0]}); it is used for both training and validation",
             stacklevel=2,
         )
+    return _build_nifti(cfg, train_files, val_files, seed, in_channels, shard)
+
+
+def _datalist_split(cfg: DataConfig, seed: int, in_channels: int) -> tuple[list[dict], list[dict]]:
+    """A datalist's items, split as the file says, else by ``val_fraction`` like files in a folder."""
+    training, validation = read_datalist(cfg.paths)
+    for item in training + (validation or []):
+        check_header(Path(item[IMAGE_KEY]), in_channels)
+    if validation is None:
+        by_path = {item[IMAGE_KEY]: item for item in training}
+        train_paths, val_paths = split_files(list(by_path), cfg.val_fraction, seed)
+        training, validation = [by_path[str(p)] for p in train_paths], [by_path[str(p)] for p in val_paths]
+    return training, validation
+
+
+def _build_nifti(cfg: DataConfig, train_files: list, val_files: list, seed: int, in_channels: int,
+                 shard: tuple[int, int] | None) -> tuple[Dataset, Dataset]:
     if cfg.cache and shard is not None and shard[1] > 1:
         rank, world = shard
         train_files = partition_dataset(train_files, num_partitions=world, shuffle=True, seed=seed,

@@ -79,15 +79,23 @@ def _box(center: np.ndarray, radius: float, shape: tuple[int, ...]) -> tuple[sli
     return tuple(slices)
 
 
-def _phantom_labels(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, int]:
+CAVITY_RADIUS = 0.5  # of the body (a unit ball in body coordinates)
+CAVITY_INTENSITY = 0.03
+
+
+def _phantom_labels(shape: tuple[int, ...], rng: np.random.Generator, body_scale: float = 1.0,
+                    cavity: bool = False) -> tuple[np.ndarray, int]:
     """Label map of an anatomy-like phantom.
 
     Label 0 is background, 1 the outer body shell (skin/fat), 2 the inner soft
     tissue, and 3.. organ-like ellipsoids (some with a nested inner ellipsoid).
+    With ``cavity`` the last label is a dark cavity at the body's centre.
 
     Args:
         shape: Spatial shape, 2D or 3D.
         rng: Random generator; fully determines the layout.
+        body_scale: scales the body's axes (1: the default phantoms).
+        cavity: carve a cavity of radius ``CAVITY_RADIUS`` (body units) at the body's centre.
 
     Returns:
         (labels of ``shape`` as uint8, number of labels including background).
@@ -95,7 +103,7 @@ def _phantom_labels(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[n
     ndim = len(shape)
     coords = _grid(shape)
     body_center = rng.uniform(-0.05, 0.05, size=ndim)
-    body_axes = rng.uniform(0.75, 0.92, size=ndim)
+    body_axes = rng.uniform(0.75, 0.92, size=ndim) * body_scale
     body_rot = _rotation(rng, ndim, math.radians(20.0))
     # Body-frame coordinates p = R^T (x - c) / a: the body is the unit ball.
     p = [
@@ -130,6 +138,9 @@ def _phantom_labels(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[n
             inner = sum((uk - np.float32(offset[k])) ** 2 for k, uk in enumerate(u)) <= scale**2
             sub[inner] = next_label
             next_label += 1
+    if cavity:
+        labels[radius2 <= CAVITY_RADIUS**2] = next_label
+        next_label += 1
     return labels, next_label
 
 
@@ -145,26 +156,29 @@ def _intensities(num_labels: int, rng: np.random.Generator) -> np.ndarray:
     return lut
 
 
-def _phantom_channels(shape: tuple[int, ...], seed: int, num_channels: int) -> np.ndarray:
+def _phantom_channels(shape: tuple[int, ...], seed: int, num_channels: int, body_scale: float = 1.0,
+                      cavity: bool = False) -> np.ndarray:
     """Render ``num_channels`` contrasts of one phantom, shape (num_channels, *shape), float32 in [0, 1]."""
     if len(shape) not in (2, 3) or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
         raise DataError(f"phantom shape: expected 2 or 3 positive integers, got {tuple(shape)!r}")
     shape = tuple(int(n) for n in shape)
     rng = seeded_rng(seed)
-    labels, num_labels = _phantom_labels(shape, rng)
+    labels, num_labels = _phantom_labels(shape, rng, body_scale, cavity)
     texture = 0.6 * _value_noise(shape, 4, rng) + 0.4 * _value_noise(shape, 8, rng)
     inside = labels > 0
     out = np.empty((num_channels, *shape), dtype=np.float32)
     for channel in range(num_channels):
         chan_rng = rng if channel == 0 else seeded_rng(seed, channel)
         lut = _intensities(num_labels, chan_rng)
+        if cavity:
+            lut[-1] = CAVITY_INTENSITY
         image = lut[labels] * (1.0 + 0.15 * texture)
         image += 0.01 * chan_rng.standard_normal(shape, dtype=np.float32)
         np.clip(np.where(inside, image, np.float32(0.0)), 0.0, 1.0, out=out[channel])
     return out
 
 
-def make_phantom(shape: tuple[int, ...], seed: int) -> np.ndarray:
+def make_phantom(shape: tuple[int, ...], seed: int, body_scale: float = 1.0, cavity: bool = False) -> np.ndarray:
     """Generate a deterministic anatomy-like phantom.
 
     A rotated/shifted body ellipsoid (outer shell and inner soft tissue) with
@@ -175,6 +189,8 @@ def make_phantom(shape: tuple[int, ...], seed: int) -> np.ndarray:
     Args:
         shape: Spatial shape, (H, W) or (H, W, D).
         seed: Any integer; the same seed always gives the same array.
+        body_scale: scale of the body (1 with the defaults: the phantoms every other test and result uses).
+        cavity: a dark cavity at the body's centre.
 
     Returns:
         float32 array of exactly ``shape`` with values in [0, 1].
@@ -182,7 +198,10 @@ def make_phantom(shape: tuple[int, ...], seed: int) -> np.ndarray:
     Raises:
         DataError: If ``shape`` is not 2 or 3 positive integers.
     """
-    return _phantom_channels(tuple(shape), seed, 1)[0]
+    return _phantom_channels(tuple(shape), seed, 1, body_scale, cavity)[0]
+
+
+SIZE_RANGE = (0.6, 1.0)  # body scales of phantoms with covariates
 
 
 class SyntheticPhantomDataset(Dataset):
@@ -190,10 +209,13 @@ class SyntheticPhantomDataset(Dataset):
 
     Items are ``{"image": FloatTensor (in_channels, H, W, D), "path": "synthetic://{seed}/{i}",
     "affine": identity DoubleTensor (4, 4)}``. Extra channels show the same anatomy
-    with different (deterministic) tissue contrasts.
+    with different (deterministic) tissue contrasts. With ``covariates``, items also carry a class
+    ``cavity`` (0/1, alternating: 1 = a dark cavity at the body's centre) and a continuous ``size`` (the
+    body's scale, drawn in ``SIZE_RANGE``), for conditional models.
     """
 
-    def __init__(self, num: int, shape: tuple[int, int, int], seed: int, in_channels: int = 1) -> None:
+    def __init__(self, num: int, shape: tuple[int, int, int], seed: int, in_channels: int = 1,
+                 covariates: bool = False) -> None:
         """Create the dataset.
 
         Args:
@@ -201,6 +223,7 @@ class SyntheticPhantomDataset(Dataset):
             shape: Spatial shape (H, W, D).
             seed: Base seed.
             in_channels: Channels per volume (>= 1).
+            covariates: phantoms with a ``cavity`` class and a ``size`` factor.
 
         Raises:
             DataError: On a bad argument.
@@ -209,18 +232,26 @@ class SyntheticPhantomDataset(Dataset):
             raise ValueError(f"SyntheticPhantomDataset(num={num}, shape={tuple(shape)}, in_channels={in_channels}): "
                              f"expected num >= 0, three positive sizes and in_channels >= 1")
         self.num, self.shape = int(num), tuple(int(s) for s in shape)
-        self.seed, self.in_channels = int(seed), int(in_channels)
+        self.seed, self.in_channels, self.with_covariates = int(seed), int(in_channels), covariates
 
     def __len__(self) -> int:
         return self.num
+
+    def covariates(self, index: int) -> dict[str, Any]:
+        """Item ``index``'s ``path`` and, with covariates, its ``cavity`` and ``size`` (without rendering it)."""
+        index = int(index) % self.num
+        extra: dict[str, Any] = {PATH_KEY: f"synthetic://{self.seed}/{index}"}
+        if self.with_covariates:
+            size = float(seeded_rng(self.seed * 100003 + index, 7).uniform(*SIZE_RANGE))
+            extra.update(cavity=index % 2, size=size)
+        return extra
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -self.num <= index < self.num:
             raise IndexError(f"index {index} out of range for {self.num} synthetic volumes")
         index = int(index) % self.num
-        volume = _phantom_channels(self.shape, self.seed * 100003 + index, self.in_channels)
-        return {
-            IMAGE_KEY: torch.from_numpy(volume),
-            PATH_KEY: f"synthetic://{self.seed}/{index}",
-            AFFINE_KEY: torch.eye(4, dtype=torch.float64),
-        }
+        seed = self.seed * 100003 + index
+        extra = self.covariates(index)
+        volume = _phantom_channels(self.shape, seed, self.in_channels, extra.get("size", 1.0),
+                                   bool(extra.get("cavity", False)))
+        return {IMAGE_KEY: torch.from_numpy(volume), AFFINE_KEY: torch.eye(4, dtype=torch.float64), **extra}

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.inferers import DiffusionInferer
 from monai.networks.nets import DiffusionModelUNet
 from torch.utils.data import Dataset
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.checkpoints import load_autoencoder
+from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.config.schema import DiffusionTrainingConfig
 from monai_diffusion.data import make_loader
@@ -46,6 +46,7 @@ class DiffusionTask:
         autoencoder: the frozen, trained autoencoder (for previews and stored in checkpoints).
         scale_factor: latent scale factor.
         reference_affine: 4x4 affine of the training volumes, for NIfTI samples.
+        conditioning: the conditions of a conditional model (inactive: unconditional).
     """
 
     monitor = "val/loss"
@@ -58,13 +59,16 @@ class DiffusionTask:
         autoencoder: AutoencoderKL,
         scale_factor: float,
         reference_affine: torch.Tensor,
+        conditioning: Conditioning | None = None,
     ) -> None:
         df, tr = config.diffusion, config.diffusion.training
         self.config, self.runtime, self.precision, self.training = config, runtime, precision, tr
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.scale_factor = float(scale_factor)
         self.reference_affine = reference_affine
-        self.unet_args = df.unet_kwargs(config.autoencoder.latent_channels, config.autoencoder.spatial_dims)
+        self.conditioning = conditioning if conditioning is not None else Conditioning()
+        self.unet_args = {**df.unet_kwargs(config.autoencoder.latent_channels, config.autoencoder.spatial_dims),
+                          **self.conditioning.unet_kwargs()}
         self.unet = DiffusionModelUNet(**self.unet_args).to(runtime.device)
         self.unet_train: nn.Module = self.unet
         if runtime.distributed:
@@ -76,7 +80,6 @@ class DiffusionTask:
                 self.unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tr.ema_decay)
             )
         self.scheduler = make_scheduler(df.scheduler, "ddpm")
-        self.inferer = DiffusionInferer(self.scheduler)
         self._optimizers = {"unet": torch.optim.Adam(self.unet.parameters(), lr=tr.learning_rate)}
         self._validation_generator = torch.Generator().manual_seed(config.seed)
 
@@ -95,18 +98,24 @@ class DiffusionTask:
         eps = torch.randn(z_mu.shape, generator=generator) if generator is not None else torch.randn_like(z_mu)
         return ((z_mu + eps * z_sigma) * self.scale_factor).to(self.runtime.device)
 
-    def _loss(
-        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, model: nn.Module
-    ) -> torch.Tensor:
+    def _conditions(self, batch: dict[str, Any]) -> Conditions:
+        return Conditions(batch.get("class_labels"), batch.get("context")).to(self.runtime.device)
+
+    def _loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, model: nn.Module,
+              conditions: Conditions) -> torch.Tensor:
+        """The noise-prediction loss (what MONAI's DiffusionInferer computes, written out because it passes no
+        class labels to the UNet)."""
+        noisy = self.scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
         with self.precision.autocast():
-            prediction = self.inferer(inputs=latents, diffusion_model=model, noise=noise, timesteps=timesteps)
+            prediction = model(noisy, timesteps=timesteps, **conditions.as_kwargs())
         return F.mse_loss(prediction.float(), noise.float())
 
     def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, float]:
         latents = self._latents(batch)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (len(latents),), device=latents.device)
-        loss = self._loss(latents, noise, timesteps, self.unet_train)
+        conditions = self.conditioning.drop(self._conditions(batch))  # some dropped: for classifier-free guidance
+        loss = self._loss(latents, noise, timesteps, self.unet_train, conditions)
         logs = {"loss": float(loss.detach())}
         optimization.backward(loss, "unet", logs)
         return logs
@@ -123,22 +132,22 @@ class DiffusionTask:
         latents = self._latents(batch, generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (len(latents),), generator=generator)
-        loss = self._loss(latents, noise, timesteps.to(latents.device), self.sampling_model())
+        loss = self._loss(latents, noise, timesteps.to(latents.device), self.sampling_model(), self._conditions(batch))
         return {"loss": loss.detach() * len(latents), "count": torch.tensor(float(len(latents)))}
 
     def on_validation_start(self) -> None:
         self._validation_generator.manual_seed(self.config.seed)  # the same noise at every validation
 
-    def generate(self, count: int, steps: int, kind: str = "ddim", generator: torch.Generator | None = None,
-                 verbose: bool = False) -> torch.Tensor:
-        """Sample ``count`` volumes: BxCx[SPATIAL DIMS] in the autoencoder's output range."""
-        return generate_volumes(self.sampling_model(), self.autoencoder, self.config, self.scale_factor,
-                                count, steps, kind, generator, verbose, self.precision)
-
     def preview(self, batch: dict[str, Any]) -> np.ndarray:
+        """Samples (with the conditions of the first validation latents, for a conditional model)."""
         generator = torch.Generator().manual_seed(self.config.seed)
-        volumes = self.generate(max(1, self.training.num_preview_samples), self.training.preview_inference_steps,
-                                generator=generator)
+        count = max(1, self.training.num_preview_samples)
+        conditions = self._conditions(batch).index(slice(0, count)) if self.conditioning.active else None
+        if conditions is not None:
+            count = len(conditions)
+        volumes = generate_volumes(self.sampling_model(), self.autoencoder, self.config, self.scale_factor, count,
+                                   self.training.preview_inference_steps, "ddim", generator, precision=self.precision,
+                                   conditions=conditions, conditioning=self.conditioning)
         return volume_grid([("samples", list(volumes.clamp(0, 1)))], spatial_dims=self.config.autoencoder.spatial_dims)
 
     def state_dict(self) -> dict[str, Any]:
@@ -153,6 +162,7 @@ class DiffusionTask:
             "reference_affine": self.reference_affine,
             "autoencoder_args": {**self.autoencoder.init_args, "use_checkpointing": False},
             "autoencoder": self.autoencoder.state_dict(),
+            "conditioning": self.conditioning.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -213,7 +223,8 @@ class DiffusionStage:
             scale_factor = compute_scale_factor(latents.train, tr.scale_factor_batches, tr.batch_size, runtime,
                                                 config.seed)
         log.info("latent scale factor: %.4f", scale_factor)
-        task = DiffusionTask(config, runtime, precision, self.autoencoder, scale_factor, latents.affine)
+        task = DiffusionTask(config, runtime, precision, self.autoencoder, scale_factor, latents.affine,
+                             latents.conditioning)
         pin = runtime.device.type == "cuda"
         sampler = torch.utils.data.DistributedSampler(latents.train, num_replicas=1, rank=0, shuffle=True,
                                                       seed=config.seed + runtime.rank)

@@ -1,0 +1,103 @@
+"""Datalists: NIfTI volumes with per-volume covariates, from a MONAI-style JSON file or a CSV table.
+
+JSON (read with MONAI's ``load_decathlon_datalist``)::
+
+    {"training": [{"image": "scans/a.nii.gz", "age": 63, "sex": "F"}, ...],
+     "validation": [{"image": "scans/b.nii.gz", "age": 71, "sex": "M"}, ...]}
+
+CSV: an ``image`` column and one column per covariate; an optional ``split`` column (``training`` /
+``validation``, also ``train`` / ``val``) gives the split. Paths are relative to the file. Without a split in
+the file, ``data.val_fraction`` of the volumes are held out, as for folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from monai.data import load_decathlon_datalist
+
+from monai_diffusion.data.files import is_nifti
+from monai_diffusion.errors import DataError
+
+__all__ = ["DATALIST_SUFFIXES", "ROW_KEY", "is_datalist", "read_datalist"]
+
+DATALIST_SUFFIXES = (".json", ".csv")
+ROW_KEY = "row"  # where an item was given: "<file>, line 5" or "<file>, training[3]", for error messages
+_SPLITS = {"training": "training", "train": "training", "validation": "validation", "val": "validation"}
+
+
+def is_datalist(paths: Any) -> bool:
+    """Whether ``data.paths`` names a datalist file (``.json`` or ``.csv``)."""
+    return isinstance(paths, (str, os.PathLike)) and str(paths).lower().endswith(DATALIST_SUFFIXES)
+
+
+def _check_image(path: str, where: str) -> str:
+    if not is_nifti(path):
+        raise DataError(f"{where}: image '{path}' is not a NIfTI file; expected a .nii or .nii.gz file")
+    if not Path(path).is_file():
+        raise DataError(f"{where}: image '{path}' does not exist; fix the path (relative to the datalist's folder)")
+    return path
+
+
+def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    try:
+        keys = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"data.paths: cannot read the datalist {path} as JSON ({err})") from None
+    if not isinstance(keys, dict) or not isinstance(keys.get("training"), list):
+        raise DataError(f"data.paths: {path} has no 'training' list; a datalist looks like "
+                        f'{{"training": [{{"image": "a.nii.gz", "age": 63}}], "validation": [...]}}')
+    parts = []
+    for key in ("training", "validation"):
+        if key not in keys:
+            parts.append(None)
+            continue
+        for row, item in enumerate(keys[key]):
+            if not isinstance(item, dict) or "image" not in item:
+                raise DataError(f"data.paths: {path}, {key}[{row}]: expected an object with an 'image' key, "
+                                f"got {item!r}")
+        items = load_decathlon_datalist(str(path), data_list_key=key, base_dir=str(path.parent))
+        for row, item in enumerate(items):
+            item[ROW_KEY] = f"{path}, {key}[{row}]"
+            _check_image(str(item["image"]), f"data.paths: {item[ROW_KEY]}")
+        parts.append([dict(item) for item in items])
+    return parts[0], parts[1]
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"data.paths: cannot read the datalist {path} as CSV ({err})") from None
+    if not rows or "image" not in rows[0]:
+        raise DataError(f"data.paths: {path} needs a header with an 'image' column (and one column per covariate)")
+    training, validation, has_split = [], [], "split" in rows[0]
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"data.paths: {path}, line {line}"
+        image = (row.get("image") or "").strip()
+        if not image:
+            raise DataError(f"{where}: empty 'image'")
+        item: dict[str, Any] = {k: v for k, v in row.items() if k not in ("image", "split")}
+        item["image"] = _check_image(str(path.parent / image), where)
+        item[ROW_KEY] = f"{path}, line {line}"
+        split = _SPLITS.get((row.get("split") or "").strip().lower()) if has_split else "training"
+        if split is None:
+            raise DataError(f"{where}: split {row.get('split')!r} is not training/train or validation/val")
+        (training if split == "training" else validation).append(item)
+    if not training:
+        raise DataError(f"data.paths: {path} has no training rows")
+    return training, (validation if has_split else None)
+
+
+def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """``(training items, validation items or None)``: dicts with an absolute ``image`` path and the covariates
+    as given (numbers from JSON; strings from CSV, converted where the covariate is declared continuous)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.paths: datalist {path} does not exist")
+    return _read_json(path) if path.suffix.lower() == ".json" else _read_csv(path)

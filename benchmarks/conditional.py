@@ -39,7 +39,8 @@ FOREGROUND, DARK = 0.05, 0.1
 
 def settings(size: int, ae_epochs: int, diffusion_epochs: int, conditional: bool) -> list[str]:
     common = [
-        f"data.image_size=[{size}, {size}, {size}]", "data.num_train=64", "data.num_val=8", "data.phantom_covariates=true",
+        f"data.image_size=[{size}, {size}, {size}]", "data.num_train=64", "data.num_val=8",
+        "data.phantom_covariates=true",
         "autoencoder.num_channels=[16, 32, 32]", "autoencoder.attention_levels=[false, false, false]",
         "autoencoder.norm_num_groups=16", "autoencoder.training.batch_size=4",
         f"autoencoder.training.n_epochs={ae_epochs}", "autoencoder.training.learning_rate=5e-4",
@@ -100,7 +101,8 @@ def main() -> None:
         run = output / name
         run.mkdir(parents=True, exist_ok=True)
         if not (run / "diffusion").exists():
-            assert train_diffusion_main(args(run, overrides + [f"diffusion.autoencoder_run={output / 'autoencoder'}"])) == 0
+            source = f"diffusion.autoencoder_run={output / 'autoencoder'}"
+            assert train_diffusion_main(args(run, overrides + [source])) == 0
 
     # 2. the classifier and the size scale, fitted on real phantoms
     real = SyntheticPhantomDataset(64, (options.size,) * 3, seed=1000, covariates=True)

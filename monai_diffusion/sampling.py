@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,11 +15,11 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.checkpoints import load_diffusion
+from monai_diffusion.checkpoints import load_diffusion, resolve_checkpoint
 from monai_diffusion.config import Config, SchedulerConfig
 from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
-from monai_diffusion.errors import CheckpointError, RunError
-from monai_diffusion.runs import check_new_folder
+from monai_diffusion.errors import CheckpointError, ConfigError, RunError
+from monai_diffusion.runs import check_new_folder, check_outside_data, existing_ancestor, make_output_folder
 from monai_diffusion.runtime import Precision, resolve_device
 from monai_diffusion.visualize import save_png, volume_grid
 
@@ -105,6 +107,18 @@ def generate_volumes(
     return volumes.float()
 
 
+def _check_disk_space(output: Path, num_samples: int, config: Config) -> None:
+    """Refuse, before sampling, a request whose NIfTI files cannot fit on the disk of ``output`` (float32
+    voxels; gzip saves little on them)."""
+    spatial = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
+    needed = num_samples * math.prod(spatial) * config.autoencoder.out_channels * 4
+    existing = existing_ancestor(output)
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise RunError(f"--num-samples {num_samples}: the samples need about {needed / 1e9:,.3g} GB as NIfTI files, "
+                       f"but {existing} has {free / 1e9:,.3g} GB free; generate fewer or choose another --output")
+
+
 def sample_volumes(
     run: str | Path,
     num_samples: int,
@@ -125,14 +139,20 @@ def sample_volumes(
     output = Path(output)
     check_new_folder(output)
     try:
-        unet, autoencoder, config, scale_factor, affine = load_diffusion(run, torch_device)
+        path = resolve_checkpoint(run)
     except CheckpointError as err:
         raise CheckpointError(f"{err}; train the diffusion model first (train_diffusion.py) or point --run at its "
                               f"run folder") from None
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunError(f"--output: cannot create {output} ({err.strerror})") from None
+    unet, autoencoder, config, scale_factor, affine = load_diffusion(path, torch_device)
+    trained_steps = config.diffusion.scheduler.num_train_timesteps
+    if scheduler == "ddim" and steps > trained_steps:
+        raise ConfigError(f"--steps {steps} (or diffusion.sampling.num_inference_steps): exceeds the "
+                          f"num_train_timesteps = {trained_steps} the run {run} was trained with; use at most "
+                          f"{trained_steps} steps")
+    if config.data.source == "nifti":
+        check_outside_data(output, config.data.paths, "--output")
+    _check_disk_space(output, num_samples, config)
+    make_output_folder(output)
     spatial_dims = config.autoencoder.spatial_dims
     if spatial_dims == 2:  # a 2D model's image is stored as a one-slice volume at the centre slice it learned
         affine = centre_slice_affine(affine, config.data.image_size[-1])
@@ -147,7 +167,11 @@ def sample_volumes(
                                  verbose=True).cpu().clamp(0, 1)
         for volume in batch:
             name = output / f"sample_{len(names):0{digits}d}.nii.gz"
-            names.append(save_nifti(volume[..., None] if spatial_dims == 2 else volume, name, affine=affine))
+            try:
+                names.append(save_nifti(volume[..., None] if spatial_dims == 2 else volume, name, affine=affine))
+            except OSError as err:
+                raise RunError(f"--output: cannot write {name} ({err.strerror}); {len(names)} of {num_samples} "
+                               f"samples were written") from None
             if len(shown) < MOSAIC_VOLUMES:
                 shown.append(volume)
     save_png(volume_grid([("samples", shown)], spatial_dims=spatial_dims), output / "samples.png")

@@ -60,8 +60,8 @@ class DataConfig:
         num_val: number of synthetic validation volumes.
         paths: NIfTI inputs: a folder (searched recursively for .nii / .nii.gz), a glob pattern, or a
             list of files.
-        val_fraction: fraction of the NIfTI files held out for validation (at least one file when
-            there are two or more; the split is fixed by the seed).
+        val_fraction: fraction of the NIfTI files held out for validation (at least one file; at least
+            two files are needed, and no file is in both sets; the split is fixed by the seed).
         spacing: voxel spacing in mm to resample to; null keeps the files' spacing.
         intensity_percentiles: lower and upper percentiles mapped to 0 and 1 (clipped), per channel.
         cache: keep the preprocessed volumes in memory (MONAI CacheDataset; under DDP each process

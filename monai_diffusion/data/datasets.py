@@ -8,7 +8,7 @@ Every item is a dictionary of plain tensors (never MONAI ``MetaTensor``), so ``d
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from monai_diffusion.data.files import find_nifti_files, split_files
 from monai_diffusion.data.keys import IMAGE_KEY, PATH_KEY
 from monai_diffusion.data.phantoms import SyntheticPhantomDataset
 from monai_diffusion.data.transforms import build_nifti_transforms, check_header
+from monai_diffusion.errors import ConfigError
+from monai_diffusion.profiling import physical_memory_bytes
 
 __all__ = ["build_datasets", "build_file_dataset", "make_loader", "model_input"]
 
@@ -45,7 +47,7 @@ def build_file_dataset(cfg: DataConfig, paths: str | list[str], in_channels: int
     """
     files = find_nifti_files(paths, key)
     for path in files:
-        check_header(path, in_channels)
+        check_header(path, in_channels, cfg.spacing)
     return _nifti_dataset(files, build_nifti_transforms(cfg, in_channels), cfg)
 
 
@@ -59,6 +61,17 @@ def model_input(images: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     if spatial_dims == 2 and images.dim() == 5:
         return images[..., images.shape[-1] // 2]
     return images
+
+
+def _check_volume_fits(cfg: DataConfig, in_channels: int) -> None:
+    """Refuse a ``data.image_size`` whose one volume cannot fit in this machine's memory (as float64, the
+    phantoms' working precision), before anything is generated or loaded."""
+    needed = math.prod(cfg.image_size) * in_channels * 8
+    memory = physical_memory_bytes()
+    if needed > memory:
+        raise ConfigError(f"data.image_size: one volume of {' x '.join(map(str, cfg.image_size))} voxels needs "
+                          f"{needed / 1e9:.3g} GB, more than this machine's {memory / 1e9:.3g} GB; choose a smaller "
+                          f"data.image_size (ldm-estimate-memory estimates what a training step needs)")
 
 
 def build_datasets(
@@ -86,19 +99,15 @@ def build_datasets(
     Raises:
         DataError: On a bad config value, path or file.
     """
+    _check_volume_fits(cfg, in_channels)
     if cfg.source == "synthetic":
         train = SyntheticPhantomDataset(cfg.num_train, cfg.image_size, seed, in_channels)
         val = SyntheticPhantomDataset(cfg.num_val, cfg.image_size, seed + 1, in_channels)
         return train, val
     files = find_nifti_files(cfg.paths, "data.paths")
     for path in files:
-        check_header(path, in_channels)
+        check_header(path, in_channels, cfg.spacing)
     train_files, val_files = split_files(files, cfg.val_fraction, seed)
-    if len(files) == 1:
-        warnings.warn(
-            f"data.paths: only one NIfTI file ({files[0]}); it is used for both training and validation",
-            stacklevel=2,
-        )
     if cfg.cache and shard is not None and shard[1] > 1:
         rank, world = shard
         train_files = partition_dataset(train_files, num_partitions=world, shuffle=True, seed=seed,

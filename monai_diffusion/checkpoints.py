@@ -26,8 +26,8 @@ from monai_diffusion.conditioning import Conditioning
 from monai_diffusion.config import Config, config_from_dict
 from monai_diffusion.errors import CheckpointError, ConfigError
 
-__all__ = ["FORMAT", "save_checkpoint", "save_step_checkpoint", "load_checkpoint", "checkpoint_path",
-           "resolve_checkpoint", "load_autoencoder", "load_diffusion", "DiffusionBundle"]
+__all__ = ["FORMAT", "save_checkpoint", "unconfirmed_path", "confirm_checkpoint", "load_checkpoint",
+           "checkpoint_path", "resolve_checkpoint", "load_autoencoder", "load_diffusion", "DiffusionBundle"]
 
 FORMAT = "monai_diffusion.checkpoint/1"
 
@@ -47,22 +47,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return atomic_write(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
 
 
-def save_step_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep_last: int) -> Path:
-    """Write ``checkpoints/step_<step>.pt``, make ``last.pt`` the same file, keep only the newest ``keep_last``.
+def unconfirmed_path(run_dir: str | Path, name: str) -> Path:
+    """``<run_dir>/checkpoints/.<name>.unconfirmed.pt``: a checkpoint written but not yet confirmed (see
+    :func:`confirm_checkpoint`); hidden, never named by ``last.pt``, removed when a later run starts."""
+    return Path(run_dir) / "checkpoints" / f".{name}.unconfirmed.pt"
 
-    ``last.pt`` is switched with an atomic rename of a hard link, so it is never half-written; ``best.pt``
-    is never rotated away.
+
+def confirm_checkpoint(path: str | Path, keep_last: int) -> Path:
+    """Give an unconfirmed checkpoint its name and make ``last.pt`` name it.
+
+    ``.last.unconfirmed.pt`` is renamed over ``last.pt``; ``.step_<n>.unconfirmed.pt`` becomes ``step_<n>.pt``,
+    ``last.pt`` becomes the same file (the atomic rename of a hard link, so it is never half-written) and only
+    the newest ``keep_last`` step checkpoints are kept (``best.pt`` is never rotated away).
     """
-    path = save_checkpoint(state, checkpoint_path(run_dir, f"step_{step:08d}"))
-    last = checkpoint_path(run_dir, "last")
-    link = last.with_name(f".{last.name}.{os.getpid()}.link")
-    link.unlink(missing_ok=True)
-    os.link(path, link)
-    os.replace(link, last)
-    for old in sorted(path.parent.glob("step_*.pt"))[:-keep_last]:
-        old.unlink()
-    fsync_dir(path.parent)
-    return path
+    path = Path(path)
+    name = path.name.removeprefix(".").removesuffix(".unconfirmed.pt")
+    final = path.with_name(f"{name}.pt")
+    os.replace(path, final)
+    if name != "last":
+        last = final.with_name("last.pt")
+        link = last.with_name(f".{last.name}.{os.getpid()}.link")
+        link.unlink(missing_ok=True)
+        os.link(final, link)
+        os.replace(link, last)
+        for old in sorted(final.parent.glob("step_*.pt"))[:-keep_last]:
+            old.unlink()
+    fsync_dir(final.parent)
+    return final
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -78,7 +89,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: not a monai_diffusion checkpoint, or it holds objects other than plain "
                               f"data ({first[:200]})") from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {str(err)[:200]}); the file "
+        reason = str(err).strip().split(". ")[0][:200]  # torch's zip reader adds sentences of advice
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {reason}); the file "
                               f"is truncated or corrupt") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a monai_diffusion checkpoint (no '{FORMAT}' marker)")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from monai_diffusion.atomic import atomic_write
 from monai_diffusion.config import Config, load_config
 from monai_diffusion.errors import ConfigError, RunError, UserError
 
@@ -43,10 +44,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _path(text: str) -> str:
+    """A file or folder option: an empty value is an error, never a silent fall-back to the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {value}")
+    return value
+
+
 def _parser(description: str, with_config: bool = True) -> _Parser:
     parser = _Parser(description=description)
     if with_config:
-        parser.add_argument("--config", default=str(CONFIG_DIR / "ldm_config.yaml"),
+        parser.add_argument("--config", type=_path, default=str(CONFIG_DIR / "ldm_config.yaml"),
                             help="YAML config (a bare file name is also looked up in monai_diffusion/config/)")
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config value, e.g. --set autoencoder.training.batch_size=1 (repeatable)")
@@ -84,24 +102,60 @@ def _setup_logging() -> None:
     logging.getLogger("PIL").setLevel(logging.WARNING)
 
 
+def _lost_peer(err: BaseException) -> bool:
+    """A collective that failed because another process of the run ended (gloo / NCCL)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "remote worker crash",
+                                  "NCCL communicator was aborted"))
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: Python's or NumPy's MemoryError, torch's CPU allocator or a GPU."""
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))
+
+
 def run_main(body: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None) -> int:
-    """Parse arguments, run ``body``, turn user errors into one line and exit code 2."""
+    """Parse arguments, run ``body``, turn user errors into one line and exit code 2.
+
+    Under torchrun (WORLD_SIZE > 1) one line is printed for the whole run: an error decided alike on every
+    process by rank 0 alone, one met by a single process (``UserError.rank_local``) by that process, naming
+    its rank. A process whose collective failed because another one ended exits quietly (code 1): that
+    process's own message, and torchrun's summary, name the cause. ``--debug`` shows every traceback.
+    """
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a bad option (2, already reported in one line)
         return int(exit_.code or 0)
     _setup_logging()
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         body(args)
     except UserError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if rank == 0 or world == 1:
+            print(f"error: {err}", file=sys.stderr)
+        elif err.rank_local:
+            print(f"error: rank {rank}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
+        if rank == 0:
+            print("interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        if world > 1 and not args.debug and _lost_peer(err):
+            return 1
+        if args.debug or not _out_of_memory(err):
+            raise
+        lines = str(err).strip().splitlines()
+        what = lines[0][:200] if lines else type(err).__name__
+        print(f"error: {f'rank {rank}: ' if rank else ''}out of memory ({what}); reduce data.image_size, the batch "
+              f"size or the network's channels, or switch on mixed_precision or use_gradient_checkpointing "
+              f"(ldm-estimate-memory estimates a training step)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -134,17 +188,18 @@ def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
 def sample_main(argv: Sequence[str] | None = None) -> int:
     """``sample.py`` / ``ldm-sample``."""
     parser = _parser("Generate volumes with a trained latent diffusion model (NIfTI + PNG mosaic).")
-    parser.add_argument("--run", default=None,
+    parser.add_argument("--run", type=_path, default=None,
                         help="diffusion run folder or checkpoint (default: <output_dir>/diffusion)")
     parser.add_argument("--num-samples", type=_positive_int, default=1)
-    parser.add_argument("--output", required=True, help="new or empty folder for sample_XXX.nii.gz and samples.png")
+    parser.add_argument("--output", type=_path, required=True,
+                        help="new or empty folder for sample_XXX.nii.gz and samples.png")
     parser.add_argument("--scheduler", choices=["ddpm", "ddim"], default=None,
                         help="default: diffusion.sampling.scheduler")
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="DDIM steps (default: diffusion.sampling.num_inference_steps; DDPM runs every "
                              "training step)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: diffusion.sampling.batch_size")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--tile-size", type=_positive_int, nargs="+", default=None, metavar="N",
                         help="decode in overlapping tiles of this size (one value or one per axis; default: as the "
                              "autoencoder's config says, by tiles after patch training)")
@@ -173,6 +228,10 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
         if steps > config.diffusion.scheduler.num_train_timesteps:
             raise ConfigError(f"--steps {steps}: exceeds diffusion.scheduler.num_train_timesteps = "
                               f"{config.diffusion.scheduler.num_train_timesteps}")
+        if config.data.source == "nifti":  # the data the config trains on (sample_volumes checks the run's too)
+            from monai_diffusion.runs import check_outside_data
+
+            check_outside_data(Path(args.output), config.data.paths, "--output")
         sample_volumes(
             run=args.run or config.diffusion_dir,
             num_samples=args.num_samples,
@@ -197,20 +256,24 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input-size", type=_positive_int, nargs="+", metavar="N",
                         help="spatial size (default data.image_size)")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="default autoencoder.training.batch_size")
+                        help="default autoencoder.training.batch_size (with --budget: search only this batch size, "
+                             "else 8, 4, 2 and 1)")
     parser.add_argument("--budget", default=None, help="e.g. 24GB: list the configs that fit and write the first")
-    parser.add_argument("--output", default=None,
+    parser.add_argument("--output", type=_path, default=None,
                         help="with --budget: YAML file to write (default <config>_<budget>.yaml)")
 
     def body(args: argparse.Namespace) -> None:
         import yaml
 
         from monai_diffusion import memory
+        from monai_diffusion.runs import check_writable
 
         if args.input_size:
             args.overrides.append(f"data.image_size={list(args.input_size)}")
         if args.batch_size is not None:
             args.overrides.append(f"autoencoder.training.batch_size={args.batch_size}")
+        if args.output is not None and args.budget is None:
+            raise ConfigError("--output: only used with --budget; add --budget (e.g. 24GB) or drop --output")
         config = load_cli_config(args)
         if args.budget is None:
             print(memory.report(memory.estimate_autoencoder(config)))
@@ -223,18 +286,24 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
         target = Path(args.output or f"{Path(args.config).stem}_{args.budget.replace(' ', '')}.yaml")
         if target.exists():
             raise RunError(f"--output: {target} already exists; choose another file (nothing was overwritten)")
-        if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
-            raise RunError(f"--output: cannot write {target}: its folder {target.parent} does not exist or is not "
-                           f"writable")
-        candidates = memory.search_budget(config, budget)
+        if not target.parent.is_dir():
+            raise RunError(f"--output: cannot write {target}: its folder {target.parent} does not exist; create it "
+                           f"or choose another file")
+        check_writable(target.parent, "--output")
+        batches = (args.batch_size,) if args.batch_size is not None else (8, 4, 2, 1)  # --batch-size: that one
+        candidates = memory.search_budget(config, budget, batch_sizes=batches)
         if not candidates:
             raise ConfigError(
                 f"--budget {args.budget}: no searched configuration fits (factors [2, 2], [4, 2], [8, 2], [16]; batch "
-                f"8-1; mixed precision; checkpointing); reduce autoencoder.num_channels or data.image_size"
+                f"{'-'.join(map(str, batches))}; mixed precision; checkpointing); reduce autoencoder.num_channels or "
+                f"data.image_size"
             )
         print(memory.candidates_table(candidates, args.budget))
-        target.write_text(yaml.safe_dump(memory.candidate_config(config, candidates[0]), sort_keys=False),
-                          encoding="utf-8")
+        text = yaml.safe_dump(memory.candidate_config(config, candidates[0]), sort_keys=False).encode("utf-8")
+        try:
+            atomic_write(target, lambda handle: handle.write(text))
+        except OSError as err:
+            raise RunError(f"--output: cannot write {target} ({err.strerror}); choose another file") from None
         print(f"wrote the first one to {target}: python monai_diffusion/3d_ldm/train_autoencoder.py --config {target}")
 
     return run_main(body, parser, argv)
@@ -249,11 +318,11 @@ def evaluate_autoencoder_main(argv: Sequence[str] | None = None) -> int:
     """``evaluate_autoencoder.py`` / ``ldm-evaluate-autoencoder``."""
     parser = _parser("Reconstruction quality of a trained autoencoder: L1, PSNR, SSIM, MS-SSIM per volume (CSV), "
                      "NIfTI reconstructions, a worst/best PNG and latent statistics.", with_config=False)
-    parser.add_argument("--run", required=True,
+    parser.add_argument("--run", type=_path, required=True,
                         help="autoencoder run folder (e.g. runs/quickstart/autoencoder) or checkpoint")
-    parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
+    parser.add_argument("--data", type=_path, nargs="+", default=None, metavar="PATH",
                         help="NIfTI folder, glob or files to evaluate (default: the run's validation set)")
-    parser.add_argument("--output", default=None,
+    parser.add_argument("--output", type=_path, default=None,
                         help="results folder, must be new or empty (default: <run>/evaluation)")
     parser.add_argument("--tile-size", type=_positive_int, nargs="+", default=None, metavar="N",
                         help="reconstruct in overlapping tiles of this size (one value or one per axis), for "
@@ -287,7 +356,7 @@ def compare_factors_main(argv: Sequence[str] | None = None) -> int:
                         help="optimiser steps per variant (default: autoencoder.training.max_steps, else 500)")
     parser.add_argument("--adjust-latent-channels", action="store_true",
                         help="latent_channels as the guide recommends: 3 up to 4x, 4 at 8x, 8 at 16x and more")
-    parser.add_argument("--output", default=None,
+    parser.add_argument("--output", type=_path, default=None,
                         help="results folder, new or empty (default: <output_dir>/compare_factors)")
     parser.add_argument("--device", default=None, help="overrides the config's device")
 

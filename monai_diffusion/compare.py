@@ -24,7 +24,7 @@ from generative.networks.nets.autoencoderkl import normalize_downsample_factors,
 from monai_diffusion.config import Config, config_from_dict, config_to_dict
 from monai_diffusion.errors import ConfigError
 from monai_diffusion.memory import measure_training_step
-from monai_diffusion.runs import check_new_folder
+from monai_diffusion.runs import check_new_folder, check_outside_data
 
 __all__ = ["VariantResult", "recommended_latent_channels", "variant_config", "compare_factors", "parse_factors"]
 
@@ -210,6 +210,8 @@ def compare_factors(
         raise ConfigError(f"--steps {steps}: expected an integer >= 1")
     output = Path(output)
     check_new_folder(output)
+    if config.data.source == "nifti":
+        check_outside_data(output, config.data.paths, "--output")
     if device is not None:
         config = config_from_dict({**config_to_dict(config), "device": device})
     # every variant is validated before any training starts

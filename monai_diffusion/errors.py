@@ -3,11 +3,18 @@ what was expected and, where possible, how to fix it; the command lines print it
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError", "DataError", "RunError", "CheckpointError", "TrainingError"]
+__all__ = ["UserError", "ConfigError", "DataError", "VolumeError", "RunError", "CheckpointError", "TrainingError"]
 
 
 class UserError(Exception):
-    """A mistake in the input (config, files, folders, options), reported as one line."""
+    """A mistake in the input (config, files, folders, options), reported as one line.
+
+    Under torchrun most are decided alike on every process (the config, the run folder, the checkpoint), and
+    rank 0 alone reports them. ``rank_local`` marks those one process can meet alone (a volume it loads, its
+    own loss): the process that meets one reports it, naming its rank.
+    """
+
+    rank_local = False
 
     def __init__(self, message: object = "") -> None:
         super().__init__(" ".join(str(message).split()))
@@ -33,6 +40,12 @@ class DataError(UserError, ValueError):
                     text = tail
                     break
         super().__init__(text)
+
+
+class VolumeError(DataError):
+    """A volume that fails while it is loaded or preprocessed (met by the process that loads it)."""
+
+    rank_local = True
 
 
 class RunError(UserError, ValueError):

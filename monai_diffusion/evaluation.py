@@ -28,7 +28,7 @@ from monai_diffusion.config.rules import check_tiles
 from monai_diffusion.data import build_datasets, build_file_dataset, model_input, save_nifti
 from monai_diffusion.errors import RunError
 from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics
-from monai_diffusion.runs import check_new_folder, run_dir_of
+from monai_diffusion.runs import check_new_folder, check_outside_data, make_output_folder, run_dir_of
 from monai_diffusion.runtime import resolve_device
 from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 
@@ -141,11 +141,17 @@ def evaluate_autoencoder(
     run = Path(run)
     torch_device = resolve_device(device)
     model, config = load_autoencoder(run, map_location=torch_device)
+    key = "--output" if output is not None else "--output (default <run>/evaluation)"
     output = Path(output) if output is not None else run_dir_of(run) / "evaluation"
-    check_new_folder(output)
+    check_new_folder(output, key)
+    if data is not None:
+        check_outside_data(output, data, key, "--data")
+    if config.data.source == "nifti":  # the run's training data, read again by the next run
+        check_outside_data(output, config.data.paths, key, f"data.paths of {run}")
     dataset = _dataset(config, data)
     if len(dataset) == 0:
-        raise RunError(f"--data: no volumes to evaluate in {data}")
+        where = data if data is not None else f"the validation set of {run} (data.num_val / data.val_fraction)"
+        raise RunError(f"{'--data' if data is not None else '--run'}: no volumes to evaluate in {where}")
     spatial_dims = config.autoencoder.spatial_dims
     spatial = tuple(config.data.image_size)[:spatial_dims]  # both pipelines pad/crop to it
     if tile_size is None:  # as the run says: by tiles after patch training
@@ -155,7 +161,7 @@ def evaluate_autoencoder(
     latents = LatentStatistics(seed=seed)
     rows: list[dict[str, Any]] = []
     strips: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    output.mkdir(parents=True, exist_ok=True)
+    make_output_folder(output, key)
     started = time.perf_counter()
     for index in tqdm(range(len(dataset)), desc="evaluating", leave=False):
         item = dataset[index]

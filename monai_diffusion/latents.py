@@ -102,6 +102,9 @@ def _fingerprint(config: Config, source: Path, runtime: Runtime) -> str:
                        "rank": runtime.rank, "world": runtime.world_size, "seed": config.seed}, sort_keys=True)
 
 
+_CACHED = ("train_mu", "train_sigma", "val_mu", "val_sigma", "affine")
+
+
 def _read_cache(path: Path, fingerprint: str) -> dict[str, Any] | None:
     """The cache file's contents when it is readable and made for ``fingerprint``; a damaged file is
     reported and ignored (the latents are then encoded again and the file rewritten)."""
@@ -114,6 +117,9 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, Any] | None:
                     str(err)[:120])
         return None
     if not isinstance(cached, dict) or cached.get("fingerprint") != fingerprint:
+        return None
+    if not all(isinstance(cached.get(key), torch.Tensor) for key in _CACHED):
+        log.warning("latent cache %s is incomplete; encoding the latents again", path)
         return None
     return cached
 

@@ -532,8 +532,8 @@ def parse_budget(text: str) -> float:
         value = float(number) * size
     except ValueError:
         raise ValueError(f"--budget {text!r}: expected a size such as 24GB, 80GiB or 500MB") from None
-    if value <= 0:
-        raise ValueError(f"--budget {text!r}: must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--budget {text!r}: expected a finite size above zero, such as 24GB, 80GiB or 500MB")
     return value
 
 

@@ -9,6 +9,8 @@ caching blurs it.
 
 from __future__ import annotations
 
+import math
+import os
 import resource
 import statistics
 import time
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Measurement", "measure_peak_bytes", "time_call", "peak_rss_bytes"]
+__all__ = ["Measurement", "measure_peak_bytes", "time_call", "peak_rss_bytes", "physical_memory_bytes"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,14 @@ class Measurement:
 
     peak_bytes: int
     seconds: float
+
+
+def physical_memory_bytes() -> float:
+    """This machine's physical memory in bytes (inf where it cannot be read)."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return math.inf
 
 
 def peak_rss_bytes() -> int:

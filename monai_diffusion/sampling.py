@@ -8,6 +8,8 @@ import csv
 import itertools
 import json
 import logging
+import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,13 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.checkpoints import load_diffusion
+from monai_diffusion.checkpoints import load_diffusion, resolve_checkpoint
 from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, SchedulerConfig
 from monai_diffusion.config.rules import check_tiles
 from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
 from monai_diffusion.errors import CheckpointError, ConfigError, RunError
-from monai_diffusion.runs import check_new_folder
+from monai_diffusion.runs import check_new_folder, check_outside_data, existing_ancestor, make_output_folder
 from monai_diffusion.runtime import Precision, resolve_device
 from monai_diffusion.visualize import save_png, volume_grid
 
@@ -162,6 +164,18 @@ def expand_conditions(sets: Sequence[Sequence[str]] | None, csv_file: str | Path
     return expanded
 
 
+def _check_disk_space(output: Path, num_samples: int, config: Config) -> None:
+    """Refuse, before sampling, a request whose NIfTI files cannot fit on the disk of ``output`` (float32
+    voxels; gzip saves little on them)."""
+    spatial = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
+    needed = num_samples * math.prod(spatial) * config.autoencoder.out_channels * 4
+    existing = existing_ancestor(output)
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise RunError(f"--num-samples {num_samples}: the samples need about {needed / 1e9:,.3g} GB as NIfTI files, "
+                       f"but {existing} has {free / 1e9:,.3g} GB free; generate fewer or choose another --output")
+
+
 def sample_volumes(
     run: str | Path,
     num_samples: int,
@@ -196,21 +210,27 @@ def sample_volumes(
     output = Path(output)
     check_new_folder(output)
     try:
-        bundle = load_diffusion(run, torch_device)
+        path = resolve_checkpoint(run)
     except CheckpointError as err:
         raise CheckpointError(f"{err}; train the diffusion model first (train_diffusion.py) or point --run at its "
                               f"run folder") from None
+    bundle = load_diffusion(path, torch_device)
     config, conditioning = bundle.config, bundle.conditioning
+    trained_steps = config.diffusion.scheduler.num_train_timesteps
+    if scheduler == "ddim" and steps > trained_steps:
+        raise ConfigError(f"--steps {steps} (or diffusion.sampling.num_inference_steps): exceeds the "
+                          f"num_train_timesteps = {trained_steps} the run {run} was trained with; use at most "
+                          f"{trained_steps} steps")
     sets = _condition_sets(conditioning, conditions)
     scale = config.diffusion.sampling.guidance_scale if guidance_scale is None else guidance_scale
     spatial_dims = config.autoencoder.spatial_dims
     image = tuple(config.data.image_size)[:spatial_dims]
     check_tiles(image, tile_size, tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap,
                 bundle.autoencoder.total_factors)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunError(f"--output: cannot create {output} ({err.strerror})") from None
+    if config.data.source == "nifti":
+        check_outside_data(output, config.data.paths, "--output")
+    _check_disk_space(output, num_samples * len(sets), config)
+    make_output_folder(output)
     affine = bundle.reference_affine
     if spatial_dims == 2:  # a 2D model's image is stored as a one-slice volume at the centre slice it learned
         affine = centre_slice_affine(affine, config.data.image_size[-1])
@@ -229,11 +249,15 @@ def sample_volumes(
                                  guidance_scale=scale).cpu().clamp(0, 1)
         for volume, values in zip(batch, chunk):
             name = output / f"sample_{len(names):0{digits}d}.nii.gz"
-            names.append(save_nifti(volume[..., None] if spatial_dims == 2 else volume, name, affine=affine))
+            try:
+                names.append(save_nifti(volume[..., None] if spatial_dims == 2 else volume, name, affine=affine))
+            except OSError as err:
+                raise RunError(f"--output: cannot write {name} ({err.strerror}); {len(names)} of {len(jobs)} "
+                               f"samples were written") from None
             if values:
                 sidecar = {"conditions": values, "guidance_scale": scale, "seed": seed}
                 name.with_name(name.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=2))
-                rows.append({"file": name.name, **{k: v for k, v in values.items()}})
+                rows.append({"file": name.name, **values})
             if len(shown) < MOSAIC_VOLUMES:
                 shown.append(volume)
     if rows:

@@ -13,7 +13,8 @@ __all__ = ["orthogonal_slices", "volume_grid", "labelled_rows", "save_png"]
 
 
 def _to_uint8(plane: np.ndarray) -> np.ndarray:
-    return (np.clip(plane, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    """[0, 1] to 0..255; NaN (the output of a diverged network) shows as black, without a cast warning."""
+    return (np.clip(np.nan_to_num(plane, nan=0.0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def _fit(plane: np.ndarray, size: int) -> np.ndarray:

@@ -197,7 +197,8 @@ def test_split_files_deterministic() -> None:
     assert len({tuple(split_files(files, 0.2, seed=s)[1]) for s in range(8)}) > 1
     assert [len(v) for _, v in (split_files(files[:n], 0.0, 0) for n in (2, 3))] == [1, 1]
     assert split_files(files[:2], 0.9, 0)[0] != []  # never empties the training set
-    assert split_files(files[:1], 0.2, 0) == (files[:1], files[:1])
+    with pytest.raises(DataError, match=r"data\.paths: only 1 NIfTI file \(f0\.nii\.gz\); at least 2 are needed"):
+        split_files(files[:1], 0.2, 0)  # a file is never in both sets
 
 
 # --------------------------------------------------------------------------- NIfTI datasets

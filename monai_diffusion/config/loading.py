@@ -100,9 +100,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, option, path)
             except ConfigError as err:
                 errors.append((option, err))
-        # a list given where a list is allowed: its own (more precise) error names the bad element
+        # a list given where a list is allowed, or a number of the right type out of range (inf, beyond 64
+        # bits): its own, more precise error names the bad element or the reason
         for option, err in errors:
             if isinstance(value, (list, tuple)) and typing.get_origin(option) in (list, tuple):
+                raise err
+            if option in (int, float) and _SCALARS[option][1](value) is not _MISMATCH:
                 raise err
         raise ConfigError(f"{path}: expected {_describe(tp)}, got {_shown(value)}")
     if tp in _SCALARS:

@@ -80,8 +80,8 @@ class DataConfig:
         paths: NIfTI inputs: a folder (searched recursively for .nii / .nii.gz), a glob pattern, a list of
             files, or a datalist with per-volume covariates (a MONAI-style ``.json`` or a ``.csv`` with an
             ``image`` column; see docs/conditional.md).
-        val_fraction: fraction of the NIfTI files held out for validation (at least one file when
-            there are two or more; the split is fixed by the seed).
+        val_fraction: fraction of the NIfTI files held out for validation (at least one file; at least
+            two files are needed, and no file is in both sets; the split is fixed by the seed).
         spacing: voxel spacing in mm to resample to; null keeps the files' spacing.
         intensity_percentiles: lower and upper percentiles mapped to 0 and 1 (clipped), per channel.
         intensity_window: a fixed window instead of the percentiles, e.g. CT Hounsfield units

@@ -8,7 +8,7 @@ Every item is a dictionary of plain tensors (never MONAI ``MetaTensor``), so ``d
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,13 @@ from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from monai_diffusion.config.schema import DataConfig
-from monai_diffusion.data.datalist import is_datalist, read_datalist
-from monai_diffusion.data.files import find_nifti_files, split_files
+from monai_diffusion.data.datalist import ROW_KEY, is_datalist, read_datalist
+from monai_diffusion.data.files import file_identity, find_nifti_files, split_files
 from monai_diffusion.data.keys import IMAGE_KEY, PATH_KEY
 from monai_diffusion.data.phantoms import SyntheticPhantomDataset
 from monai_diffusion.data.transforms import build_nifti_transforms, check_header
+from monai_diffusion.errors import ConfigError, DataError
+from monai_diffusion.profiling import physical_memory_bytes
 
 __all__ = ["build_datasets", "build_file_dataset", "make_loader", "model_input"]
 
@@ -58,7 +60,7 @@ def build_file_dataset(cfg: DataConfig, paths: str | list[str], in_channels: int
     """
     files = find_nifti_files(paths, key)
     for path in files:
-        check_header(path, in_channels)
+        check_header(path, in_channels, cfg.spacing)
     return _nifti_dataset(files, build_nifti_transforms(cfg, in_channels), cfg)
 
 
@@ -72,6 +74,17 @@ def model_input(images: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     if spatial_dims == 2 and images.dim() == 5:
         return images[..., images.shape[-1] // 2]
     return images
+
+
+def _check_volume_fits(cfg: DataConfig, in_channels: int) -> None:
+    """Refuse a ``data.image_size`` whose one volume cannot fit in this machine's memory (as float64, the
+    phantoms' working precision), before anything is generated or loaded."""
+    needed = math.prod(cfg.image_size) * in_channels * 8
+    memory = physical_memory_bytes()
+    if needed > memory:
+        raise ConfigError(f"data.image_size: one volume of {' x '.join(map(str, cfg.image_size))} voxels needs "
+                          f"{needed / 1e9:.3g} GB, more than this machine's {memory / 1e9:.3g} GB; choose a smaller "
+                          f"data.image_size (ldm-estimate-memory estimates what a training step needs)")
 
 
 def build_datasets(
@@ -99,6 +112,7 @@ def build_datasets(
     Raises:
         DataError: On a bad config value, path or file.
     """
+    _check_volume_fits(cfg, in_channels)
     if cfg.source == "synthetic":
         train = SyntheticPhantomDataset(cfg.num_train, cfg.image_size, seed, in_channels, cfg.phantom_covariates)
         val = SyntheticPhantomDataset(cfg.num_val, cfg.image_size, seed + 1, in_channels, cfg.phantom_covariates)
@@ -108,25 +122,28 @@ def build_datasets(
         return _build_nifti(cfg, train_files, val_files, seed, in_channels, shard)
     files = find_nifti_files(cfg.paths, "data.paths")
     for path in files:
-        check_header(path, in_channels)
+        check_header(path, in_channels, cfg.spacing)
     train_files, val_files = split_files(files, cfg.val_fraction, seed)
-    if len(files) == 1:
-        warnings.warn(
-            f"data.paths: only one NIfTI file ({files[0]}); it is used for both training and validation",
-            stacklevel=2,
-        )
     return _build_nifti(cfg, train_files, val_files, seed, in_channels, shard)
 
 
 def _datalist_split(cfg: DataConfig, seed: int, in_channels: int) -> tuple[list[dict], list[dict]]:
-    """A datalist's items, split as the file says, else by ``val_fraction`` like files in a folder."""
+    """A datalist's items, each file once, split as the file says (no file in both sets), else by
+    ``val_fraction`` like files in a folder."""
     training, validation = read_datalist(cfg.paths)
+    by_file = {file_identity(Path(item[IMAGE_KEY])): item for item in reversed(training)}  # the first row wins
+    training = [item for item in training if by_file.get(file_identity(Path(item[IMAGE_KEY]))) is item]
     for item in training + (validation or []):
-        check_header(Path(item[IMAGE_KEY]), in_channels)
+        check_header(Path(item[IMAGE_KEY]), in_channels, cfg.spacing)
     if validation is None:
-        by_path = {item[IMAGE_KEY]: item for item in training}
-        train_paths, val_paths = split_files(list(by_path), cfg.val_fraction, seed)
-        training, validation = [by_path[str(p)] for p in train_paths], [by_path[str(p)] for p in val_paths]
+        paths = {item[IMAGE_KEY]: item for item in training}
+        train_paths, val_paths = split_files([Path(p) for p in paths], cfg.val_fraction, seed)
+        return [paths[str(p)] for p in train_paths], [paths[str(p)] for p in val_paths]
+    for item in validation:
+        twin = by_file.get(file_identity(Path(item[IMAGE_KEY])))
+        if twin is not None:
+            raise DataError(f"data.paths: {item[ROW_KEY]} and {twin[ROW_KEY]} name the same file {item[IMAGE_KEY]}; "
+                            f"a file is never in both training and validation")
     return training, validation
 
 

@@ -3,11 +3,19 @@
 Load and check (readable, 3D, channel count, finite voxels) -> RAS orientation -> optional resampling to
 ``data.spacing`` -> scaling to [0, 1] (a fixed window or percentiles) -> pad/crop to ``data.image_size`` ->
 keep the affine -> a plain float32 tensor. MONAI wraps errors raised inside a ``Compose`` in ``RuntimeError``;
-the one-line :class:`DataError` is dug out again by :class:`CheckedCompose`.
+the one-line :class:`DataError` is dug out again by :class:`CheckedCompose`, and any other failure while a
+file is loaded or transformed becomes a :class:`DataError` that names the file.
+
+:func:`check_header` refuses, from the header alone and before any voxel is read, what would otherwise
+fail late or silently: complex or RGB data, a singular affine, more voxels than the file can hold, and
+volumes (as stored, or resampled to ``data.spacing``) larger than this machine's memory.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -32,8 +40,9 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from monai_diffusion.config.schema import DataConfig
-from monai_diffusion.data.keys import AFFINE_KEY, IMAGE_KEY
-from monai_diffusion.errors import DataError
+from monai_diffusion.data.keys import AFFINE_KEY, IMAGE_KEY, PATH_KEY
+from monai_diffusion.errors import DataError, VolumeError
+from monai_diffusion.profiling import physical_memory_bytes
 
 __all__ = ["LoadCheckedd", "KeepAffined", "CheckedCompose", "build_nifti_transforms", "check_header"]
 
@@ -62,37 +71,106 @@ def _check_shape(name: str, shape: tuple[int, ...], in_channels: int) -> None:
 
 
 def _check_finite(name: str, image: torch.Tensor) -> None:
-    """Reject volumes containing NaN or inf."""
+    """Reject volumes containing NaN or inf, or values that become inf as float32 (training's precision)."""
     if image.is_floating_point():
         bad = int((~torch.isfinite(image)).sum())
         if bad:
             raise DataError(f"{name}: contains {bad} non-finite voxels (NaN/inf); fix or remove the file")
+        if torch.finfo(image.dtype).max > _FLOAT32_MAX and image.numel():
+            largest = float(image.abs().max())
+            if largest > _FLOAT32_MAX:
+                raise DataError(f"{name}: holds finite values up to {largest:.3g}, beyond float32's range "
+                                f"(±{_FLOAT32_MAX:.3g}) in which volumes are trained; rescale the data")
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_GZIP_RATIO = 1032  # deflate never compresses better than about 1032:1
 
 
 def _read_error(name: str, exc: BaseException) -> DataError:
+    if isinstance(exc, FileNotFoundError) or not os.path.exists(name):
+        return DataError(f"{name}: the file no longer exists (deleted or moved while the run was using it); "
+                         f"restore it, or start again without it")
+    if isinstance(exc, MemoryError):
+        return DataError(f"{name}: not enough memory to load the file; use smaller volumes or a larger machine")
     return DataError(
-        f"{name}: cannot read the NIfTI file ({type(exc).__name__}: {exc}); "
+        f"{name}: cannot read the NIfTI file ({type(exc).__name__}: {_first_line(exc)}); "
         "the file is truncated or corrupt, re-export it or remove it from data.paths"
     )
 
 
-def check_header(path: Path, in_channels: int) -> None:
-    """Cheap header-only check of a NIfTI file (readability, dimensionality, channels).
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def _check_voxels(path: Path, image: Any, shape: tuple[int, ...], spacing: Sequence[float] | None) -> None:
+    """Refuse a file whose header promises more data than the file holds, or a volume (stored, or resampled
+    to ``spacing``) that cannot fit in this machine's memory as float32."""
+    name = str(path)
+    itemsize = image.get_data_dtype().itemsize
+    data_bytes = math.prod(shape) * itemsize
+    size = path.stat().st_size
+    offset = int(image.header.get_data_offset())
+    if name.lower().endswith(".nii") and offset + data_bytes > size:
+        raise DataError(f"{name}: the header says {' x '.join(map(str, shape))} voxels ({data_bytes:,} bytes of "
+                        f"data), but the file has {size:,} bytes; the file is truncated or its header is wrong, "
+                        f"re-export it or remove it from data.paths")
+    if name.lower().endswith(".gz") and data_bytes > size * _MAX_GZIP_RATIO:
+        raise DataError(f"{name}: the header says {' x '.join(map(str, shape))} voxels ({data_bytes:,} bytes), more "
+                        f"than a {size:,}-byte gzip file can hold; the file is truncated or its header is wrong, "
+                        f"re-export it or remove it from data.paths")
+    memory = physical_memory_bytes()
+    if math.prod(shape) * 4 > memory:
+        raise DataError(f"{name}: {' x '.join(map(str, shape))} voxels need {math.prod(shape) * 4 / 1e9:.3g} GB as "
+                        f"float32, more than this machine's {memory / 1e9:.3g} GB; use smaller volumes")
+    if spacing is not None:
+        zooms = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+        voxels = math.prod(float(n) * z / s for n, z, s in zip(shape[:3], zooms, spacing))
+        if voxels * max(1, math.prod(shape[3:])) * 4 > memory:
+            raise DataError(
+                f"{name}: resampling its {' x '.join(f'{z:.3g}' for z in zooms)} mm voxels to data.spacing "
+                f"{list(spacing)} mm gives about {voxels:.3g} voxels ({voxels * 4 / 1e9:.3g} GB as float32), more "
+                f"than this machine's {memory / 1e9:.3g} GB; check data.spacing (in mm, e.g. [1.0, 1.0, 1.0])"
+            )
+
+
+def check_header(path: Path, in_channels: int, spacing: Sequence[float] | None = None) -> None:
+    """Cheap header-only check of a NIfTI file: readability, dimensionality, channels, data type, affine,
+    and the size of the data (in the file, in memory, and after resampling to ``spacing``).
 
     Raises:
-        DataError: If the header cannot be read or the shape does not fit.
+        DataError: naming the file, if the header cannot be read or the volume cannot be used.
     """
+    name = str(path)
     try:
-        shape = tuple(int(s) for s in nib.load(str(path)).shape)
+        image = nib.load(name)
+        shape = tuple(int(s) for s in image.shape)
+        dtype = image.get_data_dtype()
+        affine = np.asarray(image.affine, dtype=np.float64)
     except _READ_ERRORS as exc:
-        raise _read_error(str(path), exc) from exc
+        raise _read_error(name, exc) from exc
+    if len(shape) > 4:
+        raise DataError(f"{name}: has {len(shape)} dimensions (shape {shape}); expected a 3D volume (H, W, D), "
+                        f"or 4D (H, W, D, C) with channels last")
+    if dtype.kind == "c":
+        raise DataError(f"{name}: holds complex values ({dtype}); training needs real values, e.g. save the "
+                        f"magnitude (abs) of the data")
+    if dtype.kind not in "biuf":
+        raise DataError(f"{name}: holds voxels of type {dtype} (e.g. RGB24), not one intensity per voxel; convert "
+                        f"it to a grayscale volume (or one channel per colour)")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(f"{name}: its affine (voxel-to-world matrix, from the sform/qform of the header) is "
+                        f"{'not finite' if not np.isfinite(affine).all() else 'singular (e.g. all zero)'}, so the "
+                        f"voxel size and orientation are unknown; fix the header's sform or qform")
     if len(shape) == 4:
-        shape = (shape[3], *shape[:3])
+        channel_first = (shape[3], *shape[:3])
     elif len(shape) in (2, 3):
-        shape = (1, *shape)
+        channel_first = (1, *shape)
     else:
-        return  # other layouts are judged after loading
-    _check_shape(str(path), shape, in_channels)
+        channel_first = shape
+    _check_shape(name, channel_first, in_channels)
+    _check_voxels(path, image, shape, spacing)
 
 
 class LoadCheckedd(MapTransform):
@@ -112,7 +190,8 @@ class LoadCheckedd(MapTransform):
         """
         super().__init__(keys)
         self.in_channels = in_channels
-        self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)
+        # the file's own data type, so values are checked before the conversion to float32
+        self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=None)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -120,11 +199,14 @@ class LoadCheckedd(MapTransform):
             name = str(d[key])
             try:
                 image = self.loader(d[key])
-            except _READ_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - MONAI re-raises reader failures as RuntimeError
                 raise _read_error(name, exc) from exc
             _check_shape(name, tuple(image.shape), self.in_channels)
+            if image.is_complex():
+                raise DataError(f"{name}: holds complex values; training needs real values, e.g. save the "
+                                f"magnitude (abs) of the data")
             _check_finite(name, image)
-            d[key] = image
+            d[key] = image.to(torch.float32)
         return d
 
 
@@ -161,12 +243,26 @@ def _find_data_error(exc: BaseException) -> DataError | None:
     return None
 
 
+def _failed_step(exc: BaseException) -> tuple[str, BaseException]:
+    """The transform named by MONAI's ``applying transform <...>`` wrappers, and the error beneath them."""
+    step, current, seen = "a transform", exc, set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found = re.match(r"applying transform <([\w.]+) object", str(current))
+        if not found:
+            break
+        step = found.group(1).rsplit(".", 1)[-1]
+        current = current.__cause__ or current.__context__
+    return step, current if current is not None else exc
+
+
 class CheckedCompose(Compose):
-    """Compose that raises a :class:`DataError` from a step as is.
+    """Compose whose every failure names the file being processed.
 
     MONAI wraps every exception raised inside a Compose in a RuntimeError
-    ("applying transform ..."); this subclass digs the DataError out again so
-    callers (and Dataset / CacheDataset built on it) see the one-line message.
+    ("applying transform ..."); this subclass digs a DataError out again so
+    callers (and Dataset / CacheDataset built on it) see the one-line message,
+    and turns any other failure into a DataError naming the file and the step.
     """
 
     def __call__(
@@ -176,9 +272,15 @@ class CheckedCompose(Compose):
             return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
         except RuntimeError as exc:
             err = _find_data_error(exc)
-            if err is None:
+            if err is not None:
+                raise VolumeError(str(err)) from err
+            if not isinstance(input_, Mapping):
                 raise
-            raise err from None
+            step, cause = _failed_step(exc)
+            name = input_.get(PATH_KEY, input_.get(IMAGE_KEY))
+            raise VolumeError(f"{name}: preprocessing failed in {step} ({type(cause).__name__}: "
+                              f"{_first_line(cause)}); check the file and the data settings, or remove it from "
+                              f"data.paths") from exc
 
 
 def build_nifti_transforms(cfg: DataConfig, in_channels: int = 1) -> CheckedCompose:

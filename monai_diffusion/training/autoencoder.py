@@ -224,6 +224,11 @@ class AutoencoderStage:
 
     def check_resume(self, saved: dict[str, Any], task: AutoencoderTask, config: Config, path: Path) -> None:
         architecture = differences(saved["model_args"], task.model_args, ignore=("use_checkpointing",))
+        saved_disc = saved.get("config", {}).get("autoencoder", {}).get("discriminator")
+        if saved.get("discriminator") is not None and task.discriminator is not None and isinstance(saved_disc, dict):
+            # its weights are resumed too (a discriminator switched on or off on resume starts fresh or is dropped)
+            now = config_to_dict(config.autoencoder.discriminator)
+            architecture += [f"discriminator.{line}" for line in differences(saved_disc, now)]
         if architecture:
             raise RunError(
                 f"--resume: the config changes the autoencoder architecture ({'; '.join(architecture)}) compared "

@@ -22,7 +22,7 @@ from monai.data import list_data_collate
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from monai_diffusion.checkpoints import checkpoint_path, save_checkpoint, save_step_checkpoint
+from monai_diffusion.checkpoints import checkpoint_path, confirm_checkpoint, save_checkpoint, unconfirmed_path
 from monai_diffusion.data import make_loader
 from monai_diffusion.data.patches import EpochTaggedSampler, RandomizedVolumes
 from monai_diffusion.errors import TrainingError
@@ -161,11 +161,13 @@ class Optimization:
         non-finite loss (unless fp16 scaling skips the step)."""
         if not self.precision.uses_scaler and not torch.isfinite(loss.detach()):
             shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-            raise TrainingError(
+            error = TrainingError(
                 f"non-finite {optimizer} loss at optimiser step {self.step_index + 1} "
                 f"(loss={float(loss.detach()):.4g}; "
                 f"{shown}); stopped, the last good checkpoint is kept; check the loss weights and the learning rate"
             )
+            error.rank_local = True  # this process's own batch (gradients, weights, validation are shared)
+            raise error
         self.precision.scaler.scale(loss / self.window).backward()
         self._pending.add(optimizer)
 
@@ -201,10 +203,12 @@ class Optimization:
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
             scaler.step(optimizer)
             weights = [p for group in optimizer.param_groups for p in group["params"]]
-            if not all_finite(weights):  # e.g. a learning rate so large that Adam overflows: never save this
+            moments = [v for p in weights for v in optimizer.state.get(p, {}).values()
+                       if isinstance(v, torch.Tensor) and v.is_floating_point()]
+            if not all_finite(weights + moments):  # e.g. a learning rate so large that Adam overflows: never save this
                 raise TrainingError(
-                    f"non-finite {name} weights after optimiser step {self.step_index + 1} (finite loss and "
-                    f"gradients); stopped, the last good checkpoint is kept; lower the learning rate"
+                    f"non-finite {name} weights or optimiser state after optimiser step {self.step_index + 1} "
+                    f"(finite loss and gradients); stopped, the last good checkpoint is kept; lower the learning rate"
                 )
         if self.precision.uses_scaler:
             scaler.update()
@@ -234,6 +238,16 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
         torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
         found.append(flag)
     return not bool(torch.stack(found).sum().item())
+
+
+def _check_validation(metrics: dict[str, float], monitor: str, epoch: int) -> None:
+    """Stop before saving weights whose validation is NaN (or whose monitored metric is not finite; an
+    infinite PSNR of a perfect reconstruction is fine)."""
+    bad = {k: v for k, v in metrics.items() if math.isnan(v) or (k == monitor and not math.isfinite(v))}
+    if bad:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in bad.items())
+        raise TrainingError(f"non-finite validation at epoch {epoch + 1} ({shown}); stopped, the last good checkpoint "
+                            f"is kept; lower the learning rate")
 
 
 @contextlib.contextmanager
@@ -316,18 +330,34 @@ def fit(
         optimization.schedule(lambda step: lr_factor(step, settings.warmup_steps, settings.lr_schedule, total,
                                                      settings.min_lr_ratio))
 
-    def save(name: str, epoch: int, batch_in_epoch: int) -> None:
-        """``name``: ``last``, ``best``, or ``step`` (a rotated step checkpoint that ``last`` then points to)."""
+    # ``last.pt`` names only a state whose weights were seen to compute finite values: finite weights and
+    # optimiser state are not enough (a huge learning rate gives finite weights of 1e30 whose next forward
+    # pass is NaN). A ``step`` or ``last`` checkpoint is written at once, hidden as unconfirmed, and named by
+    # ``last.pt`` once confirmed: by the next optimiser step (finite losses, gradients and weights) or by a
+    # finite validation of those weights. A run stopped in between never names it (runner.py deletes it).
+    unconfirmed: list[Path] = []
+
+    def confirm() -> None:
+        for path in unconfirmed:  # in order (an older one is a predecessor of the state confirmed): last.pt ends
+            confirm_checkpoint(path, settings.keep_last_checkpoints)  # on the newest
+        unconfirmed.clear()
+
+    def save(name: str, epoch: int, batch_in_epoch: int, confirmed: bool = False) -> None:
+        """``name``: ``last``, ``best`` (after a finite validation), or ``step`` (a rotated step checkpoint that
+        ``last`` then points to); ``confirmed``: the weights were just validated, finite."""
         state.epoch, state.batch_in_epoch = epoch, batch_in_epoch
         state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped
         rng = runtime.all_gather(capture_rng(runtime.device))  # every rank's own streams, restored per rank
         if runtime.is_main:
             payload = {**task.state_dict(), "loop": dict(vars(state)), "rng": rng,
                        "scaler": precision.scaler.state_dict()}
-            if name == "step":
-                save_step_checkpoint(payload, run_dir, state.global_step, settings.keep_last_checkpoints)
-            else:
+            if name == "best":
                 save_checkpoint(payload, checkpoint_path(run_dir, name))
+            else:
+                label = f"step_{state.global_step:08d}" if name == "step" else "last"
+                unconfirmed.append(save_checkpoint(payload, unconfirmed_path(run_dir, label)))
+                if confirmed:
+                    confirm()
         runtime.barrier()
 
     task.train(True)
@@ -362,6 +392,7 @@ def fit(
                     continue
                 # 2. optimiser step, logging, periodic checkpoint
                 optimization.step()
+                confirm()  # the unconfirmed checkpoint's weights computed this window's finite values
                 if hasattr(task, "after_optimizer_step"):  # e.g. an EMA update
                     task.after_optimizer_step()
                 step = optimization.step_index
@@ -383,8 +414,11 @@ def fit(
                   "volumes_per_second": seen * runtime.world_size / elapsed if elapsed > 0 else 0.0}
         # 3. validation, preview, best checkpoint
         last_epoch = stop or settings.fast_dev_run or epoch + 1 == settings.n_epochs
+        validated = False
         if last_epoch or (epoch + 1) % settings.val_interval == 0:
             metrics, preview = _validate(task, val_loader, settings, runtime)
+            _check_validation(metrics, task.monitor, epoch)
+            validated = bool(metrics)
             record.update(metrics)
             if runtime.is_main:
                 log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -400,7 +434,7 @@ def fit(
             state.best_metric = record[task.monitor]
             save("best", epoch + 1, 0)
         # a run stopped in mid-epoch resumes there (e.g. with a larger max_steps), not at the next epoch
-        save("last", epoch if resume_at else epoch + 1, resume_at)
+        save("last", epoch if resume_at else epoch + 1, resume_at, confirmed=validated or last_epoch)
         if last_epoch:
             break
     state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped

@@ -2,12 +2,15 @@
 and the summary. What differs between the autoencoder and the diffusion stage is a :class:`Stage`.
 
 The order of a run (every process takes the same steps; rank 0 alone writes):
-1. check the run folder (no overwrite without ``--resume``, something to resume with it) and the stage's
-   inputs (e.g. the frozen autoencoder), before anything is created;
-2. create the run folder, seed, build the task (networks, optimisers) and its data loaders;
+1. check the run folder (another training holding its lock, no overwrite without ``--resume``, something to
+   resume with it) and the stage's inputs (e.g. the frozen autoencoder), before anything is created;
+2. create the run folder and take its lock (held to the end), seed, build the task (networks, optimisers)
+   and its data loaders;
 3. on ``--resume``: load ``last.pt`` onto the CPU, refuse an architecture change, restore the task, the loop
    position and this rank's random streams;
-4. save the resolved ``config.yaml`` (only now that the run has really started), open TensorBoard, train;
+4. now that the run has really started: remove what interrupted saves left, save the resolved
+   ``config.yaml``, open TensorBoard, train (a run stopped by non-finite values deletes its unconfirmed
+   checkpoints: ``last.pt`` stays the last good one);
 5. write ``summary.json`` and log it.
 """
 
@@ -24,9 +27,17 @@ from torch.utils.data import DataLoader, Sampler
 
 from monai_diffusion.checkpoints import checkpoint_path, load_checkpoint
 from monai_diffusion.config import Config, save_config
-from monai_diffusion.errors import CheckpointError, RunError
+from monai_diffusion.errors import CheckpointError, RunError, TrainingError
 from monai_diffusion.profiling import peak_rss_bytes
-from monai_diffusion.runs import check_run_dir, create_run_dir, run_folder
+from monai_diffusion.runs import (
+    RunLock,
+    check_outside_data,
+    check_run_dir,
+    clear_scratch,
+    create_run_dir,
+    remove_orphans,
+    run_folder,
+)
 from monai_diffusion.runtime import Precision, Runtime, restore_rng, seed_everything, setup_runtime
 from monai_diffusion.training.loop import LoopSettings, LoopState, Task, fit
 
@@ -147,12 +158,28 @@ def run_stage(stage: Stage, config: Config, resume: bool = False) -> dict[str, A
     """Train ``stage`` as ``config`` says (see the module docstring); returns the summary (also ``summary.json``)."""
     tr = stage.section(config)
     runtime = setup_runtime(config.device)
+    run_dir = run_folder(config.output_dir, stage.name, tr.fast_dev_run)
+    lock = RunLock(run_dir)  # taken on rank 0 only, which alone writes
+
+    def refuse() -> None:
+        if config.data.source == "nifti":
+            check_outside_data(Path(config.output_dir), config.data.paths, "output_dir")
+        if run_dir.is_dir():
+            lock.acquire()  # a training running there is named before anything else is said
+        check_run_dir(run_dir, resume, tr.fast_dev_run)
+
+    def create() -> None:
+        create_run_dir(run_dir)
+        lock.acquire()
+        check_run_dir(run_dir, resume, tr.fast_dev_run)  # again: a run may have finished there meanwhile
+        if tr.fast_dev_run and not resume:
+            clear_scratch(run_dir)
+
     try:
         # 1. refuse before creating anything
-        run_dir = run_folder(config.output_dir, stage.name, tr.fast_dev_run)
-        runtime.on_main(lambda: check_run_dir(run_dir, resume, tr.fast_dev_run), (RunError,))
+        runtime.on_main(refuse, (RunError,))
         stage.check_inputs(config, runtime)
-        runtime.on_main(lambda: create_run_dir(run_dir, clear_scratch=tr.fast_dev_run and not resume), (RunError,))
+        runtime.on_main(create, (RunError,))
         runtime.barrier()
         # 2. the task and its data
         seed_everything(config.seed + runtime.rank)
@@ -169,6 +196,7 @@ def run_stage(stage: Stage, config: Config, resume: bool = False) -> dict[str, A
         del saved  # the weights now live in the task, on its device
         # 4. train
         if runtime.is_main:
+            remove_orphans(run_dir)
             save_config(config, run_dir / "config.yaml")
         writer = _open_writer(run_dir, runtime)
         started = time.perf_counter()
@@ -200,5 +228,10 @@ def run_stage(stage: Stage, config: Config, resume: bool = False) -> dict[str, A
             for line in _describe(summary, stage.describe(summary)):
                 log.info(line)
         return summary
+    except TrainingError:
+        if runtime.is_main:  # what was written since the last good state (``last.pt`` never named it)
+            remove_orphans(run_dir, "written after the last good state")
+        raise
     finally:
+        lock.release()
         runtime.close()

@@ -1,0 +1,285 @@
+"""Data safety through the command lines: the kept checkpoint after a run that diverged is finite and
+resumable, one training per run folder, a damaged latent cache heals itself, what interrupted saves left is
+removed when a run starts, files are never repeated or shared across the split, a file that disappears in
+mid-run is named, a bare config name says which file it used, and one line per torchrun."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_diffusion.checkpoints import load_checkpoint
+from monai_diffusion.cli import train_autoencoder_main, train_diffusion_main
+from monai_diffusion.config import load_config
+from monai_diffusion.data import build_datasets
+from monai_diffusion.runs import LOCK_NAME, lock_holder
+from tests.conftest import CONFIG, SCRIPTS, TINY_LDM, cli_args, free_port, summary_of, tiny, train, write_scans
+
+_BAR = re.compile(r"\d+/\d+ \[")  # a tqdm progress bar: "epoch 2/3:  50%|##   | 1/2 [00:01<00:01, ...]"
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _hidden(run_dir: Path) -> list[str]:
+    return sorted(p.name for folder in (run_dir, run_dir / "checkpoints") for p in folder.glob(".*")
+                  if p.name != LOCK_NAME)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a diverging run: the kept last.pt is finite and resumable
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", [
+    [],  # the poisoned state never reaches an epoch's end
+    ["autoencoder.training.checkpoint_every_n_steps=1"],  # a step checkpoint of finite 1e30 weights is written
+    ["data.num_train=2", "autoencoder.training.val_interval=1"],  # one step per epoch: validation sees it
+], ids=["epoch-checkpoints", "step-checkpoints", "validated-epochs"])
+def test_huge_learning_rate_keeps_a_finite_resumable_checkpoint(tmp_path, capsys, variant):
+    """A learning rate of 1e30 (finite: .inf is refused at load, see test_bad_inputs.py 'lr-inf') makes Adam
+    turn every weight into +-1e30 after one step with finite loss and gradients: finite weights whose next
+    forward pass is NaN. The run stops; last.pt stays the last state that computed finite values, byte for
+    byte, nothing half-confirmed stays behind, and --resume with a sane learning rate finishes."""
+    assert train(CONFIG, tmp_path, *tiny()) == 0
+    capsys.readouterr()
+    run_dir = tmp_path / "autoencoder"
+    last = run_dir / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    huge = ["autoencoder.training.learning_rate=1e30", "autoencoder.training.discriminator_learning_rate=1e30"]
+    more = [*tiny(), "autoencoder.training.n_epochs=3", *variant]
+    assert train(CONFIG, tmp_path, *more, *huge, resume=True) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not _BAR.search(line)]
+    assert len(err) == 1 and err[0].startswith("error: non-finite ") and "the last good checkpoint is kept" in err[0]
+    assert last.read_bytes() == before
+    assert _hidden(run_dir) == [] and not list((run_dir / "checkpoints").glob("step_*"))
+    kept = load_checkpoint(last)
+    assert kept["loop"]["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in _tensors([kept["autoencoder"], kept["discriminator"],
+                                                            kept["optimizers"]]) if t.is_floating_point())
+    assert train(CONFIG, tmp_path, *more, resume=True) == 0
+    resumed = load_checkpoint(last)
+    assert resumed["loop"]["global_step"] > 2 and all(torch.isfinite(t).all() for t in _tensors(resumed["autoencoder"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# one training per run folder
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_second_training_is_refused_while_the_first_finishes_intact(tmp_path, capsys):
+    overrides = [*tiny(), "data.num_train=8", "autoencoder.training.n_epochs=6", "device=cpu"]
+    command = [sys.executable, str(SCRIPTS / "train_autoencoder.py"), *cli_args(CONFIG, tmp_path, *overrides)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lock_file = tmp_path / "autoencoder" / LOCK_NAME
+    deadline = time.time() + 120
+    while not (lock_file.is_file() and lock_holder(lock_file) == first.pid):
+        assert first.poll() is None, first.stderr.read()
+        assert time.time() < deadline, "the first training never took the run folder's lock"
+        time.sleep(0.05)
+    for extra in ([], ["--resume"]):  # a fresh run and a resume are both refused, naming the holder
+        code = train_autoencoder_main(cli_args(CONFIG, tmp_path, *overrides) + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert f"is in use by another training (PID {first.pid})" in err[0]
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    summary = summary_of(tmp_path / "autoencoder")
+    assert summary["optimizer_steps"] == 24 and summary["epochs"] == 6  # 8 volumes / batch 2 x 6 epochs
+    assert load_checkpoint(tmp_path / "autoencoder" / "checkpoints" / "last.pt")["loop"]["global_step"] == 24
+    assert lock_holder(lock_file) is None  # released with the process
+    assert train(CONFIG, tmp_path, *overrides, "autoencoder.training.n_epochs=7", resume=True) == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# stage 2's latent cache, and what interrupted saves leave
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ae")
+    assert train_autoencoder_main(cli_args(CONFIG, out, *TINY_LDM)) == 0
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_latent_cache_is_encoded_again(autoencoder_run, tmp_path, caplog, damage):
+    (tmp_path / "autoencoder").symlink_to(autoencoder_run / "autoencoder")
+    args = cli_args(CONFIG, tmp_path, *TINY_LDM, "diffusion.training.cache_latents_on_disk=true",
+                    "diffusion.training.n_epochs=1")
+    assert train_diffusion_main(args) == 0
+    cache = tmp_path / "diffusion" / "latent_cache_rank0.pt"
+    whole = cache.read_bytes()
+    cache.write_bytes({"truncated": whole[: len(whole) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with caplog.at_level(logging.WARNING, logger="monai_diffusion"):
+        assert train_diffusion_main(args[:-2] + ["--set", "diffusion.training.n_epochs=2", "--resume"]) == 0
+    assert "is unreadable" in caplog.text and "encoding the latents again" in caplog.text
+    assert cache.read_bytes() != b"" and set(torch.load(cache, weights_only=True)) >= {"train_mu", "val_sigma"}
+    assert load_checkpoint(tmp_path / "diffusion" / "checkpoints" / "last.pt")["loop"]["global_step"] == 4
+
+
+def test_what_interrupted_saves_left_is_removed_when_a_run_starts_and_only_then(tmp_path, caplog):
+    assert train(CONFIG, tmp_path, *tiny()) == 0
+    run_dir = tmp_path / "autoencoder"
+    orphans = [run_dir / ".config.yaml.k2j3.tmp", run_dir / ".latent_cache_rank0.pt.x1.tmp",
+               run_dir / "checkpoints" / ".last.pt.a8f3.tmp", run_dir / "checkpoints" / ".last.pt.4242.link",
+               run_dir / "checkpoints" / ".step_00000009.unconfirmed.pt"]
+    for path in orphans:
+        path.write_bytes(b"half a file")
+    keep = run_dir / "checkpoints" / "notes.tmp"  # not ours: not hidden
+    keep.write_text("mine")
+    # a refused resume touches nothing
+    assert train(CONFIG, tmp_path, *tiny(), "autoencoder.latent_channels=4", resume=True) == 2
+    assert all(path.is_file() for path in orphans)
+    with caplog.at_level(logging.INFO, logger="monai_diffusion"):
+        assert train(CONFIG, tmp_path, *tiny(), "autoencoder.training.n_epochs=2", resume=True) == 0
+    assert not any(path.exists() for path in orphans) and keep.read_text() == "mine"
+    assert "removed 5 file(s) left by an interrupted save" in caplog.text
+    assert _hidden(run_dir) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# files: each once, never in both sets; a file that disappears is named
+# ----------------------------------------------------------------------------------------------------
+def test_a_symlink_loop_and_repeated_entries_give_each_file_once(tmp_path, caplog):
+    data = write_scans(tmp_path / "scans", (16, 16, 16), (1.0, 1.0, 1.0), count=3)
+    (data / "sub").mkdir()
+    (data / "case2.nii.gz").rename(data / "sub" / "case2.nii.gz")
+    (data / "sub" / "up").symlink_to("..")  # a recursive glob walks this loop 40 levels deep
+    glob = f"{data}/**/*.nii.gz"
+    listed = f"[{data / 'case0.nii.gz'}, {data / 'case1.nii.gz'}, {data / 'case0.nii.gz'}, {data / 'sub/up/case1.nii.gz'}]"
+    for paths, count in ((glob, 3), (listed, 2)):
+        config = load_config(CONFIG, [*tiny(), "data.source=nifti", f"data.paths={paths}", "data.val_fraction=0.5"])
+        with caplog.at_level(logging.WARNING, logger="monai_diffusion"):
+            train_ds, val_ds = build_datasets(config.data, seed=config.seed)
+        real = [os.path.realpath(item["path"]) for item in (*train_ds.data, *val_ds.data)]
+        assert len(real) == len(set(real)) == count  # each file once, none in both sets
+        assert "repeat a file already found" in caplog.text
+        caplog.clear()
+    assert train(CONFIG, tmp_path / "out", *tiny(), "data.source=nifti", f"data.paths={glob}") == 0
+
+
+def test_a_file_deleted_during_training_is_named(tmp_path, capsys, monkeypatch):
+    from monai_diffusion.training.autoencoder import AutoencoderStage
+
+    data = write_scans(tmp_path / "scans", (16, 16, 16), (1.0, 1.0, 1.0), count=4)
+    checked = AutoencoderStage.check_inputs
+
+    def check_then_delete(self, config, runtime):
+        checked(self, config, runtime)  # every header was read: the file goes away afterwards
+        (data / "case1.nii.gz").unlink()
+
+    monkeypatch.setattr(AutoencoderStage, "check_inputs", check_then_delete)
+    assert train(CONFIG, tmp_path / "out", *tiny(), "data.source=nifti", f"data.paths={data}",
+                 "data.val_fraction=0.25") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if "error" in line]) == 1
+    assert err[-1].startswith("error: ") and "case1.nii.gz: the file no longer exists" in err[-1]
+
+
+def test_a_bare_config_name_says_which_file_it_used(tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.chdir(tmp_path)  # no quickstart.yaml here: the shipped one is used, and said so
+    with caplog.at_level(logging.INFO, logger="monai_diffusion"):
+        assert train_autoencoder_main(["--config", "quickstart.yaml", "--set", "autoencoder.trainig=1"]) == 2
+    assert "config: " in caplog.text and "monai_diffusion/config/quickstart.yaml (the shipped file" in caplog.text
+    assert "autoencoder.trainig: unknown key" in capsys.readouterr().err
+    (tmp_path / "my_project").mkdir()
+    assert train_autoencoder_main(["--config", "my_projct/quickstart.yaml"]) == 2  # a folder part must exist
+    assert capsys.readouterr().err.strip() == ("error: my_projct/quickstart.yaml: config file not found; pass "
+                                               "--config with an existing YAML file")
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchrun: one line for the whole run
+# ----------------------------------------------------------------------------------------------------
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(SCRIPTS / "train_autoencoder.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _our_lines(stderr: str) -> list[str]:
+    """The error lines our processes printed (progress bars may precede one on its line)."""
+    return [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
+
+
+@pytest.mark.slow
+def test_torchrun_prints_one_line_for_an_error_of_every_rank_or_of_one(tmp_path):
+    base = [*tiny(), "device=cpu"]
+    assert train(CONFIG, tmp_path, *base) == 0
+    # decided alike on both ranks (a refused resume): rank 0 alone says it
+    result = _torchrun(*cli_args(CONFIG, tmp_path, *base, "autoencoder.latent_channels=4"), "--resume")
+    refused = result.stderr
+    assert result.returncode != 0
+    assert _our_lines(result.stderr) == [
+        f"error: --resume: the config changes the autoencoder architecture (latent_channels: 3 -> 4) compared with "
+        f"{tmp_path}/autoencoder/checkpoints/last.pt; restore those keys or start a new run in another output_dir"]
+    # met by one rank (a NaN voxel in a file of its shard): it says so; the other rank, whose collective
+    # failed, is quiet
+    data = write_scans(tmp_path / "scans", (16, 16, 16), (1.0, 1.0, 1.0), count=6)
+    volume = np.asarray(nib.load(data / "case3.nii.gz").dataobj).copy()
+    volume[2, 2, 2] = np.nan
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), data / "case3.nii.gz")
+    result = _torchrun(*cli_args(CONFIG, tmp_path / "nan", *base, "data.source=nifti", f"data.paths={data}",
+                                 "data.val_fraction=0.34"))
+    lines = _our_lines(result.stderr)
+    assert result.returncode != 0 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: rank 1: ") and "case3.nii.gz: contains 1 non-finite voxels" in lines[0]
+    for stderr in (refused, result.stderr):  # torchrun's own summary of the exit codes aside: no traceback of ours
+        frames = [line for line in stderr.splitlines() if line.lstrip().startswith("File ")]
+        assert "[rank" not in stderr and "Connection closed" not in stderr
+        assert not [frame for frame in frames if "monai_diffusion" in frame], frames
+
+
+# ----------------------------------------------------------------------------------------------------
+# outputs and data: where a glob reaches; running out of memory
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern,folder,covered", [
+    ("{d}", "{d}/runs", True),  # a folder is searched recursively
+    ("{d}", "{d}", True),
+    ("{d}", "{d}_other/runs", False),  # a name that merely starts like it
+    ("{d}/*.nii.gz", "{d}", True),  # files written straight into it would match
+    ("{d}/*.nii.gz", "{d}/runs", False),  # one level only
+    ("{d}/*/*.nii.gz", "{d}/runs", True),
+    ("{d}/ct_*/*.nii.gz", "{d}/runs", False),
+    ("{d}/**/*.nii.gz", "{d}/a/b/c", True),
+    ("{d}/case0.nii.gz", "{d}", False),  # one file finds only itself
+])
+def test_which_output_folders_lie_inside_the_data(tmp_path, pattern, folder, covered):
+    from monai_diffusion.data.files import data_pattern_covers
+
+    data = tmp_path / "scans"
+    data.mkdir()
+    assert data_pattern_covers(pattern.format(d=data), folder.format(d=data)) is covered
+    assert data_pattern_covers([str(data / "case0.nii.gz")], data) is False  # a list of files finds only those
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] "
+                                                                 "DefaultCPUAllocator: can't allocate memory: you "
+                                                                 "tried to allocate 155067617632032 bytes.")])
+def test_running_out_of_memory_is_one_line(capsys, failure):
+    from monai_diffusion.cli import _parser, run_main
+
+    def body(args):
+        raise failure
+
+    assert run_main(body, _parser("test"), []) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of memory (") and "reduce data.image_size" in err[0]
+    with pytest.raises(type(failure)):
+        run_main(body, _parser("test"), ["--debug"])

@@ -36,7 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config
-from monai_diffusion.config.rules import autoencoder_totals, training_size
+from monai_diffusion.config.rules import autoencoder_totals, discriminator_min_size, training_size
 
 __all__ = [
     "StepMeasurement",
@@ -427,13 +427,14 @@ DEFAULT_FACTOR_OPTIONS: list[list[Any]] = [[2, 2], [4, 2], [8, 2], [16]]
 PATCH_FRACTIONS = (0.75, 0.5, 0.375, 0.25)  # patch sizes tried, as fractions of each axis of the volume
 
 
-def patch_options(image_size: tuple[int, ...], totals: tuple[int, ...]) -> list[tuple[int, ...]]:
+def patch_options(image_size: tuple[int, ...], totals: tuple[int, ...], smallest: int = 1) -> list[tuple[int, ...]]:
     """Patch sizes for the budget search, largest first: fractions of the volume rounded down to the latent
-    grid (at least one latent voxel... per axis: the total factor)."""
+    grid (at least one latent voxel per axis), each axis at least ``smallest`` voxels (what the
+    discriminator needs)."""
     options: list[tuple[int, ...]] = []
     for fraction in PATCH_FRACTIONS:
         patch = tuple(max(f, int(s * fraction) // f * f) for s, f in zip(image_size, totals))
-        if patch not in options and patch != tuple(image_size):
+        if patch not in options and patch != tuple(image_size) and min(patch) >= smallest:
             options.append(patch)
     return options
 
@@ -491,7 +492,9 @@ def search_budget(
             compression = round(math.prod(size) / math.prod(s // f for s, f in zip(size, totals)))
             sizes: list[tuple[int, ...] | None] = [None]
             if with_patches and ae.spatial_dims == 3:
-                sizes += patch_options(size, totals)
+                smallest = (discriminator_min_size(ae.discriminator.num_layers_d)
+                            if ae.training.use_adversarial_loss else 1)
+                sizes += patch_options(size, totals, smallest)
             for batch in batch_sizes:
                 for amp in (False, True):
                     for ckpt in (False, True):

@@ -73,7 +73,8 @@ def test_ct_window_maps_hounsfield_units(tmp_path):
     volume = np.full((8, 8, 8), -1000.0, dtype=np.float32)
     volume[2:6, 2:6, 2:6] = 40.0  # soft tissue
     volume[3, 3, 3] = 3000.0  # metal, clipped
-    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "ct.nii.gz")
+    for name in ("ct_a.nii.gz", "ct_b.nii.gz"):  # two files: one is held out for validation
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / name)
     cfg = DataConfig(source="nifti", paths=str(tmp_path), image_size=(8, 8, 8), intensity_window=(-1000.0, 1000.0))
     image = build_datasets(cfg, seed=0)[0][0]["image"][0]
     assert float(image[0, 0, 0]) == 0.0 and float(image[3, 3, 3]) == 1.0

@@ -377,18 +377,33 @@ def _read(
     return block
 
 
-def _conv_input(conv: nn.Module, low: Sequence[int], high: Sequence[int]) -> Bounds:
-    """The input region (before the convolution's own zero padding) that output ``[low, high)`` reads."""
-    stride, padding, dilation, kernel = conv.stride, conv.padding, conv.dilation, conv.kernel_size
-    return ([lo * s - p for lo, s, p in zip(low, stride, padding)],
-            [(hi - 1) * s - p + d * (k - 1) + 1 for hi, s, p, d, k in zip(high, stride, padding, dilation, kernel)])
+def _conv_input(conv: nn.Module, low: Sequence[int], high: Sequence[int], size: Sequence[int]) -> tuple[Bounds, list[int]]:
+    """The input region that output ``[low, high)`` of ``conv`` reads from an input of spatial ``size``,
+    and the padding to run the convolution with.
+
+    Where the output block spans a whole axis, the region is the whole axis and the convolution pads it
+    itself (one copy less, and the block stays contiguous); elsewhere the region includes the halo and the
+    zeros beyond the volume, and the convolution runs without padding."""
+    region_low, region_high, padding = [], [], []
+    for lo, hi, n, s, p, d, k in zip(low, high, size, conv.stride, conv.padding, conv.dilation, conv.kernel_size):
+        first, last = lo * s - p, (hi - 1) * s - p + d * (k - 1) + 1
+        native = first == -p and last == n + p
+        region_low.append(0 if native else first)
+        region_high.append(n if native else last)
+        padding.append(p if native else 0)
+    return (region_low, region_high), padding
+
+
+def _run_conv(conv: nn.Module, block: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
+    return _CONV_FN[block.dim() - 2](block, conv.weight, conv.bias, conv.stride, tuple(padding), conv.dilation,
+                                     conv.groups)
 
 
 def _conv(conv: nn.Module, source: torch.Tensor, low: Sequence[int], high: Sequence[int], device: torch.device,
           pre: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Output ``[low, high)`` of ``conv`` applied to ``pre(source)`` (zero padded), exactly."""
-    block = _read(source, *_conv_input(conv, low, high), device, pre)
-    return _CONV_FN[block.dim() - 2](block, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+    region, padding = _conv_input(conv, low, high, source.shape[2:])
+    return _run_conv(conv, _read(source, *region, device, pre), padding)
 
 
 def _upsample(layer: Upsample, source: torch.Tensor, low: Sequence[int], high: Sequence[int],
@@ -398,14 +413,12 @@ def _upsample(layer: Upsample, source: torch.Tensor, low: Sequence[int], high: S
     The low-resolution region covering the convolution's input is read (zeros outside: a voxel outside the
     upsampled volume comes from one outside the source), upsampled and cropped to that input."""
     conv, scale = layer.conv.conv, layer.scale
-    need_low, need_high = _conv_input(conv, low, high)
+    (need_low, need_high), padding = _conv_input(conv, low, high, [n * s for n, s in zip(source.shape[2:], scale)])
     source_low = [lo // s for lo, s in zip(need_low, scale)]
     source_high = [-(-hi // s) for hi, s in zip(need_high, scale)]
-    block = _read(source, source_low, source_high, device)
-    block = layer._interpolate(block)
+    block = layer._interpolate(_read(source, source_low, source_high, device))
     crop = tuple(slice(lo - a * s, hi - a * s) for lo, hi, a, s in zip(need_low, need_high, source_low, scale))
-    block = block[(slice(None), slice(None), *crop)]
-    return _CONV_FN[block.dim() - 2](block, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+    return _run_conv(conv, block[(slice(None), slice(None), *crop)], padding)
 
 
 def _is_plain_conv(module: nn.Module) -> bool:

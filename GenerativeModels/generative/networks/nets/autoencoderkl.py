@@ -178,9 +178,18 @@ class _LowMemoryMixin:
         return self.low_memory and torch.is_grad_enabled()
 
 
+def _plain_group_norm(norm: nn.Module) -> bool:
+    """Whether calling ``norm`` is exactly ``F.group_norm`` with its own parameters: a ``torch.nn.GroupNorm``
+    whose ``forward`` is not replaced (as tiled inference does to apply whole-volume statistics) and that
+    has no forward hooks."""
+    return (type(norm) is nn.GroupNorm and "forward" not in vars(norm)
+            and not (norm._forward_hooks or norm._forward_pre_hooks))
+
+
 def _norm_conv(x: torch.Tensor, norm: nn.GroupNorm, conv: Convolution, activation: bool, low_memory: bool):
-    """``conv([silu](norm(x)))``; with ``low_memory`` only ``x`` is kept for backward."""
-    if low_memory:
+    """``conv([silu](norm(x)))``; with ``low_memory`` only ``x`` is kept for backward (when ``norm`` is a
+    plain GroupNorm: an overridden one is called as a module, so that the override applies)."""
+    if low_memory and _plain_group_norm(norm):
         groups, eps = norm.num_groups, norm.eps
         return conv_with_recomputed_input(
             x, conv.conv, lambda t, w, b: F.group_norm(t, groups, w, b, eps), (norm.weight, norm.bias), activation

@@ -115,11 +115,8 @@ def large(model: AutoencoderKL, shape: tuple[int, ...], modes: list[str], tiles:
                              {**options, **({"buffers": where} if mode == "exact" else {})}))
     if "whole" in modes:
         runs.append(("whole", {}))
-    print("| run | wall s | CPU s | peak torch MiB | buffers MiB | peak RSS so far MiB | PSNR vs input dB | "
-          "PSNR vs whole dB | max abs diff vs whole |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     outputs: dict[str, torch.Tensor] = {}
-    lines: list[tuple[str, str]] = []
+    rows: list[tuple[str, str]] = []
     for name, options in runs:
         result: dict[str, torch.Tensor] = {}
         report: dict = {}
@@ -132,18 +129,22 @@ def large(model: AutoencoderKL, shape: tuple[int, ...], modes: list[str], tiles:
                     result["y"] = model.reconstruct(x)
 
         peak, wall, cpu = _timed(lambda: measure_peak_bytes(run, device))
+        if "block" in report:
+            name += f" (blocks {'x'.join(map(str, report['block']))})"
         outputs[name] = result["y"]
-        line = (f"| {name} | {wall:.0f} | {cpu:.0f} | {peak / MiB:.0f} | {report.get('buffer_peak_bytes', 0) / MiB:.0f} | "
-                f"{peak_rss_bytes() / MiB:.0f} | {_psnr(result['y'], x):.2f} |")
-        lines.append((name, line))
-        if name != "whole":
-            print(line + " | |", flush=True)
-    if "whole" in outputs:
-        whole = outputs["whole"]
-        print(dict(lines)["whole"] + " | |", flush=True)
-        for name, line in lines[:-1]:
-            print(f"agreement {name}: PSNR vs whole {_psnr(outputs[name], whole):.1f} dB, "
-                  f"max abs diff {(outputs[name] - whole).abs().max():.1e}", flush=True)
+        row = (f"| {name} | {wall:.0f} | {cpu:.0f} | {peak / MiB:.0f} | {report.get('buffer_peak_bytes', 0) / MiB:.0f} | "
+               f"{peak_rss_bytes() / MiB:.0f} | {_psnr(result['y'], x):.2f} |")
+        rows.append((name, row))
+        print(f"done: {row}", flush=True)
+    print("\n| run | wall s | CPU s | peak torch MiB | buffers MiB | peak RSS so far MiB | PSNR vs input dB | "
+          "PSNR vs whole dB | max abs diff vs whole |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    whole = outputs.get("whole")
+    for name, row in rows:
+        if whole is None or name == "whole":
+            print(f"{row} | |")
+        else:
+            print(f"{row} {_psnr(outputs[name], whole):.1f} | {(outputs[name] - whole).abs().max():.1e} |")
 
 
 def main() -> None:

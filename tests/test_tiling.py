@@ -13,6 +13,7 @@ from monai.inferers.utils import _get_scan_interval
 from generative.networks.nets import AutoencoderKL
 from generative.networks.tiling import (
     _monai_overlap,
+    _slab,
     _VolumeNormStatistics,
     exact_tiling_supported,
     tile_layout,
@@ -21,6 +22,16 @@ from generative.networks.tiling import (
     tiled_reconstruct,
 )
 from monai_diffusion.data import make_phantom
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These networks are tiny: one thread runs them faster than two, and does not stall when other work
+    shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -253,3 +264,21 @@ def test_method_and_buffer_choices():
     with torch.no_grad():
         tiled_decode(transposed, torch.rand(1, 2, 4, 4, 2), 8, report=report)  # auto: blends
     assert report == {"method": "blend", "buffer_peak_bytes": 0}
+
+
+def test_exact_blocks_span_whole_trailing_axes_but_stay_thick_enough():
+    """The exact method keeps the tile's voxel count but widens trailing axes to the whole volume (long
+    contiguous runs) while the other sides keep at least 8 voxels of the deepest level."""
+    assert _slab([128, 128, 64], [256, 256, 128], [4, 4, 4]) == [32, 256, 128]
+    assert _slab([128, 128, 64], [512, 512, 128], [4, 4, 4]) == [88, 88, 128]
+    assert _slab([128, 128, 32], [512, 512, 512], [4, 4, 4]) == [32, 32, 512]
+    assert _slab([16, 8, 8], [40, 24, 16], [8, 8, 8]) == [16, 8, 8]  # too thin to widen: the tile itself
+
+
+def test_exact_method_with_blocks_split_along_every_axis(monkeypatch):
+    """The same exactness when blocks are the literal tiles (halos and zeros on every axis)."""
+    monkeypatch.setattr("generative.networks.tiling._slab", lambda tile, shape, factors: list(tile))
+    model = _random(num_channels=(8, 8, 8), attention_levels=(False,) * 3, downsample_factors=[4, 2])
+    x = torch.rand(1, 1, 40, 24, 32)
+    with torch.no_grad():
+        _assert_exact(model.reconstruct(x, tile_size=(16, 8, 8)), model.reconstruct(x))

@@ -305,9 +305,11 @@ class _Moments:
         self.squares = torch.zeros(channels, dtype=torch.float64, device=device)
 
     def add(self, block: torch.Tensor) -> None:
-        """Merge a 1xCx[BLOCK DIMS] block."""
+        """Merge a contiguous 1xCx[BLOCK DIMS] block, which is overwritten (GroupNorm's output goes there)."""
         channels, count = block.shape[1], block[0, 0].numel()
-        _, mean, rstd = torch.ops.aten.native_group_norm(block.contiguous(), None, None, 1, channels, count, channels, 0.0)
+        mean, rstd = block.new_empty(1, channels), block.new_empty(1, channels)
+        torch.ops.aten.native_group_norm.out(block, None, None, 1, channels, count, channels, 0.0,
+                                             out0=block, out1=mean, out2=rstd)
         mean, var = mean.reshape(-1).double(), rstd.reshape(-1).double().pow(-2)  # rstd = inf for a constant channel
         total = self.count + count
         delta = mean - self.mean
@@ -411,14 +413,16 @@ def _upsample(layer: Upsample, source: torch.Tensor, low: Sequence[int], high: S
     """Output ``[low, high)`` of a nearest-neighbour ``Upsample`` (interpolation + 3-wide convolution).
 
     The low-resolution region covering the convolution's input is read (zeros outside: a voxel outside the
-    upsampled volume comes from one outside the source), upsampled and cropped to that input."""
+    upsampled volume comes from one outside the source) and repeated into exactly that input, voxel ``i``
+    of the upsampled axis being source voxel ``i // scale`` as in nearest-neighbour interpolation."""
     conv, scale = layer.conv.conv, layer.scale
     (need_low, need_high), padding = _conv_input(conv, low, high, [n * s for n, s in zip(source.shape[2:], scale)])
     source_low = [lo // s for lo, s in zip(need_low, scale)]
-    source_high = [-(-hi // s) for hi, s in zip(need_high, scale)]
-    block = layer._interpolate(_read(source, source_low, source_high, device))
-    crop = tuple(slice(lo - a * s, hi - a * s) for lo, hi, a, s in zip(need_low, need_high, source_low, scale))
-    return _run_conv(conv, block[(slice(None), slice(None), *crop)], padding)
+    block = _read(source, source_low, [-(-hi // s) for hi, s in zip(need_high, scale)], device)
+    for axis, (lo, hi, first, s) in enumerate(zip(need_low, need_high, source_low, scale), start=2):
+        if s > 1:
+            block = block.index_select(axis, torch.arange(lo, hi, device=device) // s - first)
+    return _run_conv(conv, block, padding)
 
 
 def _is_plain_conv(module: nn.Module) -> bool:
@@ -454,6 +458,31 @@ def exact_tiling_supported(model: nn.Module) -> bool:
             and all(_is_plain_conv(c) for c in (model.quant_conv_mu, model.quant_conv_log_sigma, model.post_quant_conv)))
 
 
+# the thinnest block side the exact method makes, in voxels of the deepest level (thinner blocks run far
+# slower than their size suggests: measured in docs/tiling.md)
+_MIN_DEEPEST_SIDE = 8
+
+
+def _slab(tile: Sequence[int], shape: Sequence[int], factors: Sequence[int]) -> list[int]:
+    """The exact method's block: at most as many voxels as ``tile``, spanning whole trailing axes.
+
+    From the last axis forwards, an axis is widened to the whole volume while the axes before it can shrink
+    (evenly, to multiples of their factors) to keep the voxel count, but not below ``_MIN_DEEPEST_SIDE``
+    voxels of the deepest level. Blocks that span whole trailing axes are long contiguous runs of memory,
+    which makes reading, normalising, padding and writing them cheap."""
+    block, voxels = [min(t, n) for t, n in zip(tile, shape)], math.prod(tile)
+    for axis in range(len(block) - 1, 0, -1):
+        if block[axis] == shape[axis]:
+            continue
+        lead = block[:axis]
+        ratio = (voxels / (math.prod(lead) * shape[axis] * math.prod(block[axis + 1 :]))) ** (1 / axis)
+        lead = [min(int(t * ratio) // f * f, n) for t, f, n in zip(lead, factors, shape)]
+        if any(t < min(_MIN_DEEPEST_SIDE * f, n) for t, f, n in zip(lead, factors, shape)):
+            break
+        block = [*lead, shape[axis], *block[axis + 1 :]]
+    return block
+
+
 class _Stream:
     """Runs layers of one sample over non-overlapping blocks (see the module docstring)."""
 
@@ -484,9 +513,9 @@ class _Stream:
         moments = _Moments(channels, self.device) if statistics else None
         for low, high in [([0] * len(shape), list(shape))] if whole else self._blocks(shape):
             block = compute(low, high)
-            if moments is not None:
-                moments.add(block)
             data[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in zip(low, high)))].copy_(block)
+            if moments is not None:
+                moments.add(block.contiguous())  # after the copy: it overwrites the block
             self.bar.update()
         return _Activation(data, moments, owned=out is None)
 
@@ -577,7 +606,7 @@ def _exact_encode(
                         finish=lambda t: torch.exp(torch.clamp(t, -30.0, 20.0) / 2))
             stream.release(h)
             peak = max(peak, store.peak_bytes)
-    _report(report, "exact", peak)
+    _report(report, "exact", peak, tile)
     return z_mu, z_sigma
 
 
@@ -595,14 +624,16 @@ def _exact_decode(
             h = stream.conv(model.post_quant_conv, _Activation(z[index : index + 1], owned=False))
             stream.blocks(model.decoder.blocks, h, out=result[index : index + 1])
             peak = max(peak, store.peak_bytes)
-    _report(report, "exact", peak)
+    _report(report, "exact", peak, tile)
     return result
 
 
-def _report(report: dict | None, method: str, buffer_bytes: int) -> None:
+def _report(report: dict | None, method: str, buffer_bytes: int, block: Sequence[int] | None = None) -> None:
     if report is not None:
         report["method"] = method
         report["buffer_peak_bytes"] = max(report.get("buffer_peak_bytes", 0), buffer_bytes)
+        if block is not None:
+            report["block"] = tuple(block)
 
 
 def _method(model: nn.Module, method: str, buffers: str, volume_statistics: bool) -> str:
@@ -642,8 +673,9 @@ def tiled_encode(
             wherever the network allows it); see the module docstring.
         buffers: where the exact method keeps full-size activations between layers: ``"cpu"`` (host
             memory), ``"device"`` (the compute device) or ``"disk"`` (memory-mapped temporary files).
-        report: if given, receives ``"method"`` (the one that ran) and ``"buffer_peak_bytes"`` (the most
-            bytes the exact method's buffers held at once; 0 when blending).
+        report: if given, receives ``"method"`` (the one that ran), ``"buffer_peak_bytes"`` (the most
+            bytes the exact method's buffers held at once; 0 when blending) and, for the exact method,
+            ``"block"`` (its block in image voxels, see the module docstring).
 
     Returns:
         ``(z_mu, z_sigma)``, each Bx``latent_channels``x[SPATIAL DIMS / total factor].
@@ -655,7 +687,7 @@ def tiled_encode(
     model._check_input(x)
     tile, step = tile_layout(x.shape[2:], tile_size, overlap, model.total_factors)
     if _method(model, method, buffers, volume_statistics) == "exact":
-        return _exact_encode(model, x, tile, buffers, progress, report)
+        return _exact_encode(model, x, _slab(tile, x.shape[2:], model.total_factors), buffers, progress, report)
     _report(report, "blend", 0)
     z_mu, z_sigma = _sliding(model, x, tile, step, model.total_factors, lambda t: model.encode(t), progress, volume_statistics)
     return z_mu, z_sigma
@@ -689,7 +721,7 @@ def tiled_decode(
     image_shape = [s * f for s, f in zip(z.shape[2:], factors)]
     tile, step = tile_layout(image_shape, tile_size, overlap, factors)
     if _method(model, method, buffers, volume_statistics) == "exact":
-        return _exact_decode(model, z, tile, buffers, progress, report)
+        return _exact_decode(model, z, _slab(tile, image_shape, factors), buffers, progress, report)
     _report(report, "blend", 0)
     latent_tile = [t // f for t, f in zip(tile, factors)]
     latent_step = [s // f for s, f in zip(step, factors)]

@@ -9,27 +9,34 @@ block plus the convolution's halo (one voxel each side for the 3-wide kernels). 
 run one layer at a time over the whole volume:
 
 * each layer (a convolution with the GroupNorm + SiLU in front of it, a down- or upsampling step, the
-  second half of a residual block with its shortcut) runs over non-overlapping output blocks of
-  ``tile_size`` (scaled to the layer's resolution); a block reads its input region plus the halo, with
-  zeros where the region leaves the volume, exactly as the convolution's own zero padding would;
+  second half of a residual block with its shortcut) runs over non-overlapping output blocks; a block
+  reads its input region plus the halo, with zeros where the region leaves the volume, exactly as the
+  convolution's own zero padding would;
 * the layer's output is written into a full-size buffer and, block by block, its per-channel mean and
   squared deviations are merged (Chan et al.), which gives the next GroupNorm its whole-volume statistics
   when the layer is done;
 * a buffer is released once the layers that read it are done (a residual block keeps its input until its
-  shortcut has been added).
+  shortcut has been added), so at most three full-size activations exist at once.
 
 Every output voxel of every layer is computed once, as in whole-volume inference, and with the same
-numbers: tiled and whole agree up to float rounding (summation order of the statistics), with no
-blending and no dependence on the overlap. Attention blocks are global; they run on their whole input
-(they sit at the deepest level, where the volume is smallest), which keeps them exact too.
+numbers: tiled and whole agree up to float rounding (the statistics are summed in another order), with
+no blending and no dependence on the overlap. Attention blocks are global; they run on their whole input
+(they sit at the deepest level, where the volume is smallest), which keeps them exact too, at the memory
+cost of attention over that whole level.
+
+Blocks: ``tile_size`` sets how many voxels a block has (scaled down with the resolution at deeper
+levels: a block is always whole latent voxels). The blocks are shaped to span whole trailing axes where
+that keeps the other sides at least 8 voxels of the deepest level (``_slab``): spans of whole rows are
+contiguous in memory, so reading, normalising and writing them is cheap, while very thin blocks make the
+convolutions slow.
 
 What lives where: the input, the returned output and one block's working tensors (input region with halo,
-its normalised copy, the output block) are on the compute device; the full-size buffers between layers
-live in ``buffers``: ``"cpu"`` (host memory, pinned when computing on CUDA; the default), ``"device"``
-(the compute device: fastest on a GPU when they fit), or ``"disk"`` (memory-mapped scratch files in the
-temporary directory, deleted when released: host memory is then only the operating system's page cache).
-The buffers hold at most three activations of one resolution at a time (a residual block's input, its
-inner activation and its output), e.g. 8 GiB for the 32-channel first level of a 512x512x128 volume.
+its normalised copy, the convolution's output) are on the compute device; the full-size buffers between
+layers live in ``buffers``: ``"cpu"`` (host memory, pinned when computing on CUDA; the default),
+``"device"`` (the compute device: fastest on a GPU when they fit), or ``"disk"`` (memory-mapped scratch
+files in the temporary directory, unlinked at once and freed when released: host memory is then only the
+operating system's page cache). For the quickstart network the buffers peak at the decoder's first level
+(64 channels of full-size activations: 8 GiB for a 512x512x128 volume in float32).
 
 Networks the exact method cannot stream (a decoder with transposed-convolution upsampling, modules other
 than AutoencoderKL's blocks), and calls with ``volume_statistics=False``, use the blended method. The
@@ -514,8 +521,8 @@ class _Stream:
         for low, high in [([0] * len(shape), list(shape))] if whole else self._blocks(shape):
             block = compute(low, high)
             data[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in zip(low, high)))].copy_(block)
-            if moments is not None:
-                moments.add(block.contiguous())  # after the copy: it overwrites the block
+            if moments is not None:  # after the copy: it overwrites the block
+                moments.add(block.float().contiguous())  # (float32 under autocast, as GroupNorm's statistics)
             self.bar.update()
         return _Activation(data, moments, owned=out is None)
 

@@ -689,9 +689,11 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
 
         Args:
             x: BxCx[SPATIAL DIMS]; each spatial size divisible by its total downsampling factor.
-            tile_size: encode overlapping tiles of this many voxels per axis (multiples of the total
-                factor) and blend them (see ``generative.networks.tiling``); ``None`` = the whole volume.
-            tile_overlap: fraction of a tile shared with its neighbour when tiling.
+            tile_size: encode tile by tile, tiles of this many voxels per axis (multiples of the total
+                factor), with the whole volume's GroupNorm statistics (see ``generative.networks.tiling``:
+                exact for this network unless it upsamples with transposed convolutions, else blended
+                overlapping tiles); ``None`` = the whole volume at once.
+            tile_overlap: fraction of a tile shared with its neighbour when blending.
 
         Returns:
             ``(z_mu, z_sigma)``, each Bx``latent_channels``x[SPATIAL DIMS / total factor].
@@ -717,9 +719,9 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
 
         Args:
             x: BxCx[SPATIAL DIMS].
-            tile_size: encode, then decode, in overlapping tiles of this many voxels per axis (see
-                ``generative.networks.tiling``); ``None`` = the whole volume.
-            tile_overlap: fraction of a tile shared with its neighbour when tiling.
+            tile_size: encode, then decode, tile by tile, tiles of this many voxels per axis (see
+                :meth:`encode` and ``generative.networks.tiling``); ``None`` = the whole volume.
+            tile_overlap: fraction of a tile shared with its neighbour when blending.
 
         Returns:
             BxCx[SPATIAL DIMS].
@@ -738,9 +740,9 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
 
         Args:
             z: Bx``latent_channels``x[LATENT DIMS].
-            tile_size: decode overlapping tiles whose outputs have this many voxels per axis (multiples of
-                the total factor) and blend them; ``None`` = the whole latent.
-            tile_overlap: fraction of a tile shared with its neighbour when tiling.
+            tile_size: decode tile by tile, output tiles of this many voxels per axis (multiples of the
+                total factor; see :meth:`encode`); ``None`` = the whole latent at once.
+            tile_overlap: fraction of a tile shared with its neighbour when blending.
 
         Returns:
             BxCx[LATENT DIMS * total factor].

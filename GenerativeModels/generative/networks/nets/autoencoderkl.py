@@ -179,11 +179,10 @@ class _LowMemoryMixin:
 
 
 def _plain_group_norm(norm: nn.Module) -> bool:
-    """Whether calling ``norm`` is exactly ``F.group_norm`` with its own parameters: a ``torch.nn.GroupNorm``
-    whose ``forward`` is not replaced (as tiled inference does to apply whole-volume statistics) and that
-    has no forward hooks."""
-    return (type(norm) is nn.GroupNorm and "forward" not in vars(norm)
-            and not (norm._forward_hooks or norm._forward_pre_hooks))
+    """Whether ``norm``'s forward is ``F.group_norm`` with its own parameters: a ``torch.nn.GroupNorm`` whose
+    ``forward`` is not replaced (as tiled inference does to apply whole-volume statistics). Hooks do not
+    count: the low-memory path skips them, as it always has (the memory estimator's hooks rely on it)."""
+    return type(norm) is nn.GroupNorm and "forward" not in vars(norm)
 
 
 def _norm_conv(x: torch.Tensor, norm: nn.GroupNorm, conv: Convolution, activation: bool, low_memory: bool):

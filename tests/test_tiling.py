@@ -13,13 +13,25 @@ from monai.inferers.utils import _get_scan_interval
 from generative.networks.nets import AutoencoderKL
 from generative.networks.tiling import (
     _monai_overlap,
+    _slab,
     _VolumeNormStatistics,
+    exact_tiling_supported,
     tile_layout,
     tiled_decode,
     tiled_encode,
     tiled_reconstruct,
 )
 from monai_diffusion.data import make_phantom
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These networks are tiny: one thread runs them faster than two, and does not stall when other work
+    shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -136,16 +148,137 @@ def trained_2d() -> AutoencoderKL:
 
 
 def test_tiled_reconstruction_agrees_with_whole_volume_on_a_trained_network(trained_2d):
-    """The stated tolerance: tiled and whole reconstructions agree to a PSNR of at least 40 dB (measured
-    55-62 dB for 32-64 pixel tiles with overlap 0.5). Without the whole-volume GroupNorm statistics the
+    """The stated tolerances: the exact method (the default) equals whole-volume inference up to float
+    rounding; the blended one with whole-volume GroupNorm statistics agrees to a PSNR of at least 40 dB
+    (measured 55-62 dB for 32-64 pixel tiles with overlap 0.5). Without the whole-volume statistics the
     same tiles agree only to about 20-25 dB."""
     x = torch.from_numpy(make_phantom((128, 96), 99)).float()[None, None]
     with torch.no_grad():
         whole = trained_2d.reconstruct(x)
         assert _psnr(whole, x) > 20  # the network has learned something
         for tile in (32, 64):
-            tiled = trained_2d.reconstruct(x, tile_size=tile, tile_overlap=0.5)
+            exact = trained_2d.reconstruct(x, tile_size=tile, tile_overlap=0.5)
+            blended = tiled_reconstruct(trained_2d, x, tile, 0.5, method="blend")
             own = tiled_reconstruct(trained_2d, x, tile, 0.5, volume_statistics=False)
-            assert tiled.shape == whole.shape
-            assert _psnr(tiled, whole) >= 40.0
-            assert _psnr(tiled, whole) > _psnr(own, whole) + 10
+            assert exact.shape == blended.shape == whole.shape
+            torch.testing.assert_close(exact, whole, atol=1e-5, rtol=1e-5)
+            assert _psnr(blended, whole) >= 40.0
+            assert _psnr(blended, whole) > _psnr(own, whole) + 10
+
+
+# ----------------------------------------------------------------------------------------------------
+# the exact (streamed) method
+# ----------------------------------------------------------------------------------------------------
+def _random(spatial_dims: int = 3, **kwargs) -> AutoencoderKL:
+    """Random weights with non-trivial GroupNorm affine parameters (the defaults are 1 and 0)."""
+    model = _tiny(spatial_dims, **kwargs)
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.GroupNorm)):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float rounding: the statistics are summed in another order than whole-volume GroupNorm's."""
+    torch.testing.assert_close(actual, expected, atol=2e-5 * float(expected.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("factors,shape,tile", [
+    (None, (24, 16, 8), 8),                              # 2 x 2, cubes that divide the volume
+    ([4, 2], (40, 24, 16), (16, 8, 8)),                  # odd total factor split, tiles that leave a remainder
+    ([(2, 2, 1), 3], (36, 30, 12), (12, 6, 6)),          # per-axis factors, scale 3 (float nearest indices)
+])
+def test_exact_tiling_is_whole_volume_inference(factors, shape, tile):
+    model = _random(num_channels=(8, 8, 8), attention_levels=(False,) * 3, downsample_factors=factors)
+    x = torch.rand(2, 1, *shape) * 2 - 0.5
+    with torch.no_grad():
+        z_mu, z_sigma = model.encode(x)
+        report: dict = {}
+        tiled_mu, tiled_sigma = tiled_encode(model, x, tile, report=report)
+        assert report["method"] == "exact"
+        _assert_exact(tiled_mu, z_mu)
+        _assert_exact(tiled_sigma, z_sigma)
+        _assert_exact(tiled_decode(model, z_mu, tile, buffers="disk"), model.decode(z_mu))
+        _assert_exact(model.reconstruct(x, tile_size=tile), model.reconstruct(x))
+
+
+def test_exact_tiling_in_2d_with_attention_at_the_deepest_level():
+    """Attention blocks run on their whole input (the deepest level), so they stay exact too."""
+    model = _random(2, num_channels=(8, 8), attention_levels=(False, True), with_encoder_nonlocal_attn=True,
+                    with_decoder_nonlocal_attn=True)
+    assert exact_tiling_supported(model)
+    x = torch.rand(1, 1, 40, 24)
+    with torch.no_grad():
+        _assert_exact(tiled_reconstruct(model, x, (8, 16), buffers="device"), model.reconstruct(x))
+
+
+def test_buffers_hold_at_most_three_activations_and_leave_no_files(tmp_path, monkeypatch):
+    """The decoder's first level holds the upsampled activation, the residual block's inner activation
+    and its output at once; disk buffers are unlinked as soon as they are mapped."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    model = _random(num_channels=(8, 16))
+    z = torch.rand(1, 2, 6, 5, 4)
+    report: dict = {}
+    with torch.no_grad():
+        tiled_decode(model, z, 4, buffers="disk", report=report)
+    voxels = 12 * 10 * 8
+    assert report["buffer_peak_bytes"] == (16 + 8 + 8) * voxels * 4  # Upsample out, inner, block out (fp32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpointing_with_gradients_keeps_the_whole_volume_statistics():
+    """Issue #11: with use_checkpointing=True and gradients on, the low-memory path used to call
+    F.group_norm itself, bypassing the whole-volume statistics of the blended method (agreement with
+    whole-volume inference fell from 22 to 7 dB). Both methods must give their no-grad result."""
+    model = _random(2, num_channels=(8, 16))
+    x = torch.from_numpy(make_phantom((64, 48), 3)).float()[None, None]
+    with torch.no_grad():
+        whole = model.reconstruct(x)
+        blended = tiled_reconstruct(model, x, 16, 0.5, method="blend")
+    model.use_checkpointing = True
+    with torch.enable_grad():
+        blended_grad = tiled_reconstruct(model, x, 16, 0.5, method="blend")
+        exact_grad = tiled_reconstruct(model, x, 16)
+    assert blended_grad.requires_grad  # the blended method stays differentiable
+    torch.testing.assert_close(blended_grad.detach(), blended, atol=1e-5, rtol=1e-5)
+    _assert_exact(exact_grad, whole)
+
+
+def test_method_and_buffer_choices():
+    model = _tiny()
+    x = torch.rand(1, 1, 16, 16, 8)
+    with pytest.raises(ValueError, match=r"method = 'fast': expected one of 'auto', 'exact', 'blend'"):
+        tiled_encode(model, x, 8, method="fast")
+    with pytest.raises(ValueError, match=r"buffers = 'gpu': expected one of 'cpu', 'device', 'disk'"):
+        tiled_encode(model, x, 8, buffers="gpu")
+    with pytest.raises(ValueError, match="drop volume_statistics=False or use method='blend'"):
+        tiled_encode(model, x, 8, method="exact", volume_statistics=False)
+    with pytest.raises(ValueError, match=r"3 is not \(use 2 or 4\)"):
+        model.encode(torch.rand(1, 1, 64, 64, 64), tile_size=3)
+    transposed = _tiny(use_convtranspose=True)
+    assert not exact_tiling_supported(transposed) and exact_tiling_supported(model)
+    with pytest.raises(ValueError, match="cannot be streamed .* use method='blend'"):
+        tiled_decode(transposed, torch.rand(1, 2, 4, 4, 2), 8, method="exact")
+    report: dict = {}
+    with torch.no_grad():
+        tiled_decode(transposed, torch.rand(1, 2, 4, 4, 2), 8, report=report)  # auto: blends
+    assert report == {"method": "blend", "buffer_peak_bytes": 0}
+
+
+def test_exact_blocks_span_whole_trailing_axes_but_stay_thick_enough():
+    """The exact method keeps the tile's voxel count but widens trailing axes to the whole volume (long
+    contiguous runs) while the other sides keep at least 8 voxels of the deepest level."""
+    assert _slab([128, 128, 64], [256, 256, 128], [4, 4, 4]) == [32, 256, 128]
+    assert _slab([128, 128, 64], [512, 512, 128], [4, 4, 4]) == [88, 88, 128]
+    assert _slab([128, 128, 32], [512, 512, 512], [4, 4, 4]) == [32, 32, 512]
+    assert _slab([16, 8, 8], [40, 24, 16], [8, 8, 8]) == [16, 8, 8]  # too thin to widen: the tile itself
+
+
+def test_exact_method_with_blocks_split_along_every_axis(monkeypatch):
+    """The same exactness when blocks are the literal tiles (halos and zeros on every axis)."""
+    monkeypatch.setattr("generative.networks.tiling._slab", lambda tile, shape, factors: list(tile))
+    model = _random(num_channels=(8, 8, 8), attention_levels=(False,) * 3, downsample_factors=[4, 2])
+    x = torch.rand(1, 1, 40, 24, 32)
+    with torch.no_grad():
+        _assert_exact(model.reconstruct(x, tile_size=(16, 8, 8)), model.reconstruct(x))

@@ -66,7 +66,9 @@ def _is_int(value: object) -> bool:
 def _normalize_factor(factor: object, spatial_dims: int, where: str) -> tuple[int, ...]:
     if _is_int(factor):
         if int(factor) < 1:  # type: ignore[call-overload]
-            raise ValueError(f"{where} = {factor!r}: a downsampling factor must be an integer >= 1 (1 = no downsampling)")
+            raise ValueError(
+                f"{where} = {factor!r}: a downsampling factor must be an integer >= 1 (1 = no downsampling)"
+            )
         return (int(factor),) * spatial_dims  # type: ignore[call-overload]
     if isinstance(factor, Sequence) and not isinstance(factor, (str, bytes)):
         if len(factor) != spatial_dims:
@@ -178,9 +180,17 @@ class _LowMemoryMixin:
         return self.low_memory and torch.is_grad_enabled()
 
 
+def _plain_group_norm(norm: nn.Module) -> bool:
+    """Whether ``norm``'s forward is ``F.group_norm`` with its own parameters: a ``torch.nn.GroupNorm`` whose
+    ``forward`` is not replaced (as tiled inference does to apply whole-volume statistics). Hooks do not
+    count: the low-memory path skips them, as it always has (the memory estimator's hooks rely on it)."""
+    return type(norm) is nn.GroupNorm and "forward" not in vars(norm)
+
+
 def _norm_conv(x: torch.Tensor, norm: nn.GroupNorm, conv: Convolution, activation: bool, low_memory: bool):
-    """``conv([silu](norm(x)))``; with ``low_memory`` only ``x`` is kept for backward."""
-    if low_memory:
+    """``conv([silu](norm(x)))``; with ``low_memory`` only ``x`` is kept for backward (when ``norm`` is a
+    plain GroupNorm: an overridden one is called as a module, so that the override applies)."""
+    if low_memory and _plain_group_norm(norm):
         groups, eps = norm.num_groups, norm.eps
         return conv_with_recomputed_input(
             x, conv.conv, lambda t, w, b: F.group_norm(t, groups, w, b, eps), (norm.weight, norm.bias), activation
@@ -331,7 +341,8 @@ class AttentionBlock(nn.Module, _LowMemoryMixin):
         super().__init__()
         if num_head_channels is not None and (num_head_channels < 1 or num_channels % num_head_channels):
             raise ValueError(
-                f"num_head_channels = {num_head_channels!r}: expected a positive divisor of num_channels = {num_channels}"
+                f"num_head_channels = {num_head_channels!r}: expected a positive divisor of num_channels = "
+                f"{num_channels}"
             )
         self.spatial_dims = spatial_dims
         self.num_channels = num_channels
@@ -350,7 +361,8 @@ class AttentionBlock(nn.Module, _LowMemoryMixin):
         tokens = self.norm(x).reshape(shape[0], shape[1], -1).transpose(1, 2)  # B x N x C
         heads = self.num_heads
         # B x heads x N x C/heads
-        q, k, v = (layer(tokens).unflatten(-1, (heads, -1)).transpose(1, 2) for layer in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (layer(tokens).unflatten(-1, (heads, -1)).transpose(1, 2)
+                   for layer in (self.to_q, self.to_k, self.to_v))
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         if self.apply_out_projection:
             out = self.proj_attn(out)
@@ -411,7 +423,8 @@ class Encoder(nn.Module, _LowMemoryMixin):
 
         def attention(ch: int) -> AttentionBlock:
             return AttentionBlock(spatial_dims, ch, norm_num_groups=norm_num_groups, norm_eps=norm_eps,
-                                  use_flash_attention=use_flash_attention, apply_out_projection=attention_out_projection)
+                                  use_flash_attention=use_flash_attention,
+                                  apply_out_projection=attention_out_projection)
 
         blocks: list[nn.Module] = [_conv(spatial_dims, in_channels, num_channels[0])]
         channels = num_channels[0]
@@ -486,7 +499,8 @@ class Decoder(nn.Module, _LowMemoryMixin):
 
         def attention(ch: int) -> AttentionBlock:
             return AttentionBlock(spatial_dims, ch, norm_num_groups=norm_num_groups, norm_eps=norm_eps,
-                                  use_flash_attention=use_flash_attention, apply_out_projection=attention_out_projection)
+                                  use_flash_attention=use_flash_attention,
+                                  apply_out_projection=attention_out_projection)
 
         channels = rev_channels[0]
         blocks: list[nn.Module] = [_conv(spatial_dims, in_channels, channels)]
@@ -589,7 +603,8 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
         if len(attention_levels) != len(num_channels):
             raise ValueError(
                 f"attention_levels has {len(attention_levels)} entries ({list(attention_levels)}) but num_channels "
-                f"has {len(num_channels)}: give one True/False per level, e.g. {[False] * (len(num_channels) - 1) + [True]}"
+                f"has {len(num_channels)}: give one True/False per level, e.g. "
+                f"{[False] * (len(num_channels) - 1) + [True]}"
             )
         res_blocks = _as_level_list(num_res_blocks, len(num_channels))
         if len(res_blocks) != len(num_channels):
@@ -604,7 +619,8 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
             num_res_blocks=num_res_blocks, num_channels=num_channels, attention_levels=list(attention_levels),
             latent_channels=latent_channels, norm_num_groups=norm_num_groups, norm_eps=norm_eps,
-            with_encoder_nonlocal_attn=with_encoder_nonlocal_attn, with_decoder_nonlocal_attn=with_decoder_nonlocal_attn,
+            with_encoder_nonlocal_attn=with_encoder_nonlocal_attn,
+            with_decoder_nonlocal_attn=with_decoder_nonlocal_attn,
             use_flash_attention=use_flash_attention, use_checkpointing=use_checkpointing,
             use_convtranspose=use_convtranspose, downsample_factors=downsample_factors,
             attention_out_projection=attention_out_projection,
@@ -680,9 +696,11 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
 
         Args:
             x: BxCx[SPATIAL DIMS]; each spatial size divisible by its total downsampling factor.
-            tile_size: encode overlapping tiles of this many voxels per axis (multiples of the total
-                factor) and blend them (see ``generative.networks.tiling``); ``None`` = the whole volume.
-            tile_overlap: fraction of a tile shared with its neighbour when tiling.
+            tile_size: encode tile by tile, tiles of this many voxels per axis (multiples of the total
+                factor), with the whole volume's GroupNorm statistics (see ``generative.networks.tiling``:
+                exact for this network unless it upsamples with transposed convolutions, else blended
+                overlapping tiles); ``None`` = the whole volume at once.
+            tile_overlap: fraction of a tile shared with its neighbour when blending.
 
         Returns:
             ``(z_mu, z_sigma)``, each Bx``latent_channels``x[SPATIAL DIMS / total factor].
@@ -708,9 +726,9 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
 
         Args:
             x: BxCx[SPATIAL DIMS].
-            tile_size: encode, then decode, in overlapping tiles of this many voxels per axis (see
-                ``generative.networks.tiling``); ``None`` = the whole volume.
-            tile_overlap: fraction of a tile shared with its neighbour when tiling.
+            tile_size: encode, then decode, tile by tile, tiles of this many voxels per axis (see
+                :meth:`encode` and ``generative.networks.tiling``); ``None`` = the whole volume.
+            tile_overlap: fraction of a tile shared with its neighbour when blending.
 
         Returns:
             BxCx[SPATIAL DIMS].
@@ -729,9 +747,9 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
 
         Args:
             z: Bx``latent_channels``x[LATENT DIMS].
-            tile_size: decode overlapping tiles whose outputs have this many voxels per axis (multiples of
-                the total factor) and blend them; ``None`` = the whole latent.
-            tile_overlap: fraction of a tile shared with its neighbour when tiling.
+            tile_size: decode tile by tile, output tiles of this many voxels per axis (multiples of the
+                total factor; see :meth:`encode`); ``None`` = the whole latent at once.
+            tile_overlap: fraction of a tile shared with its neighbour when blending.
 
         Returns:
             BxCx[LATENT DIMS * total factor].

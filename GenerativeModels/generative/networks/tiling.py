@@ -463,9 +463,10 @@ def _streamable(blocks: nn.ModuleList) -> bool:
 def exact_tiling_supported(model: nn.Module) -> bool:
     """Whether the exact (streamed) method can run ``model``: an ``AutoencoderKL`` built from its own blocks,
     with nearest-neighbour upsampling (``use_convtranspose=False``)."""
+    if type(model) is not AutoencoderKL:
+        return False
     convs = (model.quant_conv_mu, model.quant_conv_log_sigma, model.post_quant_conv)
-    return (type(model) is AutoencoderKL and _streamable(model.encoder.blocks) and _streamable(model.decoder.blocks)
-            and all(_is_plain_conv(c) for c in convs))
+    return _streamable(model.encoder.blocks) and _streamable(model.decoder.blocks) and all(map(_is_plain_conv, convs))
 
 
 # the thinnest block side the exact method makes, in voxels of the deepest level (thinner blocks run far

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from monai_diffusion.atomic import atomic_write
-from monai_diffusion.config import Config, load_config
+from monai_diffusion.config import Config, config_from_dict, load_config
 from monai_diffusion.errors import ConfigError, RunError, UserError
 
 __all__ = ["config_parser", "resolve_config_path", "run_main", "train_autoencoder_main", "train_diffusion_main",
@@ -261,6 +261,9 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", default=None, help="e.g. 24GB: list the configs that fit and write the first")
     parser.add_argument("--output", type=_path, default=None,
                         help="with --budget: YAML file to write (default <config>_<budget>.yaml)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also estimate every later phase on whole volumes (validation, latent cache, diffusion "
+                             "training, sampling); --budget always prints them for the configuration it writes")
 
     def body(args: argparse.Namespace) -> None:
         import yaml
@@ -278,6 +281,9 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
         if args.budget is None:
             print(memory.report(memory.estimate_autoencoder(config)))
             print("\n" + memory.settings_table(config))
+            if args.pipeline:
+                print("\nthe whole-volume pipeline, phase by phase:\n" + memory.pipeline_report(
+                    memory.estimate_pipeline(config)))
             return
         try:
             budget = memory.parse_budget(args.budget)
@@ -305,6 +311,10 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
         except OSError as err:
             raise RunError(f"--output: cannot write {target} ({err.strerror}); choose another file") from None
         print(f"wrote the first one to {target}: python monai_diffusion/3d_ldm/train_autoencoder.py --config {target}")
+        # the budget decided on the training step; the later phases (whole-volume inference) are shown beside it
+        written = config_from_dict(yaml.safe_load(text))
+        print(f"\nthe whole-volume pipeline of {target}, phase by phase (the budget is checked on the training step; "
+              f"these phases run later):\n" + memory.pipeline_report(memory.estimate_pipeline(written)))
 
     return run_main(body, parser, argv)
 

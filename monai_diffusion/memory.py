@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config
@@ -45,6 +48,7 @@ __all__ = [
     "estimate_diffusion",
     "training_batch",
     "SavedTensors", "count_saved", "LevelRow", "MemoryEstimate", "estimate_autoencoder", "format_bytes", "report",
+    "LiveBytes", "PhaseEstimate", "estimate_autoencoder_inference", "estimate_pipeline", "pipeline_report",
     "Candidate", "search_budget", "parse_budget", "with_margin", "CUDA_RESERVED_BYTES", "FRAGMENTATION",
 ]
 
@@ -625,3 +629,213 @@ def candidate_config(config: Config, candidate: Candidate) -> dict[str, Any]:
     raw["data"]["patch_size"] = candidate.patch_size
     config_from_dict(raw)  # the written file must load
     return raw
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole-volume pipeline: every phase that holds memory on the device, from training to sampling
+# ----------------------------------------------------------------------------------------------------
+class LiveBytes(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once while the ``with`` runs (``peak``; ``now`` for the
+    current level). Every storage an operation creates is counted once, from its creation until it is
+    freed; views and in-place results add nothing. Storages created inside :meth:`uncounted` are left out
+    (e.g. buffers that live in host memory while the network computes on the device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = self.peak = 0
+        self._live: dict[int, int] = {}  # storage id -> bytes counted
+        self._counting = True
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        self._counting, before = False, self._counting
+        try:
+            yield
+        finally:
+            self._counting = before
+
+    def _freed(self, key: int) -> None:
+        self.now -= self._live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (TorchDispatchMode's API)
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = id(storage)  # the storage's Python object lives exactly as long as the storage
+            if key in self._live:
+                continue
+            # a view or in-place result of a tensor made before the ``with`` (weights, inputs): not new memory
+            size = storage.nbytes() if self._counting and key not in inputs else 0
+            self._live[key] = size
+            self.now += size
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+
+@contextlib.contextmanager
+def _host_buffers_uncounted(live: LiveBytes) -> Iterator[None]:
+    """Leave the exact tiling's full-size buffers out of ``live`` unless they are on the device."""
+    from generative.networks import tiling
+
+    original = tiling._Buffers.new
+
+    def new(self, shape, dtype):  # noqa: ANN001
+        if self.where == "device":
+            return original(self, shape, dtype)
+        with live.uncounted():
+            return original(self, shape, dtype)
+
+    tiling._Buffers.new = new
+    try:
+        yield
+    finally:
+        tiling._Buffers.new = original
+
+
+@dataclass
+class PhaseEstimate:
+    """One phase of the pipeline: what the device holds at its peak, and the host memory it needs."""
+
+    name: str
+    detail: str
+    device_bytes: int
+    host_bytes: int = 0
+
+
+def _parameter_bytes(*modules: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def estimate_autoencoder_inference(
+    config: Config, part: str, mixed_precision: bool = False, buffers: str = "cpu", target: str = "cuda",
+) -> tuple[int, int, str]:
+    """Peak device bytes of one whole volume's encode (``part="encode"``: the volume in, the latent out),
+    decode (``"decode"``) or both (``"reconstruct"``), run as the pipeline runs it: by tiles of
+    ``config.inference_tile`` with the exact method when the config sets one, else at once; no autograd.
+    Counted on fake tensors with :class:`LiveBytes`: the input, every intermediate and the output, not the
+    parameters (add them).
+
+    Args:
+        config: the run config (``autoencoder``, ``data.image_size``, the tiles).
+        part: ``"encode"``, ``"decode"`` or ``"reconstruct"``.
+        mixed_precision: under autocast, following ``target``'s rules.
+        buffers: where the exact method's full-size buffers live (``"cpu"``/``"disk"``: left out of the count,
+            reported apart; ``"device"``: counted).
+        target: ``cuda`` or ``cpu``.
+
+    Returns:
+        (device bytes, host buffer bytes of the exact method, how it ran).
+    """
+    from generative.networks.tiling import tiled_decode, tiled_encode, tiled_reconstruct
+
+    if part not in ("encode", "decode", "reconstruct"):
+        raise ValueError(f"part = {part!r}: expected 'encode', 'decode' or 'reconstruct'")
+    ae = config.autoencoder
+    size = tuple(config.data.image_size)[: ae.spatial_dims]
+    tile = config.inference_tile
+    report: dict[str, Any] = {}
+    with FakeTensorMode():
+        model = AutoencoderKL(**ae.model_kwargs()).eval()
+        latent = model.latent_shape(size)
+        live = LiveBytes()
+        with torch.no_grad(), live, _host_buffers_uncounted(live), _autocast(mixed_precision, target):
+            if part == "reconstruct":
+                x = torch.empty((1, ae.in_channels, *size))
+                out = (tiled_reconstruct(model, x, tile, ae.tile_overlap, progress=False, buffers=buffers,
+                                         report=report) if tile else model.reconstruct(x))
+            elif part == "encode":
+                x = torch.empty((1, ae.in_channels, *size))
+                out = (tiled_encode(model, x, tile, ae.tile_overlap, progress=False, buffers=buffers, report=report)
+                       if tile else model.encode(x))
+            else:
+                z = torch.empty((1, *latent))
+                out = (tiled_decode(model, z, tile, ae.tile_overlap, progress=False, buffers=buffers, report=report)
+                       if tile else model.decode(z))
+            del out
+    if not tile:
+        how = "whole volume at once"
+    elif report.get("method") == "exact":
+        how = f"exact tiles, blocks {'x'.join(map(str, report['block']))}, buffers {buffers}"
+    else:
+        how = f"blended tiles {'x'.join(map(str, tile))}"
+    host = report.get("buffer_peak_bytes", 0) if buffers != "device" else 0
+    return live.peak, host, how
+
+
+def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimate]:
+    """Every phase of training and sampling that needs device memory, for ``config``'s whole volumes:
+
+    1. the autoencoder training step (:func:`estimate_autoencoder`);
+    2. its validation: whole volumes reconstructed (by tiles after patch training) while the training
+       state (weights, gradients, Adam, discriminator) stays on the device;
+    3. the latent cache of the diffusion stage: one whole volume encoded (fp32, as ``latents.py`` does);
+    4. the diffusion training step on whole-volume latents (:func:`estimate_diffusion`);
+    5. sampling: the UNet's denoising step (twice the batch under guidance) and the decode of one
+       generated latent (under the diffusion stage's mixed precision), with the UNet still on the device.
+    """
+    from monai.networks.nets import DiffusionModelUNet
+
+    ae, df = config.autoencoder, config.diffusion
+    amp_ae, amp_df = ae.training.mixed_precision, df.training.mixed_precision
+    size = tuple(config.data.image_size)[: ae.spatial_dims]
+    volume = "x".join(map(str, size))
+    with FakeTensorMode():
+        ae_params = _parameter_bytes(AutoencoderKL(**ae.model_kwargs()))
+        unet = DiffusionModelUNet(**df.unet_kwargs(ae.latent_channels, ae.spatial_dims)).eval()
+        unet_params = _parameter_bytes(unet)
+    phases: list[PhaseEstimate] = []
+
+    train = estimate_autoencoder(config, target=target)
+    trained_on = "x".join(map(str, training_size(config)))
+    phases.append(PhaseEstimate("autoencoder training step",
+                                f"{trained_on} x {train.batch_size}, {train.precision}", train.total))
+
+    state = train.parameters + train.gradients + train.optimizer_state
+    valid, host_v, how_v = estimate_autoencoder_inference(config, "reconstruct", amp_ae, target=target)
+    phases.append(PhaseEstimate("autoencoder validation", f"{volume}, {how_v}; beside the training state",
+                                state + valid, host_v))
+
+    cache, host_c, how_c = estimate_autoencoder_inference(config, "encode", False, target=target)
+    phases.append(PhaseEstimate("latent cache (encode)", f"{volume}, {how_c}, fp32", ae_params + cache, host_c))
+
+    diffusion = estimate_diffusion(config, target=target)
+    phases.append(PhaseEstimate("diffusion training step",
+                                f"latents {'x'.join(map(str, diffusion.latent_shape))} x {diffusion.batch_size}",
+                                diffusion.total))
+
+    samples = df.sampling.batch_size
+    guided = bool(df.conditioning.categorical or df.conditioning.continuous) and df.sampling.guidance_scale != 1.0
+    latent = diffusion.latent_shape
+    with FakeTensorMode():
+        unet = DiffusionModelUNet(**df.unet_kwargs(ae.latent_channels, ae.spatial_dims)).eval()
+        live = LiveBytes()
+        with torch.no_grad(), live, _autocast(amp_df, target):
+            inputs = torch.empty((samples * (2 if guided else 1), *latent))
+            prediction = unet(inputs, timesteps=torch.zeros((len(inputs),), dtype=torch.long))
+            del prediction
+    phases.append(PhaseEstimate("sampling: denoising", f"{samples} latents{' x 2 (guidance)' if guided else ''}",
+                                ae_params + unet_params + live.peak))
+    sample_decode, host_s, how_s = estimate_autoencoder_inference(config, "decode", amp_df, target=target)
+    phases.append(PhaseEstimate("sampling: decode", f"{volume} per sample, {how_s}",
+                                ae_params + unet_params + sample_decode, host_s))
+    return phases
+
+
+def pipeline_report(phases: list[PhaseEstimate]) -> str:
+    """The phases with their estimated device peak, the same with the GPU margin, and host buffers."""
+    lines = [f"  {'phase':28s} {'device':>10s} {'+ margin':>10s} {'host buffers':>13s}  what runs"]
+    for phase in phases:
+        host = format_bytes(phase.host_bytes) if phase.host_bytes else "-"
+        lines.append(f"  {phase.name:28s} {format_bytes(phase.device_bytes):>10s} "
+                     f"{format_bytes(with_margin(phase.device_bytes)):>10s} {host:>13s}  {phase.detail}")
+    largest = max(phases, key=lambda p: p.device_bytes)
+    lines += ["", f"largest phase: {largest.name}, {format_bytes(with_margin(largest.device_bytes))} of GPU memory "
+              f"with the margin",
+              f"margin = estimate x {1 + FRAGMENTATION:.2f} (caching allocator) + {format_bytes(CUDA_RESERVED_BYTES)} "
+              f"(CUDA context, cuDNN/cuBLAS workspaces); host buffers: the exact tiled method's full-size activations "
+              f"between layers, in host memory (autoencoder.tile_size; see docs/tiling.md)"]
+    return "\n".join(lines)

@@ -58,3 +58,24 @@ def test_the_factor_study_tables_are_the_committed_results():
         assert len(rows) == 4
         for row in rows:
             assert row in DOCS["evaluation.md"], row
+
+
+def test_the_example4_pipeline_table_is_what_the_estimator_prints():
+    """docs/large-volumes.md quotes estimate_memory.py --pipeline for Example 4 on a 16 GB GPU, and the measured
+    CPU passes from the committed results file."""
+    from monai_diffusion.config import load_config
+    from monai_diffusion.memory import estimate_pipeline, format_bytes, with_margin
+
+    config = load_config(ROOT / "monai_diffusion" / "config" / "examples" / "example4_512x512x128_16gb.yaml",
+                         stage="diffusion")
+    doc = DOCS["large-volumes.md"]
+    for phase in estimate_pipeline(config):
+        host = format_bytes(phase.host_bytes) if phase.host_bytes else "-"
+        row = (f"| {phase.name} | {format_bytes(phase.device_bytes)} | {format_bytes(with_margin(phase.device_bytes))} "
+               f"| {host} |")
+        assert row in doc, row
+    measured = (ROOT / "benchmarks" / "results" / "pipeline_example4_cpu.md").read_text(encoding="utf-8")
+    for part in ("encode", "decode"):
+        cells = next(line for line in measured.splitlines() if line.startswith(f"| {part} |")).split("|")[2:7]
+        wall, cpu, peak, estimate, buffers = (c.strip() for c in cells)
+        assert (f"| tiled {part} | {wall} | {cpu} | {peak} MiB | {estimate} MiB | {buffers} MiB |") in doc, part

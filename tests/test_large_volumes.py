@@ -17,7 +17,15 @@ from monai_diffusion.config import DataConfig, load_config
 from monai_diffusion.config.schema import AugmentationConfig
 from monai_diffusion.data import SyntheticPhantomDataset, build_datasets
 from monai_diffusion.data.patches import EpochTaggedSampler, RandomizedVolumes, build_random_transform
-from monai_diffusion.memory import estimate_autoencoder, estimate_diffusion, search_budget, training_batch
+from monai_diffusion.memory import (
+    estimate_autoencoder,
+    estimate_autoencoder_inference,
+    estimate_diffusion,
+    estimate_pipeline,
+    search_budget,
+    training_batch,
+    with_margin,
+)
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import Optimization, build_loaders, lr_factor
 from tests.conftest import CONFIG, CONFIGS, cli_args, tiny
@@ -188,6 +196,37 @@ def test_estimate_memory_cli_reports_patches(capsys):
     assert estimate_memory_main(args) == 0
     out = capsys.readouterr().out
     assert "latent shape: [4, 16, 16, 8] per volume; batch 1" in out  # the 256x256x128 patch's latent
+    assert "whole-volume pipeline" not in out
+    assert estimate_memory_main([*args, "--pipeline"]) == 0
+    out = capsys.readouterr().out
+    for phase in PHASES:
+        assert re.search(rf"^  {re.escape(phase)} +\d", out, re.M), phase
+    assert "latents 4x32x32x8" in out and "exact tiles, blocks" in out
+
+
+PHASES = ["autoencoder training step", "autoencoder validation", "latent cache (encode)", "diffusion training step",
+          "sampling: denoising", "sampling: decode"]
+
+
+def test_example4_16gb_pipeline_fits_16gb_in_every_phase():
+    """The guide's hardest example on a 16 GB card: every phase, with the GPU margin, under 16 GB; the exact
+    tiled passes keep their full-size buffers in host memory, which the estimate reports apart."""
+    config = load_config(CONFIGS / "examples" / "example4_512x512x128_16gb.yaml", stage="diffusion")
+    phases = {p.name: p for p in estimate_pipeline(config)}
+    assert list(phases) == PHASES
+    assert all(with_margin(p.device_bytes) <= 16e9 for p in phases.values())
+    assert phases["autoencoder training step"].device_bytes == estimate_autoencoder(config).total
+    assert phases["diffusion training step"].device_bytes == estimate_diffusion(config).total
+    # a 16-channel activation of the whole 512x512x128 volume is 2 GiB: the buffers hold several, in host memory
+    one = 16 * 512 * 512 * 128 * 4
+    assert phases["sampling: decode"].host_bytes >= 2 * one and phases["latent cache (encode)"].host_bytes >= 2 * one
+    # the same passes with their buffers on the device need them there too
+    device, host, _ = estimate_autoencoder_inference(config, "decode", buffers="device")
+    on_host, buffered, _ = estimate_autoencoder_inference(config, "decode")
+    assert host == 0 and device >= on_host + one and buffered > 0
+    whole = load_config(CONFIGS / "examples" / "example4_512x512x128_16gb.yaml",
+                        ["data.patch_size=null"], stage="diffusion")
+    assert [p.host_bytes for p in estimate_pipeline(whole)] == [0] * 6  # no tiles: nothing in host buffers
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -111,3 +111,50 @@ def test_estimate_is_repeatable_with_discriminator_and_perceptual(tmp_path):
                                   f"autoencoder.perceptual.weights_path={tmp_path / 'w.pth'}"])
     first, second = estimate_autoencoder(config), estimate_autoencoder(config)
     assert first.total == second.total and first.discriminator_activations > 0 and first.perceptual_activations > 0
+
+
+def test_live_bytes_counts_each_storage_from_creation_to_free():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for fake in (False, True):
+        with FakeTensorMode() if fake else torch.no_grad():
+            live = memory_module.LiveBytes()
+            with live:
+                a = torch.ones(1000)  # 4000 bytes
+                view = a[10:]  # a view: nothing new
+                b = a + 1  # 8000 alive
+                del a  # the view keeps a's storage
+                assert live.now == 8000
+                del view  # now it is freed
+                c = b * 2  # 8000 again
+                with live.uncounted():
+                    d = torch.empty(10_000)  # left out
+                b.add_(d[:1000])  # in place: nothing new
+                del b, c, d
+            assert live.peak == 8000 and live.now == 0, fake
+
+
+def test_inference_estimate_matches_the_same_count_on_real_tensors():
+    """The fake-tensor count of a whole and a tiled encode equals the count of the same passes on real CPU
+    tensors, and the profiler's measured peak (which adds the CPU kernels' scratch) is not below it."""
+    from generative.networks.tiling import tiled_encode
+    from monai_diffusion.profiling import measure_peak_bytes
+
+    for tile in (None, "autoencoder.tile_size=[16, 16, 16]"):
+        config = load_config(CONFIG, [*SMALL, "autoencoder.training.use_adversarial_loss=false"] + ([tile] if tile else []))
+        estimate, _, how = memory_module.estimate_autoencoder_inference(config, "encode", buffers="device",
+                                                                        target="cpu")
+        model = AutoencoderKL(**config.autoencoder.model_kwargs()).eval()
+        x = torch.rand(1, 1, 32, 32, 32)
+
+        def run():
+            with torch.no_grad():
+                return tiled_encode(model, x, [16, 16, 16], buffers="device", progress=False) if tile else model.encode(x)
+
+        live = memory_module.LiveBytes()
+        with live:
+            out = run()
+            del out
+        assert ("exact" in how) == bool(tile)
+        assert live.peak == estimate - x.numel() * 4  # the estimate also counts the input volume
+        assert measure_peak_bytes(run) >= live.peak

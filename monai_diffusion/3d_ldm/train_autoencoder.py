@@ -1,14 +1,6 @@
 """Train the 3D AutoencoderKL: python train_autoencoder.py --config ldm_config.yaml [--set key=value] [--resume]"""
 
-import sys
-from pathlib import Path
-
-try:
-    from monai_diffusion.cli import train_autoencoder_main
-except ImportError:  # running from a checkout that was not pip-installed
-    root = Path(__file__).resolve().parents[2]
-    sys.path[:0] = [str(root), str(root / "GenerativeModels")]
-    from monai_diffusion.cli import train_autoencoder_main
+from _entry import run
 
 if __name__ == "__main__":
-    raise SystemExit(train_autoencoder_main())
+    raise SystemExit(run("train_autoencoder_main"))

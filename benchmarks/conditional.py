@@ -2,7 +2,7 @@
 body's centre, or none) and a continuous covariate (``size``: the body's scale), a conditional and an
 unconditional latent diffusion model trained on them, and samples measured against what was asked.
 
-    python benchmarks/conditional.py --output benchmarks/results/conditional   # about 15 minutes on 2 CPU cores
+    python benchmarks/conditional.py --output benchmarks/results/conditional   # about 20 minutes on 2 CPU cores
 
 * Class: the mean intensity of a ball at the body's centre (radius 0.3 of the body's equivalent radius)
   is low with a cavity. A threshold on it (a decision stump) is fitted on the autoencoder's
@@ -68,19 +68,20 @@ def _args(output: Path, overrides: list[str]) -> list[str]:
     return out
 
 
-def train(output: Path, size: int, ae_epochs: int, diffusion_epochs: int) -> None:
-    """One autoencoder, then a conditional and an unconditional diffusion model on its latents (runs that
-    exist are kept)."""
-    conditional = settings(size, ae_epochs, diffusion_epochs, True)
+def train(output: Path, size: int, ae_epochs: int, diffusion_epochs: int, extra: tuple[str, ...] = (),
+          models: tuple[str, ...] = ("conditional", "unconditional")) -> None:
+    """One autoencoder, then the diffusion ``models`` on its latents (runs that exist are kept); ``extra``
+    overrides are added to every run's settings."""
+    conditional = settings(size, ae_epochs, diffusion_epochs, True) + list(extra)
     if not (output / "autoencoder" / "checkpoints" / "last.pt").exists():
         if train_autoencoder_main(_args(output, conditional)) != 0:
             raise SystemExit("the autoencoder did not train")
-    for name in ("conditional", "unconditional"):
+    for name in models:
         run = output / name
         if (run / "diffusion" / "checkpoints" / "last.pt").exists():
             continue
         run.mkdir(parents=True, exist_ok=True)
-        overrides = settings(size, ae_epochs, diffusion_epochs, name == "conditional")
+        overrides = settings(size, ae_epochs, diffusion_epochs, name == "conditional") + list(extra)
         if train_diffusion_main(_args(run, overrides + [f"diffusion.autoencoder_run={output / 'autoencoder'}"])) != 0:
             raise SystemExit(f"the {name} diffusion model did not train")
 
@@ -160,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--ae-epochs", type=int, default=15)
+    parser.add_argument("--ae-epochs", type=int, default=50)
     parser.add_argument("--diffusion-epochs", type=int, default=400)
     parser.add_argument("--samples-per-class", type=int, default=16)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")

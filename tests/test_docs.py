@@ -79,3 +79,11 @@ def test_the_example4_pipeline_table_is_what_the_estimator_prints():
         cells = next(line for line in measured.splitlines() if line.startswith(f"| {part} |")).split("|")[2:7]
         wall, cpu, peak, estimate, buffers = (c.strip() for c in cells)
         assert (f"| tiled {part} | {wall} | {cpu} | {peak} MiB | {estimate} MiB | {buffers} MiB |") in doc, part
+
+
+def test_the_conditional_table_is_the_committed_result():
+    result = (ROOT / "benchmarks" / "results" / "conditional" / "results.md").read_text(encoding="utf-8")
+    rows = [line for line in result.splitlines() if line.startswith("| conditional") or line.startswith("| uncond")]
+    assert len(rows) == 4
+    for row in rows:
+        assert row in DOCS["conditional.md"], row

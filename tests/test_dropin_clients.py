@@ -211,11 +211,43 @@ def test_engines_workflow() -> None:
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     _, target, _, kwargs = VPredictionPrepareBatch(scheduler, num_train_timesteps=1000)(batch)
     assert torch.allclose(target, scheduler.get_velocity(batch["image"], kwargs["noise"], kwargs["timesteps"]))
-    if not _importable("ignite"):
+    from generative.engines import trainer as trainer_module
+
+    with pytest.MonkeyPatch.context() as patch:  # as without ignite installed: one line saying what to install
+        patch.setattr(trainer_module, "HAS_IGNITE", False)
         with pytest.raises(ImportError, match="pytorch-ignite"):
             AdversarialTrainer(device="cpu", max_epochs=1, train_data_loader=[], g_network=None, g_optimizer=None,
                                g_loss_function=None, recon_loss_function=None, d_network=None, d_optimizer=None,
                                d_loss_function=None)
+    if not _importable("ignite"):
+        return
+    # 0.2.3's adversarial autoencoder workflow: a generator, a PatchGAN critic and the patch adversarial loss
+    from generative.losses import PatchAdversarialLoss
+    from generative.utils import AdversarialKeys
+
+    torch.manual_seed(0)
+    generator = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(4, 1, 1))
+    critic = PatchDiscriminator(spatial_dims=2, num_layers_d=1, num_channels=4, in_channels=1, out_channels=1)
+    adversarial = PatchAdversarialLoss(criterion="least_squares")
+    before = [p.detach().clone() for p in (*generator.parameters(), *critic.parameters())]
+    losses = []
+    trainer = AdversarialTrainer(
+        device="cpu", max_epochs=2, train_data_loader=[{"image": image, "label": image} for image in torch.rand(2, 2, 1, 16, 16)],
+        g_network=generator, g_optimizer=torch.optim.Adam(generator.parameters(), 1e-2),
+        g_loss_function=lambda fake_logits: adversarial(fake_logits[-1], target_is_real=True, for_discriminator=False),
+        recon_loss_function=torch.nn.L1Loss(), d_network=critic, d_optimizer=torch.optim.Adam(critic.parameters(), 1e-2),
+        d_loss_function=lambda real, fake: (adversarial(real[-1], target_is_real=True, for_discriminator=True)
+                                            + adversarial(fake[-1], target_is_real=False, for_discriminator=True)) / 2,
+        iteration_update=None,
+    )
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(dict(engine.state.output)))
+    trainer.run()
+    keys = [AdversarialKeys.RECONSTRUCTION_LOSS, AdversarialKeys.GENERATOR_LOSS, AdversarialKeys.DISCRIMINATOR_LOSS]
+    assert len(losses) == 4 and all(torch.isfinite(out[key]) for out in losses for key in keys)
+    after = [*generator.parameters(), *critic.parameters()]
+    assert all(not torch.equal(b, a) for b, a in zip(before, after))  # both networks trained
 
 
 def test_023_argument_names_beside_monai_core_names() -> None:

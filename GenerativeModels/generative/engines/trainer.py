@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0; see the LICENSE file at the root of this repository.
 """``AdversarialTrainer`` under MONAI Generative 0.2.3's path (MONAI core's class).
 
-MONAI's trainers are built on pytorch-ignite, which this project does not install. The name always
+MONAI's trainers are built on pytorch-ignite (the `engines` extra, also in `dev`). The name always
 imports; constructing it without ignite raises one ``ImportError`` line saying what to install.
 """
 

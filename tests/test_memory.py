@@ -91,6 +91,8 @@ def test_cli_report_budget_and_errors(tmp_path, capsys):
     target = tmp_path / "fits.yaml"
     args = ["--config", str(CONFIG), *sum((["--set", s] for s in SMALL), []), "--budget", "2GB", "--output", str(target)]
     assert estimate_memory_main(args) == 0
+    out = capsys.readouterr().out
+    assert f"the whole-volume pipeline of {target}" in out and "sampling: decode" in out  # beside the step
     chosen = yaml.safe_load(target.read_text())
     assert load_config(target).autoencoder.training.batch_size == chosen["autoencoder"]["training"]["batch_size"]
     assert estimate_memory_main(args) == 2  # never overwrites

@@ -817,8 +817,8 @@ def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimat
             inputs = torch.empty((samples * (2 if guided else 1), *latent))
             prediction = unet(inputs, timesteps=torch.zeros((len(inputs),), dtype=torch.long))
             del prediction
-    phases.append(PhaseEstimate("sampling: denoising", f"{samples} latent{'s' if samples > 1 else ''}{' x 2 (guidance)' if guided else ''}",
-                                ae_params + unet_params + live.peak))
+    latents = f"{samples} latent{'s' if samples > 1 else ''}{' x 2 (guidance)' if guided else ''}"
+    phases.append(PhaseEstimate("sampling: denoising", latents, ae_params + unet_params + live.peak))
     sample_decode, host_s, how_s = estimate_autoencoder_inference(config, "decode", amp_df, target=target)
     phases.append(PhaseEstimate("sampling: decode", f"{volume} per sample, {how_s}",
                                 ae_params + unet_params + sample_decode, host_s))

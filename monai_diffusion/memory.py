@@ -712,6 +712,7 @@ def _parameter_bytes(*modules: nn.Module) -> int:
 
 def estimate_autoencoder_inference(
     config: Config, part: str, mixed_precision: bool = False, buffers: str = "cpu", target: str = "cuda",
+    batch: int = 1,
 ) -> tuple[int, int, str]:
     """Peak device bytes of one whole volume's encode (``part="encode"``: the volume in, the latent out),
     decode (``"decode"``) or both (``"reconstruct"``), run as the pipeline runs it: by tiles of
@@ -726,6 +727,8 @@ def estimate_autoencoder_inference(
         buffers: where the exact method's full-size buffers live (``"cpu"``/``"disk"``: left out of the count,
             reported apart; ``"device"``: counted).
         target: ``cuda`` or ``cpu``.
+        batch: volumes passed at once (the exact method runs them one after the other; their inputs and
+            outputs are all on the device).
 
     Returns:
         (device bytes, host buffer bytes of the exact method, how it ran).
@@ -744,15 +747,15 @@ def estimate_autoencoder_inference(
         live = LiveBytes()
         with torch.no_grad(), live, _host_buffers_uncounted(live), _autocast(mixed_precision, target):
             if part == "reconstruct":
-                x = torch.empty((1, ae.in_channels, *size))
+                x = torch.empty((batch, ae.in_channels, *size))
                 out = (tiled_reconstruct(model, x, tile, ae.tile_overlap, progress=False, buffers=buffers,
                                          report=report) if tile else model.reconstruct(x))
             elif part == "encode":
-                x = torch.empty((1, ae.in_channels, *size))
+                x = torch.empty((batch, ae.in_channels, *size))
                 out = (tiled_encode(model, x, tile, ae.tile_overlap, progress=False, buffers=buffers, report=report)
                        if tile else model.encode(x))
             else:
-                z = torch.empty((1, *latent))
+                z = torch.empty((batch, *latent))
                 out = (tiled_decode(model, z, tile, ae.tile_overlap, progress=False, buffers=buffers, report=report)
                        if tile else model.decode(z))
             del out
@@ -772,10 +775,13 @@ def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimat
     1. the autoencoder training step (:func:`estimate_autoencoder`);
     2. its validation: whole volumes reconstructed (by tiles after patch training) while the training
        state (weights, gradients, Adam, discriminator) stays on the device;
-    3. the latent cache of the diffusion stage: one whole volume encoded (fp32, as ``latents.py`` does);
+    3. the latent cache of the diffusion stage: a batch of whole volumes encoded (fp32, as ``latents.py`` does);
     4. the diffusion training step on whole-volume latents (:func:`estimate_diffusion`);
-    5. sampling: the UNet's denoising step (twice the batch under guidance) and the decode of one
-       generated latent (under the diffusion stage's mixed precision), with the UNet still on the device.
+    5. sampling: the UNet's denoising step (twice the batch under guidance) and the decode of the generated
+       latents (under the diffusion stage's mixed precision), with the UNet still on the device.
+
+    Validation and the latent cache take ``autoencoder.training.batch_size`` volumes at once, sampling
+    ``diffusion.sampling.batch_size``.
     """
     from monai.networks.nets import DiffusionModelUNet
 
@@ -795,12 +801,14 @@ def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimat
                                 f"{trained_on} x {train.batch_size}, {train.precision}", train.total))
 
     state = train.parameters + train.gradients + train.optimizer_state
-    valid, host_v, how_v = estimate_autoencoder_inference(config, "reconstruct", amp_ae, target=target)
-    phases.append(PhaseEstimate("autoencoder validation", f"{volume}, {how_v}; beside the training state",
-                                state + valid, host_v))
+    volumes = ae.training.batch_size
+    valid, host_v, how_v = estimate_autoencoder_inference(config, "reconstruct", amp_ae, target=target, batch=volumes)
+    phases.append(PhaseEstimate("autoencoder validation",
+                                f"{volume} x {volumes}, {how_v}; beside the training state", state + valid, host_v))
 
-    cache, host_c, how_c = estimate_autoencoder_inference(config, "encode", False, target=target)
-    phases.append(PhaseEstimate("latent cache (encode)", f"{volume}, {how_c}, fp32", ae_params + cache, host_c))
+    cache, host_c, how_c = estimate_autoencoder_inference(config, "encode", False, target=target, batch=volumes)
+    phases.append(PhaseEstimate("latent cache (encode)", f"{volume} x {volumes}, {how_c}, fp32", ae_params + cache,
+                                host_c))
 
     diffusion = estimate_diffusion(config, target=target)
     phases.append(PhaseEstimate("diffusion training step",
@@ -819,8 +827,9 @@ def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimat
             del prediction
     latents = f"{samples} latent{'s' if samples > 1 else ''}{' x 2 (guidance)' if guided else ''}"
     phases.append(PhaseEstimate("sampling: denoising", latents, ae_params + unet_params + live.peak))
-    sample_decode, host_s, how_s = estimate_autoencoder_inference(config, "decode", amp_df, target=target)
-    phases.append(PhaseEstimate("sampling: decode", f"{volume} per sample, {how_s}",
+    sample_decode, host_s, how_s = estimate_autoencoder_inference(config, "decode", amp_df, target=target,
+                                                                  batch=samples)
+    phases.append(PhaseEstimate("sampling: decode", f"{volume} x {samples}, {how_s}",
                                 ae_params + unet_params + sample_decode, host_s))
     return phases
 

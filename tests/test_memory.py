@@ -160,3 +160,14 @@ def test_inference_estimate_matches_the_same_count_on_real_tensors():
         assert ("exact" in how) == bool(tile)
         assert live.peak == estimate - x.numel() * 4  # the estimate also counts the input volume
         assert measure_peak_bytes(run) >= live.peak
+
+
+def test_inference_estimate_counts_every_volume_of_a_batch():
+    """The exact method runs a batch volume by volume, but the batch's inputs and outputs are all on the
+    device: one more volume adds its input and its two latent maps (mean and sigma), nothing else."""
+    config = load_config(CONFIG, [*SMALL, "autoencoder.training.use_adversarial_loss=false",
+                                  "autoencoder.tile_size=[16, 16, 16]"])
+    one, _, _ = memory_module.estimate_autoencoder_inference(config, "encode", target="cpu")
+    two, _, _ = memory_module.estimate_autoencoder_inference(config, "encode", target="cpu", batch=2)
+    latent = 3 * 8 * 8 * 8 * 4  # latent_channels x 32^3 / 4^3, float32
+    assert two - one == 32**3 * 4 + 2 * latent

@@ -8,11 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log="${1:-benchmarks/results/gpu_smoke.log}"
-python="${PYTHON:-python3}"
-if ! "$python" -c "import monai, nibabel" 2>/dev/null && [ -d .whl ]; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source benchmarks/_python.sh
 mkdir -p "$(dirname "$log")"
 "$python" benchmarks/gpu_smoke.py --device "${DEVICE:-cuda}" 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

@@ -6,10 +6,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/gpu_suite.md}"
-python="${PYTHON:-python3}"
-if ! "$python" -c "import monai, nibabel" 2>/dev/null && [ -d .whl ]; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source benchmarks/_python.sh
 mkdir -p "$(dirname "$out")"
 "$python" benchmarks/gpu_suite.py --device "${DEVICE:-cuda}" --output "$out"

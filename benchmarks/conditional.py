@@ -31,7 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "GenerativeModels")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from monai_diffusion.checkpoints import load_diffusion  # noqa: E402
+from monai_diffusion.checkpoints import DiffusionBundle, load_diffusion  # noqa: E402
 from monai_diffusion.cli import train_autoencoder_main, train_diffusion_main  # noqa: E402
 from monai_diffusion.data import SyntheticPhantomDataset  # noqa: E402
 from monai_diffusion.sampling import generate_volumes  # noqa: E402
@@ -132,10 +132,9 @@ def fit_classifier(autoencoder: torch.nn.Module, size: int, count: int = 64) -> 
             "size_r_on_reconstructions": float(np.corrcoef(sizes, scales)[0, 1])}
 
 
-def sample_and_score(run: Path, requests: list[tuple[int, float]], steps: int, guidance: float,
+def sample_and_score(bundle: DiffusionBundle, requests: list[tuple[int, float]], steps: int, guidance: float,
                      threshold: float) -> dict[str, float]:
-    """Samples for ``requests`` (class, size) from the diffusion run; class agreement and size Pearson r."""
-    bundle = load_diffusion(run)
+    """Samples for ``requests`` (class, size) from a loaded diffusion run; class agreement and size Pearson r."""
     volumes = []
     for start in range(0, len(requests), 8):
         chunk = requests[start : start + 8]
@@ -171,11 +170,12 @@ def main() -> None:
     started = time.perf_counter()
 
     train(output, options.size, options.ae_epochs, options.diffusion_epochs)
-    classifier = fit_classifier(load_diffusion(output / "conditional" / "diffusion").autoencoder, options.size)
+    bundles = {name: load_diffusion(output / name / "diffusion") for name in ("conditional", "unconditional")}
+    classifier = fit_classifier(bundles["conditional"].autoencoder, options.size)
     requests = requests_for(options.samples_per_class)
     rows = [("conditional", g) for g in options.guidance_scales] + [("unconditional", 1.0)]
     scores = {f"{name}, guidance {g:g}" if name == "conditional" else name:
-              sample_and_score(output / name / "diffusion", requests, options.steps, g, classifier["threshold"])
+              sample_and_score(bundles[name], requests, options.steps, g, classifier["threshold"])
               for name, g in rows}
     results = {"size": options.size, "ae_epochs": options.ae_epochs, "diffusion_epochs": options.diffusion_epochs,
                "samples_per_class": options.samples_per_class, "ddim_steps": options.steps,

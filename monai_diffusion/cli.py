@@ -305,14 +305,15 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
                 f"data.image_size"
             )
         print(memory.candidates_table(candidates, args.budget))
-        text = yaml.safe_dump(memory.candidate_config(config, candidates[0]), sort_keys=False).encode("utf-8")
+        chosen = memory.candidate_config(config, candidates[0])
+        text = yaml.safe_dump(chosen, sort_keys=False).encode("utf-8")
         try:
             atomic_write(target, lambda handle: handle.write(text))
         except OSError as err:
             raise RunError(f"--output: cannot write {target} ({err.strerror}); choose another file") from None
         print(f"wrote the first one to {target}: python monai_diffusion/3d_ldm/train_autoencoder.py --config {target}")
         # the budget decided on the training step; the later phases (whole-volume inference) are shown beside it
-        written = config_from_dict(yaml.safe_load(text))
+        written = config_from_dict(chosen)
         print(f"\nthe whole-volume pipeline of {target}, phase by phase (the budget is checked on the training step; "
               f"these phases run later):\n" + memory.pipeline_report(memory.estimate_pipeline(written)))
 

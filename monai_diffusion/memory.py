@@ -791,8 +791,6 @@ def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimat
     volume = "x".join(map(str, size))
     with FakeTensorMode():
         ae_params = _parameter_bytes(AutoencoderKL(**ae.model_kwargs()))
-        unet = DiffusionModelUNet(**df.unet_kwargs(ae.latent_channels, ae.spatial_dims)).eval()
-        unet_params = _parameter_bytes(unet)
     phases: list[PhaseEstimate] = []
 
     train = estimate_autoencoder(config, target=target)
@@ -815,6 +813,7 @@ def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimat
                                 f"latents {'x'.join(map(str, diffusion.latent_shape))} x {diffusion.batch_size}",
                                 diffusion.total))
 
+    unet_params = diffusion.parameters  # float32 weights, as counted for the training step
     samples = df.sampling.batch_size
     guided = bool(df.conditioning.categorical or df.conditioning.continuous) and df.sampling.guidance_scale != 1.0
     latent = diffusion.latent_shape

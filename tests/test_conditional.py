@@ -188,12 +188,12 @@ def test_samples_follow_the_requested_class_and_size(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.train(tmp_path, 16, 40, 300, ("autoencoder.training.use_adversarial_loss=false",), models=("conditional",))
-    run = tmp_path / "conditional" / "diffusion"
-    classifier = bench.fit_classifier(load_diffusion(run).autoencoder, 16)
+    bundle = load_diffusion(tmp_path / "conditional" / "diffusion")
+    classifier = bench.fit_classifier(bundle.autoencoder, 16)
     assert classifier["accuracy_on_reconstructions"] >= 0.9  # the statistic itself can tell the classes
     requests = bench.requests_for(16)
-    guided = bench.sample_and_score(run, requests, 10, 4.0, classifier["threshold"])
-    ignored = bench.sample_and_score(run, requests, 10, 0.0, classifier["threshold"])
+    guided = bench.sample_and_score(bundle, requests, 10, 4.0, classifier["threshold"])
+    ignored = bench.sample_and_score(bundle, requests, 10, 0.0, classifier["threshold"])
     assert guided["class_agreement"] >= 0.8, guided
     assert 0.25 <= ignored["class_agreement"] <= 0.7, ignored
     assert guided["size_pearson_r"] >= 0.6 and abs(ignored["size_pearson_r"]) < 0.4, (guided, ignored)

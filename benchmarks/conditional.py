@@ -31,10 +31,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "GenerativeModels")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from monai_diffusion.checkpoints import DiffusionBundle, load_diffusion  # noqa: E402
 from monai_diffusion.cli import train_autoencoder_main, train_diffusion_main  # noqa: E402
 from monai_diffusion.data import SyntheticPhantomDataset  # noqa: E402
-from monai_diffusion.sampling import generate_volumes  # noqa: E402
+from monai_diffusion.generation.sampling import generate_volumes  # noqa: E402
+from monai_diffusion.runs.checkpoints import DiffusionBundle, load_diffusion  # noqa: E402
 
 CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
 FOREGROUND = 0.05  # intensity above which a voxel is body

@@ -83,7 +83,7 @@ class Smoke:
             print(f"FAIL {name} ({time.perf_counter() - started:.0f} s): {type(err).__name__}: {err}", flush=True)
 
     def kill_after(self, cmd: list[str], run_dir: Path, step: int) -> None:
-        from monai_diffusion.checkpoints import load_checkpoint
+        from monai_diffusion.runs.checkpoints import load_checkpoint
 
         process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
         deadline = time.time() + 240

@@ -40,9 +40,9 @@ import torch
 
 from generative.networks.nets import AutoencoderKL
 from generative.networks.tiling import tiled_reconstruct
-from monai_diffusion.checkpoints import load_autoencoder
 from monai_diffusion.data import make_phantom
 from monai_diffusion.profiling import measure_peak_bytes, peak_rss_bytes
+from monai_diffusion.runs.checkpoints import load_autoencoder
 from monai_diffusion.runtime import resolve_device
 
 MiB = 2**20

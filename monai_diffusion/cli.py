@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from monai_diffusion.atomic import atomic_write
 from monai_diffusion.config import Config, config_from_dict, load_config
 from monai_diffusion.errors import ConfigError, RunError, UserError
+from monai_diffusion.runs.atomic import atomic_write
 
 __all__ = ["config_parser", "resolve_config_path", "run_main", "train_autoencoder_main", "train_diffusion_main",
            "sample_main", "estimate_memory_main", "evaluate_autoencoder_main", "compare_factors_main",
@@ -214,7 +214,7 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
                         help="classifier-free guidance (default: diffusion.sampling.guidance_scale; 1 = as trained)")
 
     def body(args: argparse.Namespace) -> None:
-        from monai_diffusion.sampling import expand_conditions, sample_volumes
+        from monai_diffusion.generation.sampling import expand_conditions, sample_volumes
 
         config = load_cli_config(args, "diffusion")
         sampling = config.diffusion.sampling
@@ -229,7 +229,7 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--steps {steps}: exceeds diffusion.scheduler.num_train_timesteps = "
                               f"{config.diffusion.scheduler.num_train_timesteps}")
         if config.data.source == "nifti":  # the data the config trains on (sample_volumes checks the run's too)
-            from monai_diffusion.runs import check_outside_data
+            from monai_diffusion.runs.folders import check_outside_data
 
             check_outside_data(Path(args.output), config.data.paths, "--output")
         sample_volumes(
@@ -269,7 +269,7 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
         import yaml
 
         from monai_diffusion import memory
-        from monai_diffusion.runs import check_writable
+        from monai_diffusion.runs.folders import check_writable
 
         if args.input_size:
             args.overrides.append(f"data.image_size={list(args.input_size)}")
@@ -344,7 +344,7 @@ def evaluate_autoencoder_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-nifti", action="store_true", help="do not write the reconstructions")
 
     def body(args: argparse.Namespace) -> None:
-        from monai_diffusion.evaluation import evaluate_autoencoder, format_summary
+        from monai_diffusion.evaluation.reconstruction import evaluate_autoencoder, format_summary
 
         if args.tile_overlap is not None and args.tile_size is None:
             raise ConfigError("--tile-overlap: only used with --tile-size; add --tile-size or drop --tile-overlap")
@@ -372,7 +372,7 @@ def compare_factors_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="overrides the config's device")
 
     def body(args: argparse.Namespace) -> None:
-        from monai_diffusion.compare import compare_factors, parse_factors
+        from monai_diffusion.evaluation.factor_study import compare_factors, parse_factors
 
         config = load_cli_config(args)
         factor_list = [parse_factors(text) for text in args.factors]
@@ -405,7 +405,7 @@ def evaluate_samples_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     def body(args: argparse.Namespace) -> None:
-        from monai_diffusion.sample_quality import evaluate_samples, format_sample_summary
+        from monai_diffusion.evaluation.sample_quality import evaluate_samples, format_sample_summary
 
         if not 0 < args.copy_threshold <= 1:
             raise ConfigError(f"--copy-threshold: expected a number in (0, 1], got {args.copy_threshold}")

@@ -303,7 +303,7 @@ def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt
         trainable += sum(p.numel() for p in disc.parameters())
     perceptual_saved = 0
     if tr.use_perceptual_loss:
-        from monai_diffusion.perceptual import MedicalNetResNet
+        from monai_diffusion.evaluation.perceptual import MedicalNetResNet
 
         net = MedicalNetResNet(ae.perceptual.network).eval().requires_grad_(False)
         with count_saved({}, exclude=(net,), fake=True) as perceptual_record, _autocast(amp, target):

@@ -1,4 +1,4 @@
-"""Generate the MONAI Generative 0.2.3 reference fixtures used by ``tests/test_dropin_*.py``.
+"""Generate the MONAI Generative 0.2.3 reference fixtures used by ``tests/generative/test_dropin_*.py``.
 
 This script must run against the REAL ``monai-generative==0.2.3`` package, which cannot be installed
 beside this repository (same import name ``generative``) and whose schedulers break on monai 1.6.
@@ -15,7 +15,7 @@ installed 0.2.3 package and not ``GenerativeModels/generative``). ``lpips`` and 
 ``generative.losses`` imports at module level, are stubbed: no network weights are needed.
 
 The second mode checks the other direction, that state dicts saved by OUR classes load into 0.2.3
-with ``strict=True`` and give the fixture outputs (``tests/test_dropin_checkpoints.py`` writes them
+with ``strict=True`` and give the fixture outputs (``tests/generative/test_dropin_checkpoints.py`` writes them
 when ``DROPIN_EXPORT_DIR`` is set):
 
     cd /tmp && /tmp/gen023/bin/python /path/to/repo/tests/make_generative_023_fixtures.py --verify-ours DIR

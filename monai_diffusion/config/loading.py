@@ -23,10 +23,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from monai_diffusion.atomic import atomic_write
 from monai_diffusion.config.rules import STAGES, validate
 from monai_diffusion.config.schema import Config
 from monai_diffusion.errors import ConfigError
+from monai_diffusion.runs.atomic import atomic_write
 
 __all__ = ["load_config", "config_from_dict", "config_to_dict", "save_config", "apply_overrides", "read_yaml"]
 

@@ -21,7 +21,7 @@ __all__ = ["attribute_docs", "reference_markdown"]
 INTRO = """# Configuration reference
 
 Generated from the schema (`monai_diffusion/config/schema.py`) by
-`python -m monai_diffusion.config.reference`; `tests/test_docs.py` checks that this file is up to date.
+`python -m monai_diffusion.config.reference`; `tests/monai_diffusion/test_docs.py` checks that this file is up to date.
 The shipped `monai_diffusion/config/ldm_config.yaml` lists every key with a comment, and
 `monai_diffusion/config/examples/` holds the guide's five examples.
 

@@ -26,8 +26,8 @@ from monai_diffusion.config.schema import AutoencoderTrainingConfig
 from monai_diffusion.data import build_datasets, model_input
 from monai_diffusion.data.patches import RandomizedVolumes, build_random_transform
 from monai_diffusion.errors import RunError
-from monai_diffusion.metrics import ReconstructionMetrics
-from monai_diffusion.perceptual import MedicalNetPerceptualLoss
+from monai_diffusion.evaluation.metrics import ReconstructionMetrics
+from monai_diffusion.evaluation.perceptual import MedicalNetPerceptualLoss
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import LoopState, Optimization, build_loaders
 from monai_diffusion.training.runner import Loaders, differences, flatten, run_stage

@@ -1,7 +1,7 @@
 """Stage 2: a DiffusionModelUNet trained on the latents of the frozen autoencoder.
 
-The latents come from ``monai_diffusion.latents`` (encoded once, optionally cached on disk, scaled by
-1 / std(z)); sampling for the previews is ``monai_diffusion.sampling``'s.
+The latents come from ``monai_diffusion.generation.latents`` (encoded once, optionally cached on disk, scaled by
+1 / std(z)); sampling for the previews is ``monai_diffusion.generation.sampling``'s.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from monai.networks.nets import DiffusionModelUNet
 from torch.utils.data import Dataset
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.checkpoints import load_autoencoder
-from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.config.schema import DiffusionTrainingConfig
 from monai_diffusion.data import make_loader
 from monai_diffusion.errors import CheckpointError, RunError
-from monai_diffusion.latents import LatentCache, cached_latents, compute_scale_factor, volumes_to_encode
+from monai_diffusion.generation.conditioning import Conditioning, Conditions
+from monai_diffusion.generation.latents import LatentCache, cached_latents, compute_scale_factor, volumes_to_encode
+from monai_diffusion.generation.sampling import generate_volumes, make_scheduler
+from monai_diffusion.runs.checkpoints import load_autoencoder
 from monai_diffusion.runtime import Precision, Runtime
-from monai_diffusion.sampling import generate_volumes, make_scheduler
 from monai_diffusion.training.loop import LoopState, Optimization
 from monai_diffusion.training.runner import Loaders, differences, run_stage
 from monai_diffusion.visualize import volume_grid

@@ -22,10 +22,10 @@ from monai.data import list_data_collate
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from monai_diffusion.checkpoints import checkpoint_path, confirm_checkpoint, save_checkpoint, unconfirmed_path
 from monai_diffusion.data import make_loader
 from monai_diffusion.data.patches import EpochTaggedSampler, RandomizedVolumes
 from monai_diffusion.errors import TrainingError
+from monai_diffusion.runs.checkpoints import checkpoint_path, confirm_checkpoint, save_checkpoint, unconfirmed_path
 from monai_diffusion.runtime import Precision, Runtime, capture_rng
 from monai_diffusion.visualize import save_png
 

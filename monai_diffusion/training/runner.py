@@ -25,11 +25,11 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from monai_diffusion.checkpoints import checkpoint_path, load_checkpoint
 from monai_diffusion.config import Config, save_config
 from monai_diffusion.errors import CheckpointError, RunError, TrainingError
 from monai_diffusion.profiling import peak_rss_bytes
-from monai_diffusion.runs import (
+from monai_diffusion.runs.checkpoints import checkpoint_path, load_checkpoint
+from monai_diffusion.runs.folders import (
     RunLock,
     check_outside_data,
     check_run_dir,

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.data import build_datasets
+from monai_diffusion.runs.checkpoints import load_checkpoint
 from monai_diffusion.runtime import Precision
 from monai_diffusion.training import load_autoencoder
 from monai_diffusion.training.loop import Optimization, TrainingError
-from tests.conftest import CONFIGS, SCRIPTS, free_port, summary_of, tiny, train, write_medicalnet_file, write_scans
+from tests.helpers import CONFIGS, SCRIPTS, free_port, summary_of, tiny, train, write_medicalnet_file, write_scans
 
 SCRIPT = SCRIPTS / "train_autoencoder.py"
 

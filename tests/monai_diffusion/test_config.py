@@ -19,7 +19,7 @@ from monai_diffusion.config import (
 )
 from monai_diffusion.config.rules import discriminator_min_size
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "monai_diffusion" / "config"
 EXAMPLES = {
     "example1_64x64x32.yaml": (3, 16, 16, 8),
     "example2_128x128x64.yaml": (3, 16, 16, 8),

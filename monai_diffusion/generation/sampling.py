@@ -20,13 +20,13 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.checkpoints import load_diffusion, resolve_checkpoint
-from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, SchedulerConfig
 from monai_diffusion.config.rules import check_tiles
 from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
 from monai_diffusion.errors import CheckpointError, ConfigError, RunError
-from monai_diffusion.runs import check_new_folder, check_outside_data, existing_ancestor, make_output_folder
+from monai_diffusion.generation.conditioning import Conditioning, Conditions
+from monai_diffusion.runs.checkpoints import load_diffusion, resolve_checkpoint
+from monai_diffusion.runs.folders import check_new_folder, check_outside_data, existing_ancestor, make_output_folder
 from monai_diffusion.runtime import Precision, resolve_device
 from monai_diffusion.visualize import save_png, volume_grid
 

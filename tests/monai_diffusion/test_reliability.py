@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.cli import train_autoencoder_main, train_diffusion_main
 from monai_diffusion.config import load_config
 from monai_diffusion.data import build_datasets
-from monai_diffusion.runs import LOCK_NAME, lock_holder
-from tests.conftest import CONFIG, SCRIPTS, TINY_LDM, cli_args, free_port, summary_of, tiny, train, write_scans
+from monai_diffusion.runs.checkpoints import load_checkpoint
+from monai_diffusion.runs.folders import LOCK_NAME, lock_holder
+from tests.helpers import CONFIG, SCRIPTS, TINY_LDM, cli_args, free_port, summary_of, tiny, train, write_scans
 
 _BAR = re.compile(r"\d+/\d+ \[")  # a tqdm progress bar: "epoch 2/3:  50%|##   | 1/2 [00:01<00:01, ...]"
 

@@ -12,15 +12,14 @@ import torch
 
 from monai_diffusion.cli import evaluate_samples_main, sample_main
 from monai_diffusion.data import SyntheticPhantomDataset, build_datasets
-from monai_diffusion.perceptual import MedicalNetResNet, load_medicalnet_weights
-from monai_diffusion.sample_quality import (
+from monai_diffusion.evaluation.perceptual import MedicalNetResNet, load_medicalnet_weights
+from monai_diffusion.evaluation.sample_quality import (
     feature_distances,
     mean_pairwise_ms_ssim,
     medicalnet_features,
     nearest_neighbours,
 )
-from tests.conftest import write_medicalnet_file
-from tests.test_compat import OLD
+from tests.helpers import OLD, write_medicalnet_file
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +83,6 @@ def test_command_line_with_and_without_medicalnet(tmp_path, capsys):
 
 
 def load_config_of_old_run():
-    from monai_diffusion.checkpoints import load_diffusion
+    from monai_diffusion.runs.checkpoints import load_diffusion
 
     return load_diffusion(OLD / "diffusion").config

@@ -28,7 +28,7 @@ from monai_diffusion.memory import (
 )
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import Optimization, build_loaders, lr_factor
-from tests.conftest import CONFIG, CONFIGS, cli_args, tiny
+from tests.helpers import CONFIG, CONFIGS, cli_args, tiny
 
 
 def _patched(**data) -> tuple[RandomizedVolumes, DataConfig]:
@@ -183,7 +183,7 @@ def test_new_keys_fail_in_one_line(tmp_path, capsys, overrides, expected):
 
 def test_sample_tile_off_the_grid_fails_in_one_line(tmp_path, capsys):
     """--tile-size is checked against the trained autoencoder before any sampling."""
-    from tests.test_compat import OLD
+    from tests.helpers import OLD
 
     code = sample_main(["--config", str(OLD / "diffusion" / "config.yaml"), "--run", str(OLD / "diffusion"),
                         "--output", str(tmp_path / "s"), "--tile-size", "6"])
@@ -240,7 +240,7 @@ def test_patch_trained_pipeline_runs_whole_volumes_by_tiles(tmp_path, monkeypatc
     from generative.networks.nets import AutoencoderKL
     from monai_diffusion.cli import train_diffusion_main
     from monai_diffusion.data import make_phantom
-    from tests.conftest import summary_of
+    from tests.helpers import summary_of
 
     scans = tmp_path / "scans"
     scans.mkdir()

@@ -22,7 +22,7 @@ from monai_diffusion.memory import (
     with_margin,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
 SMALL = ["data.image_size=[32, 32, 32]", "autoencoder.training.batch_size=2", "autoencoder.num_channels=[8, 16, 16]",
          "autoencoder.norm_num_groups=8"]

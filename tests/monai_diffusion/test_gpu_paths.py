@@ -21,7 +21,7 @@ from monai_diffusion.errors import RunError
 from monai_diffusion.runtime import Precision, Runtime, capture_rng, choose_autocast_dtype, resolve_device
 from monai_diffusion.training.loop import all_finite, build_loaders
 from monai_diffusion.training.runner import restore_loop
-from tests.conftest import CONFIG, free_port
+from tests.helpers import CONFIG, free_port
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def test_sampling_runs_with_the_model_on_another_device_than_the_scheduler(kind)
     (a crash on every GPU); generate_volumes keeps the scheduler on the CPU."""
     from monai.networks.schedulers import DDIMScheduler
 
-    from monai_diffusion.sampling import generate_volumes
+    from monai_diffusion.generation.sampling import generate_volumes
 
     scheduler = DDIMScheduler(20)
     scheduler.set_timesteps(4, device="meta")  # what the old code did: it cannot work off the CPU
@@ -65,7 +65,7 @@ def test_sampling_runs_with_the_model_on_another_device_than_the_scheduler(kind)
 
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
 def test_sampling_is_fixed_by_its_seed_not_by_the_global_rng(kind):
-    from monai_diffusion.sampling import generate_volumes
+    from monai_diffusion.generation.sampling import generate_volumes
 
     config, unet, autoencoder = _tiny_sampling_setup()
 
@@ -114,7 +114,7 @@ def test_empty_scaler_state_into_an_enabled_scaler():
 
 def test_resume_loads_checkpoints_onto_the_cpu(tmp_path, monkeypatch):
     """Whatever the training device, the checkpoint is read onto the CPU (RNG states must stay there)."""
-    from monai_diffusion import checkpoints as checkpoint_module
+    from monai_diffusion.runs.folders import checkpoints as checkpoint_module
     from monai_diffusion.training import runner as run_module
 
     seen = {}

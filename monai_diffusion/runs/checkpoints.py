@@ -21,8 +21,8 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.atomic import atomic_write, fsync_dir
-from monai_diffusion.conditioning import Conditioning
+from monai_diffusion.runs.atomic import atomic_write, fsync_dir
+from monai_diffusion.generation.conditioning import Conditioning
 from monai_diffusion.config import Config, config_from_dict
 from monai_diffusion.errors import CheckpointError, ConfigError
 

@@ -24,9 +24,9 @@ from monai_diffusion.cli import (
     train_autoencoder_main,
     train_diffusion_main,
 )
-from monai_diffusion.runs import RunLock
+from monai_diffusion.runs.folders import RunLock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
 TINY = [
     "data.image_size=[16, 16, 16]", "data.num_train=4", "data.num_val=2",

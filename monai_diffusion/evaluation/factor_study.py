@@ -24,7 +24,7 @@ from generative.networks.nets.autoencoderkl import normalize_downsample_factors,
 from monai_diffusion.config import Config, config_from_dict, config_to_dict
 from monai_diffusion.errors import ConfigError
 from monai_diffusion.memory import measure_training_step
-from monai_diffusion.runs import check_new_folder, check_outside_data
+from monai_diffusion.runs.folders import check_new_folder, check_outside_data
 
 __all__ = ["VariantResult", "recommended_latent_channels", "variant_config", "compare_factors", "parse_factors"]
 
@@ -202,7 +202,7 @@ def compare_factors(
         adjust_latent_channels: set ``latent_channels`` by the guide's recommendation for each factor.
         device: overrides ``config.device``.
     """
-    from monai_diffusion.evaluation import evaluate_autoencoder
+    from monai_diffusion.evaluation.reconstruction import evaluate_autoencoder
     from monai_diffusion.runtime import resolve_device
     from monai_diffusion.training.autoencoder import train_autoencoder
 

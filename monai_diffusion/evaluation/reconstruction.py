@@ -1,7 +1,7 @@
 """Reconstruction quality of a trained autoencoder: per-volume metrics, reconstructions, pictures and
 latent statistics.
 
-Metrics are those of ``monai_diffusion.metrics`` (see there for windows and scales).
+Metrics are those of ``monai_diffusion.evaluation.metrics`` (see there for windows and scales).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from generative.networks.tiling import tiled_decode, tiled_encode
-from monai_diffusion.checkpoints import load_autoencoder
 from monai_diffusion.config import Config
 from monai_diffusion.config.rules import check_tiles
 from monai_diffusion.data import build_datasets, build_file_dataset, model_input, save_nifti
 from monai_diffusion.errors import RunError
-from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics
-from monai_diffusion.runs import check_new_folder, check_outside_data, make_output_folder, run_dir_of
+from monai_diffusion.evaluation.metrics import LatentStatistics, ReconstructionMetrics
+from monai_diffusion.runs.checkpoints import load_autoencoder
+from monai_diffusion.runs.folders import check_new_folder, check_outside_data, make_output_folder, run_dir_of
 from monai_diffusion.runtime import resolve_device
 from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 

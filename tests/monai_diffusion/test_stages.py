@@ -12,14 +12,14 @@ import torch.nn as nn
 import yaml
 from torch.utils.data import DataLoader
 
-from monai_diffusion.checkpoints import load_autoencoder, load_checkpoint, save_checkpoint
 from monai_diffusion.cli import sample_main, train_diffusion_main
 from monai_diffusion.config import ConfigError, load_config
 from monai_diffusion.errors import CheckpointError
 from monai_diffusion.memory import search_budget
+from monai_diffusion.runs.checkpoints import load_autoencoder, load_checkpoint, save_checkpoint
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import LoopSettings, LoopState, fit
-from tests.conftest import CONFIG, cli_args, summary_of, tiny, train
+from tests.helpers import CONFIG, cli_args, summary_of, tiny, train
 
 
 def test_autoencoder_stage_ignores_the_diffusion_section():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._dropin_fixtures import build, generator, load
+from tests.helpers.dropin import build, generator, load
 
 SCHEDULERS = load("schedulers")
 INFERERS = load("inferers")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monai_diffusion.perceptual import (
+from monai_diffusion.evaluation.perceptual import (
     MedicalNetPerceptualLoss,
     MedicalNetResNet,
     PerceptualWeightsError,
     load_medicalnet_weights,
 )
-from tests.conftest import write_medicalnet_file
+from tests.helpers import write_medicalnet_file
 
 
 def test_loads_medicalnet_layout(tmp_path):

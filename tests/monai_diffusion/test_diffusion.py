@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from monai_diffusion.checkpoints import load_autoencoder, load_checkpoint
 from monai_diffusion.cli import sample_main, train_autoencoder_main, train_diffusion_main
 from monai_diffusion.data import build_datasets
-from monai_diffusion.latents import LatentDataset, compute_scale_factor, encode_latents
+from monai_diffusion.generation.latents import LatentDataset, compute_scale_factor, encode_latents
+from monai_diffusion.runs.checkpoints import load_autoencoder, load_checkpoint
 from monai_diffusion.runtime import Runtime
-from tests.conftest import CONFIG, SCRIPTS, TINY_LDM, cli_args, free_port, write_scans
+from tests.helpers import CONFIG, SCRIPTS, TINY_LDM, cli_args, free_port, write_scans
 
 
 def _args(out: Path, *overrides: str) -> list[str]:

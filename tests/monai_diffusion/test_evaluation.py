@@ -14,10 +14,10 @@ import torch
 from monai.metrics import MultiScaleSSIMMetric
 
 from monai_diffusion.cli import compare_factors_main, evaluate_autoencoder_main
-from monai_diffusion.compare import parse_factors, recommended_latent_channels, variant_config
 from monai_diffusion.config import ConfigError, load_config
-from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics, ms_ssim_settings, ssim_window
-from tests.conftest import CONFIGS, tiny, train, write_scans
+from monai_diffusion.evaluation.factor_study import parse_factors, recommended_latent_channels, variant_config
+from monai_diffusion.evaluation.metrics import LatentStatistics, ReconstructionMetrics, ms_ssim_settings, ssim_window
+from tests.helpers import CONFIGS, tiny, train, write_scans
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from monai_diffusion.checkpoints import load_checkpoint, load_diffusion
 from monai_diffusion.cli import sample_main, train_autoencoder_main, train_diffusion_main
-from monai_diffusion.conditioning import Conditioning
 from monai_diffusion.config import DataConfig
 from monai_diffusion.data import build_datasets
 from monai_diffusion.data.datasets import item_covariates
 from monai_diffusion.errors import DataError
-from tests.conftest import CONFIG, ROOT, cli_args, summary_of, write_scans
+from monai_diffusion.generation.conditioning import Conditioning
+from monai_diffusion.runs.checkpoints import load_checkpoint, load_diffusion
+from tests.helpers import CONFIG, ROOT, cli_args, summary_of, write_scans
 
 
 def _datalist(tmp_path, kind: str, rows: list[dict], validation: list[dict] | None = None):
@@ -145,8 +145,8 @@ def test_guidance_scale_changes_the_samples_and_one_is_plain_conditional():
     """With scale 1 the unconditional half does not matter; other scales mix it in."""
     from monai.networks.nets import DiffusionModelUNet
 
-    from monai_diffusion.sampling import generate_volumes
-    from tests.test_compat import OLD
+    from monai_diffusion.generation.sampling import generate_volumes
+    from tests.helpers import OLD
 
     bundle = load_diffusion(OLD / "diffusion")  # its autoencoder and config (16^3 volumes, 3x4^3 latents)
     fitted = Conditioning({"c": ["a", "b"]}, {}, 0.1)

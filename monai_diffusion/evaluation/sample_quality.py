@@ -30,13 +30,13 @@ import torch
 from monai.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric, SSIMMetric
 from tqdm import tqdm
 
-from monai_diffusion.checkpoints import load_diffusion
 from monai_diffusion.data import build_datasets, build_file_dataset, find_nifti_files
 from monai_diffusion.errors import DataError
-from monai_diffusion.evaluation import finite_json
-from monai_diffusion.metrics import ms_ssim_settings, ssim_window
-from monai_diffusion.perceptual import MedicalNetResNet, load_medicalnet_weights
-from monai_diffusion.runs import check_new_folder
+from monai_diffusion.evaluation.metrics import ms_ssim_settings, ssim_window
+from monai_diffusion.evaluation.perceptual import MedicalNetResNet, load_medicalnet_weights
+from monai_diffusion.evaluation.reconstruction import finite_json
+from monai_diffusion.runs.checkpoints import load_diffusion
+from monai_diffusion.runs.folders import check_new_folder
 from monai_diffusion.runtime import resolve_device
 from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._dropin_fixtures import FIXTURES, NETWORKS, build, generator, load, max_error
+from tests.helpers.dropin import FIXTURES, NETWORKS, build, generator, load, max_error
 
 TOL = 1e-5
 

@@ -22,12 +22,12 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.atomic import atomic_write
-from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.data import build_datasets, model_input
 from monai_diffusion.data.datasets import item_covariates
-from monai_diffusion.metrics import latent_std
+from monai_diffusion.evaluation.metrics import latent_std
+from monai_diffusion.generation.conditioning import Conditioning, Conditions
+from monai_diffusion.runs.atomic import atomic_write
 from monai_diffusion.runtime import Runtime
 
 __all__ = ["LatentDataset", "LatentCache", "encode_latents", "shard_indices", "compute_scale_factor", "cached_latents",

@@ -4,17 +4,16 @@ sample and resume: every command, config key and checkpoint from before still wo
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import torch
 
-from monai_diffusion.checkpoints import load_autoencoder, load_checkpoint, load_diffusion
 from monai_diffusion.cli import sample_main, train_autoencoder_main
 from monai_diffusion.config import load_config
 from monai_diffusion.data import make_phantom
-from monai_diffusion.sampling import generate_volumes
+from monai_diffusion.generation.sampling import generate_volumes
+from monai_diffusion.runs.checkpoints import load_autoencoder, load_checkpoint, load_diffusion
+from tests.helpers import OLD
 
-OLD = Path(__file__).resolve().parent / "fixtures" / "run_0_4_0"
 EXPECTED = torch.load(OLD / "expected.pt", weights_only=True)
 
 

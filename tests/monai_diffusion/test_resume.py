@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_diffusion.checkpoints import load_checkpoint
+from monai_diffusion.runs.checkpoints import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "monai_diffusion" / "3d_ldm"
 CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
 

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from monai_diffusion.checkpoints import checkpoint_path
+from monai_diffusion.runs.checkpoints import checkpoint_path
 from monai_diffusion.data.files import data_pattern_covers
 from monai_diffusion.errors import RunError
 

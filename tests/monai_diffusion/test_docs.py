@@ -8,7 +8,7 @@ from pathlib import Path
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config.reference import reference_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 DOCS = {path.name: path.read_text(encoding="utf-8") for path in (ROOT / "docs").glob("*.md")}
 

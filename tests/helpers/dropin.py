@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "generative_0_2_3"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "generative_0_2_3"
 _spec = importlib.util.spec_from_file_location("make_generative_023_fixtures", Path(__file__).parents[1] / "make_generative_023_fixtures.py")
 generator = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(generator)  # type: ignore[union-attr]  # imports no generative module at load time

@@ -22,6 +22,7 @@ from monai_diffusion.runtime import Precision, Runtime, capture_rng, choose_auto
 from monai_diffusion.training.loop import all_finite, build_loaders
 from monai_diffusion.training.runner import restore_loop
 from tests.helpers import CONFIG, free_port
+from tests.helpers.fake_cuda import CUDA, fake_cuda, meta_gpu  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,3 +251,32 @@ def test_two_process_resume_restores_each_ranks_own_streams(tmp_path):
         torch.testing.assert_close(resumed[rank], torch.load(tmp_path / f"uninterrupted_{rank}.pt"), rtol=0, atol=0)
     assert not torch.allclose(resumed[0], resumed[1])  # ranks draw different noise
     assert [(tmp_path / f"error_{r}.txt").read_text() for r in range(2)] == ["--resume: refused on rank 0"] * 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# fake CUDA tensors (tests/_fake_cuda.py): the real training, resume, sampling and tiling code on "cuda"
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fp16", [False, True])
+def test_optimiser_step_with_adam_state_on_two_devices(monkeypatch, fp16):
+    """Adam keeps ``state["step"]`` on the CPU for CUDA parameters; the finiteness check of weights and
+    optimiser state stacked one flag per device and crashed at every CUDA run's first optimiser step."""
+    from monai_diffusion.training.loop import Optimization
+
+    with fake_cuda(monkeypatch) as fake:
+        layer = torch.nn.Linear(4, 4).to("cuda")
+        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+        precision = Precision(True, CUDA)
+        if fp16:
+            precision.dtype, precision.scaler = torch.float16, torch.amp.GradScaler("cuda", enabled=True)
+        optimization = Optimization({"g": optimizer}, precision, 1, grad_clip_norm=1.0)
+        for _ in range(2):  # the first step creates Adam's state, the second checks it
+            for param in layer.parameters():  # (no autograd on CUDA in a CPU build of torch)
+                param.grad = torch.randn(param.shape, device="cuda")
+            precision.scaler.scale(torch.ones((), device="cuda"))  # what backward() does first
+            optimization._pending.add("g")
+            optimization.step()
+        state = optimizer.state[layer.weight]
+        assert state["step"].device.type == "cpu" and state["exp_avg"].device == CUDA
+        # one host sync per optimiser step (all checks read at once); fp16 adds GradScaler's own, which
+        # reads its overflow flags before stepping each optimiser
+        assert fake.syncs == 2 * (2 if fp16 else 1)

@@ -115,7 +115,7 @@ def test_empty_scaler_state_into_an_enabled_scaler():
 
 def test_resume_loads_checkpoints_onto_the_cpu(tmp_path, monkeypatch):
     """Whatever the training device, the checkpoint is read onto the CPU (RNG states must stay there)."""
-    from monai_diffusion.runs.folders import checkpoints as checkpoint_module
+    from monai_diffusion.runs import checkpoints as checkpoint_module
     from monai_diffusion.training import runner as run_module
 
     seen = {}

@@ -172,3 +172,97 @@ def test_init_from_refuses_another_architecture(tmp_path):
     with pytest.raises(RunError, match=r"autoencoder\.init_from: .* another architecture .*num_channels: \[4, 8, 8\] "
                                        r"-> \[8, 8, 8\]"):
         autoencoder_start(other, out / "autoencoder")
+
+
+# ----------------------------------------------------------------------------------------------------
+# through the command lines
+# ----------------------------------------------------------------------------------------------------
+FINE_TUNE = ["autoencoder.training.n_epochs=1", "autoencoder.training.batch_size=2", "autoencoder.training.val_interval=1",
+             "autoencoder.training.adversarial_warmup_epochs=0", "autoencoder.discriminator.num_channels=4",
+             "autoencoder.training.learning_rate=2e-5", "autoencoder.training.warmup_steps=2"]
+
+
+def _sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.mark.slow
+def test_brain_ldm_through_the_commands(tmp_path):
+    """import -> evaluate_autoencoder.py -> sample.py --condition -> one epoch of fine-tuning -> --resume."""
+    import subprocess
+    import sys
+
+    from monai_diffusion.cli import evaluate_autoencoder_main, sample_main, train_autoencoder_main
+    from tests.conftest import SCRIPTS, write_scans
+
+    ref, ae, unet = _brain_files(tmp_path / "bundle" / "models")
+    out = tmp_path / "brain"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "import_weights.py"), "brain-ldm", "--autoencoder", str(ae),
+                           "--unet", str(unet), "--output", str(out), "--autoencoder-args",
+                           json.dumps(ref["autoencoder_args"]), "--unet-args", json.dumps(ref["unet_args"]),
+                           "--image-size", "16", "16", "16", "--set", "autoencoder.discriminator.num_layers_d=1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    scans = write_scans(tmp_path / "scans", (16, 16, 16), (1.0, 1.0, 1.0), count=3)
+    assert evaluate_autoencoder_main(["--run", str(out / "autoencoder"), "--data", str(scans), "--output",
+                                      str(tmp_path / "eval"), "--no-nifti"]) == 0
+    assert (tmp_path / "eval" / "metrics.csv").is_file()
+    config = out / "diffusion" / "config.yaml"
+    assert sample_main(["--config", str(config), "--output", str(tmp_path / "samples"), "--steps", "2",
+                        "--condition", "sex=1", "age=0.2,0.9", "ventricular_vol=0.3", "brain_vol=0.5"]) == 0
+    written = json.loads((tmp_path / "samples" / "sample_001.json").read_text())
+    assert written["conditions"]["age"] == 0.9 and len(list((tmp_path / "samples").glob("sample_*.nii.gz"))) == 2
+    tune = ["--config", str(config), *_sets(f"output_dir={tmp_path / 'tuned'}", f"autoencoder.init_from={out / 'autoencoder'}",
+                                            f"data.paths={scans}", *FINE_TUNE)]
+    assert train_autoencoder_main(tune) == 0
+    tuned = torch.load(tmp_path / "tuned" / "autoencoder" / "checkpoints" / "last.pt", weights_only=True)
+    start = load_autoencoder(out / "autoencoder")[0].state_dict()
+    moved = max(float((tuned["autoencoder"][k] - v).abs().max()) for k, v in start.items())
+    assert 0 < moved < 0.05  # started from the imported weights, a few small steps away
+    assert train_autoencoder_main(tune + _sets("autoencoder.training.n_epochs=2") + ["--resume"]) == 0
+    # the imported folder itself is weights, not a run to continue
+    assert train_autoencoder_main(["--config", str(config), *_sets(f"data.paths={scans}", *FINE_TUNE), "--resume"]) == 2
+
+
+@pytest.mark.slow
+def test_stage2_on_imported_maisi_autoencoder(tmp_path, capsys):
+    """The diffusion stage on phantoms with a frozen imported MAISI autoencoder (posterior means cached), then
+    fine-tuned from that run with diffusion.init_from, resumed; the memory estimate reads the imported config."""
+    from monai_diffusion.cli import estimate_memory_main, evaluate_autoencoder_main, sample_main, train_diffusion_main
+
+    torch.save(maisi_reference().state_dict(), tmp_path / "autoencoder_v1.pt")
+    out = tmp_path / "maisi"
+    assert import_weights_main(["maisi", "--autoencoder", str(tmp_path / "autoencoder_v1.pt"), "--output", str(out),
+                                "--autoencoder-args", "{num_channels: [8, 8, 16], num_res_blocks: [1, 1, 1], "
+                                "norm_num_groups: 4}", "--image-size", "16", "16", "16",
+                                "--set", "autoencoder.discriminator.num_layers_d=1", "--set", "data.num_val=2"]) == 0
+    assert evaluate_autoencoder_main(["--run", str(out / "autoencoder"), "--output", str(tmp_path / "eval"),
+                                      "--no-nifti"]) == 0
+    config = out / "autoencoder" / "config.yaml"
+    assert estimate_memory_main(["--config", str(config), "--pipeline"]) == 0
+    assert "latent" in capsys.readouterr().out
+    stage2 = _sets("data.num_train=4", "data.intensity_window=null", "diffusion.num_channels=[8, 8]",
+                   "diffusion.attention_levels=[false, true]", "diffusion.num_head_channels=[0, 8]",
+                   "diffusion.norm_num_groups=4", "diffusion.scheduler.num_train_timesteps=50",
+                   "diffusion.training.batch_size=2", "diffusion.training.n_epochs=1",
+                   "diffusion.training.val_interval=1", "diffusion.training.preview_inference_steps=2",
+                   "diffusion.sampling.num_inference_steps=2", "diffusion.training.latent_sample=mean",
+                   f"diffusion.autoencoder_run={out / 'autoencoder'}")
+    first = ["--config", str(config), *stage2, "--set", f"output_dir={tmp_path / 'ldm'}"]
+    assert train_diffusion_main(first) == 0
+    run = tmp_path / "ldm" / "diffusion"
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["autoencoder_args"]["upsample_mode"] == "trilinear"
+    assert sample_main(["--config", str(config), *stage2, "--set", f"output_dir={tmp_path / 'ldm'}",
+                        "--output", str(tmp_path / "samples")]) == 0
+    tuned = ["--config", str(config), *stage2, "--set", f"output_dir={tmp_path / 'tuned'}",
+             "--set", f"diffusion.init_from={run}"]
+    assert train_diffusion_main(tuned) == 0
+    again = torch.load(tmp_path / "tuned" / "diffusion" / "checkpoints" / "last.pt", weights_only=True)
+    assert again["scale_factor"] == saved["scale_factor"]  # the source run's, not re-estimated
+    assert train_diffusion_main(tuned + ["--set", "diffusion.training.n_epochs=2", "--resume"]) == 0
+    wrong = ["--config", str(config), *stage2, "--set", f"output_dir={tmp_path / 'wrong'}",
+             "--set", f"diffusion.init_from={run}", "--set", "diffusion.num_channels=[16, 16]",
+             "--set", "diffusion.num_head_channels=[0, 16]"]
+    assert train_diffusion_main(wrong) == 2
+    assert "diffusion.init_from" in capsys.readouterr().err

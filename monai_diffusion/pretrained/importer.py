@@ -29,6 +29,7 @@ from monai_diffusion.config import (
     config_to_dict,
     save_config,
 )
+from monai_diffusion.config.rules import discriminator_min_size
 from monai_diffusion.errors import CheckpointError, ConfigError
 from monai_diffusion.pretrained.layouts import load_strictly, maisi_to_ours, read_state_dict, unet_023_to_core
 from monai_diffusion.pretrained.unet import CONCAT_KEY
@@ -57,6 +58,7 @@ BRAIN_LDM_SCHEDULER: dict[str, Any] = dict(num_train_timesteps=1000, schedule="s
 # the bundle's context [gender, age, ventricular_vol, brain_vol], each already scaled to [0, 1]
 BRAIN_LDM_CONDITIONS = ["sex", "age", "ventricular_vol", "brain_vol"]
 BRAIN_LDM_IMAGE_SIZE = [160, 224, 160]
+DISCRIMINATOR_LAYERS = 3  # the schema's default depth of the fine-tuning discriminator, at most
 DATALIST = "datalist.csv"  # the template written for a conditioned UNet: image + one column per condition
 MAISI_UPSAMPLE_MODE = "trilinear"  # AutoencoderKlMaisi's decoder interpolates trilinearly, ours nearest by default
 
@@ -137,6 +139,9 @@ def _config(spec: ImportSpec, output: Path) -> Config:
     data = {"source": "synthetic", "image_size": list(spec.image_size), **spec.data}
     if spec.conditions:  # covariates come from a datalist: a header-only template is written beside the runs
         data.update(source="nifti", paths=str(output / DATALIST))
+    smallest = min(spec.image_size[: int(ae.get("spatial_dims", 3))])
+    depth = max([1] + [n for n in range(1, DISCRIMINATOR_LAYERS + 1) if discriminator_min_size(n) <= smallest])
+    ae["discriminator"] = {"num_layers_d": depth}  # for fine-tuning: as deep as the volumes allow
     mapping: dict[str, Any] = {"output_dir": str(output), "data": data, "autoencoder": ae}
     if spec.unet is not None:
         mapping["diffusion"] = _diffusion_section(spec)

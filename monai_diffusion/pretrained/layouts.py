@@ -29,6 +29,7 @@ from monai_diffusion.errors import CheckpointError
 __all__ = ["read_state_dict", "maisi_to_ours", "load_strictly", "unet_023_to_core", "SHOWN_KEYS"]
 
 _UNET_023_CHANNELS = (32, 64, 64, 64)  # 0.2.3's default num_channels
+_MAISI_MARK = "encoder.blocks.0.conv.conv.weight"  # MAISI's first convolution, wrapped once more than ours
 SHOWN_KEYS = 3  # keys named in a one-line error
 # wrappers some training scripts save around the state dict
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "autoencoder", "autoencoder_state_dict", "unet_state_dict")
@@ -52,6 +53,11 @@ def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{option}: {path}: no such file; download it first (see docs/pretrained.md)")
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or a legacy pickle)
+        raise CheckpointError(f"{option}: {path} is not a readable PyTorch weights file (neither a zip archive nor a "
+                              f"pickle); check that the download finished")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -79,8 +85,8 @@ def maisi_to_ours(state_dict: Mapping[str, torch.Tensor], path: Path, option: st
     Raises:
         CheckpointError: the file has no MAISI convolution (``...conv.conv.weight``): another layout.
     """
-    if not any(".conv.conv." in key for key in state_dict):
-        raise CheckpointError(f"{option}: {path} is not in MAISI's AutoencoderKlMaisi layout (no '.conv.conv.' key; "
+    if _MAISI_MARK not in state_dict:  # 0.2.3 also has '.conv.conv.' (its downsampling), never on the first conv
+        raise CheckpointError(f"{option}: {path} is not in MAISI's AutoencoderKlMaisi layout (no '{_MAISI_MARK}'; "
                               f"found {_first(list(state_dict))}); a MONAI Generative 0.2.3 autoencoder is imported "
                               f"with 'ldm-import generative'")
     return {key.replace(".conv.conv.", ".conv.", 1): value for key, value in state_dict.items()}
@@ -100,21 +106,16 @@ def load_strictly(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path
     expected = model.state_dict()
     wrong_shape = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state_dict.items()
                    if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    try:
-        result = model.load_state_dict(dict(state_dict), strict=False)
-    except RuntimeError:
-        result = None
-    missing = list(result.missing_keys) if result is not None else []
-    unexpected = list(result.unexpected_keys) if result is not None else []
-    if wrong_shape:
-        raise CheckpointError(f"{option}: {path}: {len(wrong_shape)} tensors have another shape than the network's "
-                              f"(file vs network: {_first(wrong_shape)}); {hint}")
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
         parts = ([f"missing {len(missing)} keys ({_first(missing)})"] if missing else []) + (
             [f"{len(unexpected)} unexpected keys ({_first(unexpected)})"] if unexpected else [])
         raise CheckpointError(f"{option}: {path} does not fit the network: {'; '.join(parts)}; {hint}")
-    if result is None:  # load_state_dict failed without a shape or key we could name
-        model.load_state_dict(dict(state_dict), strict=True)
+    if wrong_shape:
+        raise CheckpointError(f"{option}: {path}: {len(wrong_shape)} tensors have another shape than the network's "
+                              f"(file vs network: {_first(wrong_shape)}); {hint}")
+    model.load_state_dict(dict(state_dict), strict=True)
 
 
 def core_unet_args(args_023: Mapping[str, Any]) -> dict[str, Any]:

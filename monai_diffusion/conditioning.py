@@ -6,7 +6,8 @@ every checkpoint.
   condition".
 * Continuous covariates are standardised with the training set's mean and standard deviation and given as a
   cross-attention context ``Bx1x(n + 1)``: the n values and a flag, 1 when the conditions are present and 0
-  (with the values 0) when they are dropped.
+  (with the values 0) when they are dropped. Imported models (``ldm-import``) may have been trained without the
+  flag and with the values as given (mean 0, std 1): ``flag`` False.
 
 Dropping a training sample's conditions with probability ``dropout`` teaches the same UNet the unconditional
 model, which classifier-free guidance combines with the conditional one at sampling time:

@@ -192,7 +192,7 @@ def test_brain_ldm_through_the_commands(tmp_path):
     import subprocess
     import sys
 
-    from monai_diffusion.cli import evaluate_autoencoder_main, sample_main, train_autoencoder_main
+    from monai_diffusion.cli import estimate_memory_main, evaluate_autoencoder_main, sample_main, train_autoencoder_main
     from tests.conftest import SCRIPTS, write_scans
 
     ref, ae, unet = _brain_files(tmp_path / "bundle" / "models")
@@ -212,6 +212,7 @@ def test_brain_ldm_through_the_commands(tmp_path):
                         "--condition", "sex=1", "age=0.2,0.9", "ventricular_vol=0.3", "brain_vol=0.5"]) == 0
     written = json.loads((tmp_path / "samples" / "sample_001.json").read_text())
     assert written["conditions"]["age"] == 0.9 and len(list((tmp_path / "samples").glob("sample_*.nii.gz"))) == 2
+    assert estimate_memory_main(["--config", str(config), "--pipeline"]) == 0
     tune = ["--config", str(config), *_sets(f"output_dir={tmp_path / 'tuned'}", f"autoencoder.init_from={out / 'autoencoder'}",
                                             f"data.paths={scans}", *FINE_TUNE)]
     assert train_autoencoder_main(tune) == 0

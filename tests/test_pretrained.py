@@ -267,3 +267,19 @@ def test_stage2_on_imported_maisi_autoencoder(tmp_path, capsys):
              "--set", "diffusion.num_head_channels=[0, 16]"]
     assert train_diffusion_main(wrong) == 2
     assert "diffusion.init_from" in capsys.readouterr().err
+
+
+def test_concat_condition_unet_needs_its_context():
+    from monai_diffusion.pretrained.unet import ConcatConditionUNet, build_unet
+
+    args = dict(spatial_dims=2, in_channels=3, out_channels=1, channels=[8], attention_levels=[True],
+                num_head_channels=[8], norm_num_groups=4, num_res_blocks=1, with_conditioning=True,
+                cross_attention_dim=2, concat_conditions=2)
+    unet = build_unet(args)
+    assert isinstance(unet, ConcatConditionUNet)
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([3])
+    assert unet(x, t, context=torch.rand(1, 1, 2)).shape == (1, 1, 8, 8)
+    with pytest.raises(ValueError, match="a context is required"):
+        unet(x, t)
+    with pytest.raises(ValueError, match=r"concat_conditions must be in \[1, in_channels\)"):
+        build_unet({**args, "concat_conditions": 3})

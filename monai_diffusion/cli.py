@@ -20,7 +20,7 @@ from monai_diffusion.runs.atomic import atomic_write
 
 __all__ = ["config_parser", "resolve_config_path", "run_main", "train_autoencoder_main", "train_diffusion_main",
            "sample_main", "estimate_memory_main", "evaluate_autoencoder_main", "compare_factors_main",
-           "evaluate_samples_main"]
+           "evaluate_samples_main", "import_weights_main"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 log = logging.getLogger("monai_diffusion")
@@ -418,3 +418,13 @@ def evaluate_samples_main(argv: Sequence[str] | None = None) -> int:
         print(format_sample_summary(result))
 
     return run_main(body, parser, argv)
+
+
+def import_weights_main(argv: Sequence[str] | None = None) -> int:
+    """``import_weights.py`` / ``ldm-import``: public checkpoints -> run folders (monai_diffusion/pretrained)."""
+    from monai_diffusion.pretrained.command import add_arguments, import_command
+
+    parser = _parser("Import public weights (MAISI CT autoencoder, MONAI brain LDM, MONAI Generative 0.2.3 "
+                     "networks) as run folders every command accepts.", with_config=False)
+    add_arguments(parser)
+    return run_main(import_command, parser, argv)

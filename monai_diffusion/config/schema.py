@@ -239,11 +239,16 @@ class AutoencoderConfig:
         with_encoder_nonlocal_attn: ResBlock-Attention-ResBlock at the encoder's bottom.
         with_decoder_nonlocal_attn: the same at the decoder's top.
         use_convtranspose: transposed-convolution upsampling.
+        upsample_mode: the decoder's interpolation before each upsampling convolution: ``nearest`` (MONAI
+            Generative's) or ``trilinear`` (MAISI's AutoencoderKlMaisi; set by ``ldm-import maisi``).
         tile_size: run the autoencoder on whole volumes in overlapping tiles of this size (one value or one
             per axis, multiples of the total downsampling factor): validation, the latent cache of the
             diffusion stage, samples. null: ``data.patch_size`` when training on patches, else whole
             volumes at once.
         tile_overlap: fraction of a tile shared with its neighbour.
+        init_from: start training from the weights of this run folder or checkpoint (one we trained, or one
+            written by ``ldm-import``), with a fresh optimiser, schedule and discriminator; the architecture
+            keys above must match it (see docs/pretrained.md). null: random initialisation.
         training: see AutoencoderTrainingConfig.
         discriminator: see DiscriminatorConfig.
         perceptual: see PerceptualConfig.
@@ -262,8 +267,10 @@ class AutoencoderConfig:
     with_encoder_nonlocal_attn: bool = False
     with_decoder_nonlocal_attn: bool = False
     use_convtranspose: bool = False
+    upsample_mode: Literal["nearest", "trilinear"] = "nearest"
     tile_size: Union[int, list[int], None] = bounded(None, ge=1)
     tile_overlap: float = bounded(0.5, ge=0, lt=1)
+    init_from: Union[str, None] = None
     training: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
@@ -285,6 +292,8 @@ class AutoencoderConfig:
             with_encoder_nonlocal_attn=self.with_encoder_nonlocal_attn,
             with_decoder_nonlocal_attn=self.with_decoder_nonlocal_attn,
             use_convtranspose=self.use_convtranspose,
+            # only when not the default: the arguments stored by earlier runs stay equal on --resume
+            **({"upsample_mode": self.upsample_mode} if self.upsample_mode != "nearest" else {}),
             use_checkpointing=ckpt,
         )
 
@@ -323,6 +332,9 @@ class DiffusionTrainingConfig(LoopConfig):
         preview_inference_steps: DDIM steps for the preview samples.
         scale_factor_batches: batches used to estimate the latent scale factor (1 / std).
         cache_latents_on_disk: also write the encoded latents to the run folder and reuse them on resume.
+        latent_sample: what the UNet learns from the cached posterior of each volume: ``draw`` a fresh
+            z = mu + sigma * eps at every step, or its ``mean`` mu (no sigma * eps noise floor under the loss;
+            the usual choice on a pretrained autoencoder, see docs/pretrained.md).
     """
 
     n_epochs: int = bounded(200, ge=1)
@@ -332,6 +344,7 @@ class DiffusionTrainingConfig(LoopConfig):
     preview_inference_steps: int = bounded(50, ge=1)
     scale_factor_batches: int = bounded(4, ge=1)
     cache_latents_on_disk: bool = False
+    latent_sample: Literal["draw", "mean"] = "draw"
 
 
 @dataclass
@@ -378,6 +391,9 @@ class DiffusionConfig:
 
     Attributes:
         autoencoder_run: autoencoder run folder or checkpoint (null: ``<output_dir>/autoencoder``).
+        init_from: start the UNet from this diffusion run folder or checkpoint (ours, or one written by
+            ``ldm-import``; its EMA weights when it kept them) and its latent scale factor, with a fresh
+            optimiser and schedule; the UNet keys below must match it. null: random initialisation.
         num_channels: UNet channels per level; the latent size must be divisible by 2^(levels - 1).
         attention_levels: attention per level.
         num_head_channels: channels per attention head, per level (0 where there is no attention; the
@@ -391,6 +407,7 @@ class DiffusionConfig:
     """
 
     autoencoder_run: Union[str, None] = None
+    init_from: Union[str, None] = None
     num_channels: list[int] = bounded(factory=lambda: [32, 64, 64], ge=1)
     attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
     num_head_channels: list[int] = bounded(factory=lambda: [0, 32, 32], ge=0)

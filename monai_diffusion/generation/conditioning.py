@@ -6,7 +6,8 @@ every checkpoint.
   condition".
 * Continuous covariates are standardised with the training set's mean and standard deviation and given as a
   cross-attention context ``Bx1x(n + 1)``: the n values and a flag, 1 when the conditions are present and 0
-  (with the values 0) when they are dropped.
+  (with the values 0) when they are dropped. Imported models (``ldm-import``) may have been trained without the
+  flag and with the values as given (mean 0, std 1): ``flag`` False.
 
 Dropping a training sample's conditions with probability ``dropout`` teaches the same UNet the unconditional
 model, which classifier-free guidance combines with the conditional one at sampling time:
@@ -70,6 +71,7 @@ class Conditioning:
     categorical: dict[str, list[str]] = field(default_factory=dict)
     continuous: dict[str, tuple[float, float]] = field(default_factory=dict)
     dropout: float = 0.0
+    flag: bool = True  # the context ends with a "conditions present" flag (False: imported models without one)
 
     # -- fitting and storing --------------------------------------------------------------------------
     @property
@@ -113,14 +115,16 @@ class Conditioning:
 
     def state_dict(self) -> dict[str, Any]:
         return {"categorical": {k: list(v) for k, v in self.categorical.items()},
-                "continuous": {k: list(v) for k, v in self.continuous.items()}, "dropout": self.dropout}
+                "continuous": {k: list(v) for k, v in self.continuous.items()}, "dropout": self.dropout,
+                "flag": self.flag}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any] | None) -> Conditioning:
         if not state:
             return cls()
         return cls({k: list(v) for k, v in state["categorical"].items()},
-                   {k: (float(v[0]), float(v[1])) for k, v in state["continuous"].items()}, float(state["dropout"]))
+                   {k: (float(v[0]), float(v[1])) for k, v in state["continuous"].items()}, float(state["dropout"]),
+                   bool(state.get("flag", True)))
 
     # -- what the UNet sees ----------------------------------------------------------------------------
     @property
@@ -129,7 +133,7 @@ class Conditioning:
 
     @property
     def context_dim(self) -> int:
-        return len(self.continuous) + 1 if self.continuous else 0
+        return len(self.continuous) + int(self.flag) if self.continuous else 0
 
     def unet_kwargs(self) -> dict[str, Any]:
         """Arguments of MONAI's DiffusionModelUNet for these conditions."""
@@ -159,7 +163,7 @@ class Conditioning:
             labels = torch.tensor(indices, dtype=torch.long)
         if self.continuous:
             rows = [[(self.number(n, item.get(n), _where(item)) - mean) / std
-                     for n, (mean, std) in self.continuous.items()] + [1.0] for item in items]
+                     for n, (mean, std) in self.continuous.items()] + [1.0] * self.flag for item in items]
             context = torch.tensor(rows, dtype=torch.float32)[:, None]
         return Conditions(labels, context)
 

@@ -167,11 +167,15 @@ def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL,
                        LatentDataset(val_mu, val_sigma, val_conditions), affine, seconds, False, conditioning)
 
 
-def compute_scale_factor(dataset: LatentDataset, batches: int, batch_size: int, runtime: Runtime, seed: int) -> float:
-    """1 / std of sampled latents over ``batches`` batches, with sums reduced across ranks."""
+def compute_scale_factor(dataset: LatentDataset, batches: int, batch_size: int, runtime: Runtime, seed: int,
+                         mean: bool = False) -> float:
+    """1 / std of sampled latents (of the means mu with ``mean``) over ``batches`` batches, with sums reduced
+    across ranks."""
     generator = torch.Generator().manual_seed(seed)
     count = min(len(dataset), batches * batch_size)
-    z = dataset.z_mu[:count] + torch.randn(dataset.z_mu[:count].shape, generator=generator) * dataset.z_sigma[:count]
+    z = dataset.z_mu[:count]
+    if not mean:
+        z = z + torch.randn(z.shape, generator=generator) * dataset.z_sigma[:count]
     z = z.double()
     count_z = torch.tensor(float(z.numel()), dtype=torch.float64)
     totals = runtime.all_reduce_sum(torch.stack([z.sum(), z.pow(2).sum(), count_z]))

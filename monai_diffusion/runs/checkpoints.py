@@ -25,6 +25,7 @@ from monai_diffusion.runs.atomic import atomic_write, fsync_dir
 from monai_diffusion.generation.conditioning import Conditioning
 from monai_diffusion.config import Config, config_from_dict
 from monai_diffusion.errors import CheckpointError, ConfigError
+from monai_diffusion.pretrained.unet import build_unet
 
 __all__ = ["FORMAT", "save_checkpoint", "unconfirmed_path", "confirm_checkpoint", "load_checkpoint",
            "checkpoint_path", "resolve_checkpoint", "load_autoencoder", "load_diffusion", "DiffusionBundle"]
@@ -167,7 +168,7 @@ def load_diffusion(
     if state.get("stage") != "diffusion":
         raise CheckpointError(f"{key}: {path} is not a diffusion checkpoint")
     config = _stored_config(state, path)
-    unet = DiffusionModelUNet(**state["unet_args"])
+    unet = build_unet(state["unet_args"])  # core's DiffusionModelUNet, or an imported variant of it
     if state.get("ema") is not None:
         ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
         unet.load_state_dict(ema, strict=True)

@@ -28,6 +28,7 @@ from monai_diffusion.data.patches import RandomizedVolumes, build_random_transfo
 from monai_diffusion.errors import RunError
 from monai_diffusion.evaluation.metrics import ReconstructionMetrics
 from monai_diffusion.evaluation.perceptual import MedicalNetPerceptualLoss
+from monai_diffusion.pretrained.init_from import autoencoder_start
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import LoopState, Optimization, build_loaders
 from monai_diffusion.training.runner import Loaders, differences, flatten, run_stage
@@ -220,7 +221,10 @@ class AutoencoderStage:
         presharded = runtime.distributed and config.data.cache and config.data.source == "nifti"
         loaders = build_loaders(train_ds, val_ds, tr.batch_size, config.data.num_workers, config.seed, runtime,
                                 presharded)
-        return AutoencoderTask(config, runtime, precision), loaders
+        task = AutoencoderTask(config, runtime, precision)
+        if saved is None and config.autoencoder.init_from:  # fine-tuning: its weights, all else fresh
+            autoencoder_start(task.autoencoder, config.autoencoder.init_from)
+        return task, loaders
 
     def check_resume(self, saved: dict[str, Any], task: AutoencoderTask, config: Config, path: Path) -> None:
         architecture = differences(saved["model_args"], task.model_args, ignore=("use_checkpointing",))

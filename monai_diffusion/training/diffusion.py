@@ -25,6 +25,7 @@ from monai_diffusion.errors import CheckpointError, RunError
 from monai_diffusion.generation.conditioning import Conditioning, Conditions
 from monai_diffusion.generation.latents import LatentCache, cached_latents, compute_scale_factor, volumes_to_encode
 from monai_diffusion.generation.sampling import generate_volumes, make_scheduler
+from monai_diffusion.pretrained.init_from import unet_start
 from monai_diffusion.runs.checkpoints import load_autoencoder
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import LoopState, Optimization
@@ -95,6 +96,8 @@ class DiffusionTask:
 
     def _latents(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         z_mu, z_sigma = batch["z_mu"], batch["z_sigma"]
+        if self.training.latent_sample == "mean":  # the posterior mean: no sigma * eps noise floor
+            return (z_mu * self.scale_factor).to(self.runtime.device)
         eps = torch.randn(z_mu.shape, generator=generator) if generator is not None else torch.randn_like(z_mu)
         return ((z_mu + eps * z_sigma) * self.scale_factor).to(self.runtime.device)
 
@@ -221,10 +224,12 @@ class DiffusionStage:
             scale_factor = saved["scale_factor"]
         else:
             scale_factor = compute_scale_factor(latents.train, tr.scale_factor_batches, tr.batch_size, runtime,
-                                                config.seed)
-        log.info("latent scale factor: %.4f", scale_factor)
+                                                config.seed, mean=tr.latent_sample == "mean")
         task = DiffusionTask(config, runtime, precision, self.autoencoder, scale_factor, latents.affine,
                              latents.conditioning)
+        if saved is None and config.diffusion.init_from:  # fine-tuning: its weights and scale factor
+            _, task.scale_factor = unet_start(task.unet, task.unet_args, config.diffusion.init_from, task.ema)
+        log.info("latent scale factor: %.4f", task.scale_factor)
         pin = runtime.device.type == "cuda"
         sampler = torch.utils.data.DistributedSampler(latents.train, num_replicas=1, rank=0, shuffle=True,
                                                       seed=config.seed + runtime.rank)

@@ -103,6 +103,9 @@ def load_for_resume(run_dir: Path, stage: str) -> dict[str, Any]:
         raise RunError(f"--resume: {err}") from None
     if saved.get("stage") != stage:
         raise RunError(f"--resume: {path} is not {'an' if stage[0] in 'aeiou' else 'a'} {stage} checkpoint")
+    if saved.get("imported"):  # weights without a training state (written by ldm-import)
+        raise RunError(f"--resume: {path} holds imported weights, not a run to continue; fine-tune them in a new "
+                       f"output_dir with {stage}.init_from={run_dir}")
     return saved
 
 

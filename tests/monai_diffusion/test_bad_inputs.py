@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from monai_diffusion.cli import (
     compare_factors_main,
     estimate_memory_main,
     evaluate_autoencoder_main,
+    import_weights_main,
     sample_main,
     train_autoencoder_main,
     train_diffusion_main,
@@ -120,6 +122,11 @@ def world(tmp_path_factory) -> dict[str, Path]:
     paths["cut_checkpoint"] = root / "cut.pt"
     paths["dup_yaml"] = root / "dup.yaml"
     paths["dup_yaml"].write_text("autoencoder:\n  latent_channels: 3\n  norm_num_groups: 4\n  latent_channels: 4\n")
+    brain = torch.load(ROOT / "tests" / "fixtures" / "pretrained" / "brain_ldm.pth")  # bundle-layout weights
+    for name in ("autoencoder", "unet"):
+        paths[f"brain_{name}"] = root / f"brain_{name}.pt"
+        torch.save(brain[name], paths[f"brain_{name}"])
+    paths["brain_args"] = {k: json.dumps(brain[f"{k}_args"]) for k in ("autoencoder", "unet")}
     paths["trained"] = root / "trained"
     assert train_autoencoder_main(_argv(paths["trained"])) == 0
     assert train_diffusion_main(_argv(paths["trained"], *DIFFUSION)) == 0
@@ -297,6 +304,24 @@ CASES = [
     ("sample-empty-run", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--run", ""], r"--run: expected a path, got ''"),
     ("estimate-output-without-budget", estimate_memory_main, lambda w, o: _argv(o) + ["--output", str(o.parent / "x.yaml")], r"--output: only used with --budget"),
     ("budget-batch-size-does-not-fit", estimate_memory_main, lambda w, o: _argv(o) + ["--budget", "1MB", "--batch-size", "2", "--output", str(o.parent / "x.yaml")], r"--budget 1MB: no searched configuration fits \(.*; batch 2; mixed precision"),
+    # ldm-import: a wrong file, a layout we do not know, keys or shapes that do not fit, a config that does not match
+    ("import-missing-file", import_weights_main, lambda w, o: ["maisi", "--autoencoder", str(w["root"] / "autoencoder_v1.pt"), "--output", str(o)], r"--autoencoder: .*autoencoder_v1\.pt: no such file; download it first"),
+    ("import-not-weights", import_weights_main, lambda w, o: ["maisi", "--autoencoder", str(w["a_file"]), "--output", str(o)], r"--autoencoder: .*a_file\.txt is not a readable PyTorch weights file"),
+    ("import-unknown-layout", import_weights_main, lambda w, o: ["maisi", "--autoencoder", str(w["brain_autoencoder"]), "--output", str(o)], r"--autoencoder: .*brain_autoencoder\.pt is not in MAISI's AutoencoderKlMaisi layout \(no 'encoder\.blocks\.0\.conv\.conv\.weight'; found 'encoder\.blocks\.0\.conv\.weight'"),
+    ("import-missing-keys", import_weights_main, lambda w, o: ["generative", "--autoencoder", str(w["brain_autoencoder"]), "--output", str(o), "--autoencoder-args", "{num_channels: [4, 8], latent_channels: 3, norm_num_groups: 4, attention_levels: [false, false], num_res_blocks: 1, with_encoder_nonlocal_attn: false, with_decoder_nonlocal_attn: false}", "--image-size", "16", "16", "16"], r"brain_autoencoder\.pt does not fit the network: .*unexpected keys \('encoder\.blocks\.\d"),
+    ("import-wrong-shapes", import_weights_main, lambda w, o: ["generative", "--autoencoder", str(w["brain_autoencoder"]), "--autoencoder-args", w["brain_args"]["autoencoder"].replace('"latent_channels": 3', '"latent_channels": 4'), "--image-size", "16", "16", "16", "--output", str(o)], r"--autoencoder: .*brain_autoencoder\.pt: 9 tensors have another shape than the network's \(file vs network: 'encoder\.blocks\.7\.conv\.weight \(3, 8, 3, 3, 3\) vs \(4, 8, 3, 3, 3\)'"),
+    ("import-unet-other-autoencoder", import_weights_main, lambda w, o: ["generative", "--autoencoder", str(w["brain_autoencoder"]), "--autoencoder-args", w["brain_args"]["autoencoder"], "--unet", str(w["brain_unet"]), "--unet-args", w["brain_args"]["unet"], "--conditions", "a", "b", "c", "d", "--image-size", "16", "16", "16", "--output", str(o)], r"--unet-args: the UNet takes 7 and gives 3 channels, the autoencoder's latent has 3; the UNet was not trained on this autoencoder"),
+    ("import-conditions-count", import_weights_main, lambda w, o: ["generative", "--autoencoder", str(w["brain_autoencoder"]), "--autoencoder-args", w["brain_args"]["autoencoder"], "--unet", str(w["brain_unet"]), "--unet-args", w["brain_args"]["unet"], "--conditions", "a", "b", "c", "d", "e", "--concat-conditions", "--image-size", "16", "16", "16", "--output", str(o)], r"--unet-args: the UNet takes 7 .* \(\+ 5 condition channels\)"),
+    ("import-unet-args-wrong", import_weights_main, lambda w, o: ["brain-ldm", "--autoencoder", str(w["brain_autoencoder"]), "--autoencoder-args", w["brain_args"]["autoencoder"], "--unet", str(w["brain_unet"]), "--unet-args", "{num_channels: [8, 16], num_head_channels: [0, 16], norm_num_groups: 4, attention_levels: [false, true], num_res_blocks: 1}", "--image-size", "16", "16", "16", "--output", str(o)], r"--unet: .*brain_unet\.pt does not fit the network: missing 2 keys \('down_blocks\.1\.resnets\.0\.skip_connection\.conv\.weight'.*check the UNet's constructor arguments"),
+    ("import-generative-without-args", import_weights_main, lambda w, o: ["generative", "--autoencoder", str(w["brain_autoencoder"]), "--output", str(o)], r"--autoencoder-args: the generative layout needs the AutoencoderKL's constructor arguments"),
+    ("import-args-not-a-mapping", import_weights_main, lambda w, o: ["generative", "--autoencoder", str(w["brain_autoencoder"]), "--autoencoder-args", "[4, 8", "--output", str(o)], r"--autoencoder-args: not valid YAML/JSON"),
+    ("import-unknown-argument", import_weights_main, lambda w, o: ["generative", "--autoencoder", str(w["brain_autoencoder"]), "--autoencoder-args", "{num_chanels: [4, 8]}", "--output", str(o)], r"--autoencoder-args: unknown AutoencoderKL argument\(s\) \['num_chanels'\]"),
+    ("import-output-not-empty", import_weights_main, lambda w, o: ["brain-ldm", "--autoencoder", str(w["brain_autoencoder"]), "--unet", str(w["brain_unet"]), "--output", str(w["good"])], r"--output: .*good already exists and is not an empty folder"),
+    ("import-maisi-with-unet", import_weights_main, lambda w, o: ["maisi", "--autoencoder", str(w["brain_autoencoder"]), "--unet", str(w["brain_unet"]), "--output", str(o)], r"--unet: the maisi layout imports the autoencoder only"),
+    # fine-tuning starts
+    ("init-from-missing", train_autoencoder_main, lambda w, o: _argv(o, f"autoencoder.init_from={w['root'] / 'nothing'}"), r"autoencoder\.init_from: .*nothing: no such run folder or checkpoint file; point autoencoder\.init_from at a run folder"),
+    ("init-from-other-architecture", train_autoencoder_main, lambda w, o: _argv(o, f"autoencoder.init_from={w['trained'] / 'autoencoder'}", "autoencoder.latent_channels=4"), r"autoencoder\.init_from: .*holds another architecture than the config's autoencoder section \(latent_channels: 3 -> 4\)"),
+    ("init-from-autoencoder-as-unet", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, f"diffusion.autoencoder_run={w['trained'] / 'autoencoder'}", f"diffusion.init_from={w['trained'] / 'autoencoder'}"), r"diffusion\.init_from: .*is not a diffusion checkpoint"),
     ("hard-linked-file", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "hard_linked")), r"data\.paths: only 1 NIfTI file"),
 ]
 READ_ONLY_CASES = {"sample-output-read-only", "eval-default-output-read-only", "budget-output-read-only"}

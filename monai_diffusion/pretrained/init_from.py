@@ -1,0 +1,87 @@
+"""Fine-tuning starts: ``autoencoder.init_from`` and ``diffusion.init_from``.
+
+A new run takes the weights of a run folder or checkpoint (one we trained or one ``ldm-import`` wrote) and
+nothing else: the optimiser, the learning-rate schedule (warm-up included), the step counter and the
+discriminator start fresh. The architecture must be the same; a difference ends in one line naming it. On
+``--resume`` the run's own checkpoint wins and ``init_from`` is not read again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from monai_diffusion.errors import CheckpointError, RunError
+from monai_diffusion.runs.checkpoints import load_checkpoint, resolve_checkpoint
+
+__all__ = ["autoencoder_start", "unet_start", "differences_of"]
+
+log = logging.getLogger("monai_diffusion")
+_IGNORED = ("use_checkpointing",)  # memory settings, not architecture
+
+
+def differences_of(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every constructor argument both give that differs (lists and tuples alike)."""
+
+    def plain(value: Any) -> Any:
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    keys = [k for k in old if k in new and k not in _IGNORED]  # arguments one side leaves at its default: equal
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if plain(old.get(k)) != plain(new.get(k))]
+
+
+def _read(source: str | Path, key: str) -> tuple[Path, dict[str, Any]]:
+    try:
+        path = resolve_checkpoint(source, key)
+        return path, load_checkpoint(path)
+    except CheckpointError as err:
+        raise RunError(f"{err}; point {key} at a run folder or checkpoint (ours, or one written by ldm-import)") \
+            from None
+
+
+def _check(saved_args: dict[str, Any], args: dict[str, Any], path: Path, key: str, section: str) -> None:
+    changed = differences_of(saved_args, args)
+    if changed:
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise RunError(f"{key}: {path} holds another architecture than the config's {section} section "
+                       f"({shown}); use the config written with it ({path.parent.parent}/config.yaml) or another "
+                       f"{key}")
+
+
+def autoencoder_start(model: nn.Module, source: str | Path, key: str = "autoencoder.init_from") -> Path:
+    """Load the autoencoder weights of ``source`` into ``model`` (an autoencoder or a diffusion checkpoint,
+    whose frozen autoencoder is taken). Returns the checkpoint's path."""
+    path, state = _read(source, key)
+    if "autoencoder" not in state:
+        raise RunError(f"{key}: {path} holds no autoencoder")
+    saved_args = state.get("model_args") or state.get("autoencoder_args") or {}
+    _check(dict(saved_args), dict(model.init_args), path, key, "autoencoder")
+    model.load_state_dict(state["autoencoder"], strict=True)
+    log.info("autoencoder weights from %s (fresh optimiser, schedule and discriminator)", path)
+    return path
+
+
+def unet_start(unet: nn.Module, unet_args: dict[str, Any], source: str | Path, ema: Any = None,
+               key: str = "diffusion.init_from") -> tuple[Path, float]:
+    """Load the UNet weights of the diffusion checkpoint ``source`` (its EMA weights when it kept them) into
+    ``unet`` and the EMA copy ``ema``. Returns the checkpoint's path and its latent scale factor."""
+    path, state = _read(source, key)
+    if state.get("stage") != "diffusion":
+        raise RunError(f"{key}: {path} is not a diffusion checkpoint (an autoencoder's goes to "
+                       f"autoencoder.init_from or diffusion.autoencoder_run)")
+    _check(dict(state["unet_args"]), dict(unet_args), path, "diffusion.init_from", "diffusion")
+    weights = state["unet"]
+    if state.get("ema") is not None:
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    unet.load_state_dict(weights, strict=True)
+    if ema is not None:
+        with torch.no_grad():
+            for average, own in zip(ema.module.parameters(), unet.parameters()):
+                average.copy_(own)
+    log.info("UNet weights from %s (fresh optimiser and schedule; its latent scale factor %.4f)", path,
+             float(state["scale_factor"]))
+    return path, float(state["scale_factor"])

@@ -1,0 +1,56 @@
+"""The diffusion UNet of a checkpoint: MONAI core's ``DiffusionModelUNet``, or the same network that also reads
+its conditions as extra input channels (the model-zoo brain LDM's way).
+
+The brain LDM concatenates its four covariates, broadcast over the latent's grid, to the three latent channels
+(``in_channels`` 7) and gives them to cross-attention as well. :class:`ConcatConditionUNet` does the
+concatenation inside ``forward``, so the sampler and the trainer call it like any conditional UNet
+(``unet(x, timesteps, context=...)``). Its weights are core's, key for key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+__all__ = ["ConcatConditionUNet", "build_unet", "CONCAT_KEY"]
+
+CONCAT_KEY = "concat_conditions"  # in a checkpoint's ``unet_args``: conditions read as input channels
+
+
+class ConcatConditionUNet(DiffusionModelUNet):
+    """MONAI core's DiffusionModelUNet whose input is the latent and the first ``concat_conditions`` values of the
+    cross-attention context, each broadcast to a constant channel.
+
+    Args:
+        concat_conditions: context values appended as channels (``in_channels`` counts them).
+        kwargs: MONAI core's DiffusionModelUNet arguments.
+    """
+
+    def __init__(self, concat_conditions: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0 < concat_conditions < kwargs["in_channels"]:
+            raise ValueError(f"concat_conditions must be in [1, in_channels), got {concat_conditions}")
+        self.concat_conditions = concat_conditions
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Args: x: Bx(in_channels - concat_conditions)x[SPATIAL DIMS] latents; context: Bx1xN (N >=
+        ``concat_conditions``). Returns: Bx``out_channels``x[SPATIAL DIMS]."""
+        if context is None:
+            raise ValueError("this UNet reads its conditions as input channels: a context is required")
+        values = context[:, 0, : self.concat_conditions].to(x.dtype)
+        channels = values.reshape(*values.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+        return super().forward(torch.cat([x, channels], dim=1), timesteps, context=context,
+                               class_labels=class_labels, **kwargs)
+
+
+def build_unet(unet_args: Mapping[str, Any]) -> DiffusionModelUNet:
+    """The UNet a checkpoint's ``unet_args`` describe (core's class, or :class:`ConcatConditionUNet`)."""
+    args = dict(unet_args)
+    if args.get(CONCAT_KEY):
+        return ConcatConditionUNet(**args)
+    args.pop(CONCAT_KEY, None)
+    return DiffusionModelUNet(**args)

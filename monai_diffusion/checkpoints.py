@@ -26,7 +26,7 @@ from monai_diffusion.conditioning import Conditioning
 from monai_diffusion.config import Config, config_from_dict
 from monai_diffusion.errors import CheckpointError, ConfigError
 
-__all__ = ["FORMAT", "save_checkpoint", "unconfirmed_path", "confirm_checkpoint", "load_checkpoint",
+__all__ = ["FORMAT", "build_unet", "save_checkpoint", "unconfirmed_path", "confirm_checkpoint", "load_checkpoint",
            "checkpoint_path", "resolve_checkpoint", "load_autoencoder", "load_diffusion", "DiffusionBundle"]
 
 FORMAT = "monai_diffusion.checkpoint/1"
@@ -157,6 +157,15 @@ class DiffusionBundle(NamedTuple):
     conditioning: Conditioning  # a conditional model's classes and covariate statistics (inactive: unconditional)
 
 
+def build_unet(unet_args: dict[str, Any]) -> DiffusionModelUNet:
+    """MONAI core's DiffusionModelUNet with ``unet_args`` (the architecture, as checkpoints store it) and its
+    attention through ``scaled_dot_product_attention`` (``use_flash_attention``): the same weights and
+    state-dict keys as the math path, the same outputs to float rounding, but no voxels x voxels attention
+    matrix kept for backward (and no fp16 overflow of q.k before scaling). The kernel is not part of the
+    architecture, so checkpoints keep ``unet_args`` without it and old ones load unchanged."""
+    return DiffusionModelUNet(**{**unet_args, "use_flash_attention": True})
+
+
 def load_diffusion(
     run_or_checkpoint: str | Path, map_location: str | torch.device = "cpu", key: str = "--run"
 ) -> DiffusionBundle:
@@ -167,7 +176,7 @@ def load_diffusion(
     if state.get("stage") != "diffusion":
         raise CheckpointError(f"{key}: {path} is not a diffusion checkpoint")
     config = _stored_config(state, path)
-    unet = DiffusionModelUNet(**state["unet_args"])
+    unet = build_unet(state["unet_args"])
     if state.get("ema") is not None:
         ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
         unet.load_state_dict(ema, strict=True)

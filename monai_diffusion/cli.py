@@ -264,6 +264,9 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pipeline", action="store_true",
                         help="also estimate every later phase on whole volumes (validation, latent cache, diffusion "
                              "training, sampling); --budget always prints them for the configuration it writes")
+    parser.add_argument("--world-size", type=_positive_int, default=None,
+                        help="GPUs of the torchrun job that will train (default: WORLD_SIZE under torchrun, else 1); "
+                             "above 1, DDP's gradient buckets are counted")
 
     def body(args: argparse.Namespace) -> None:
         import yaml
@@ -279,11 +282,11 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--output: only used with --budget; add --budget (e.g. 24GB) or drop --output")
         config = load_cli_config(args)
         if args.budget is None:
-            print(memory.report(memory.estimate_autoencoder(config)))
+            print(memory.report(memory.estimate_autoencoder(config, world_size=args.world_size)))
             print("\n" + memory.settings_table(config))
             if args.pipeline:
                 print("\nthe whole-volume pipeline, phase by phase:\n" + memory.pipeline_report(
-                    memory.estimate_pipeline(config)))
+                    memory.estimate_pipeline(config, world_size=args.world_size)))
             return
         try:
             budget = memory.parse_budget(args.budget)
@@ -297,7 +300,7 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
                            f"or choose another file")
         check_writable(target.parent, "--output")
         batches = (args.batch_size,) if args.batch_size is not None else (8, 4, 2, 1)  # --batch-size: that one
-        candidates = memory.search_budget(config, budget, batch_sizes=batches)
+        candidates = memory.search_budget(config, budget, batch_sizes=batches, world_size=args.world_size)
         if not candidates:
             raise ConfigError(
                 f"--budget {args.budget}: no searched configuration fits (factors [2, 2], [4, 2], [8, 2], [16]; batch "
@@ -315,7 +318,8 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
         # the budget decided on the training step; the later phases (whole-volume inference) are shown beside it
         written = config_from_dict(chosen)
         print(f"\nthe whole-volume pipeline of {target}, phase by phase (the budget is checked on the training step; "
-              f"these phases run later):\n" + memory.pipeline_report(memory.estimate_pipeline(written)))
+              f"these phases run later):\n"
+              + memory.pipeline_report(memory.estimate_pipeline(written, world_size=args.world_size)))
 
     return run_main(body, parser, argv)
 

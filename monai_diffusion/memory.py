@@ -12,19 +12,25 @@ What the count cannot see is modelled and named in the report:
   modelled as 1.5 (2.5 with checkpointing) float32 copies of the network's largest activation, factors
   calibrated against measured CPU peaks by ``benchmarks/memory.py`` (added as ``backward working set``);
 * allocator overhead and fragmentation (CUDA's caching allocator typically adds 5-20 %), not included;
-* which attention kernel the device uses: counted as the kernel this machine runs (PyTorch's SDPA);
-* mixed precision follows the target's autocast rules: ``target="cuda"`` (the default) runs GroupNorm in
-  float32, as CUDA autocast does, ``target="cpu"`` in bf16, as CPU autocast does (the CPU benchmarks
-  compare against that).
+* which attention kernel the device uses: counted as the kernel this machine runs (PyTorch's SDPA, which
+  both networks use: our AutoencoderKL always, the diffusion UNet through ``checkpoints.build_unet``);
+* mixed precision follows the target's autocast rules: ``target="cuda"`` (the default) runs the ops CUDA
+  autocast keeps in float32 (GroupNorm, LayerNorm, softmax, exp, pow, sum, the losses, ...) in float32,
+  ``target="cpu"`` follows CPU autocast (the CPU benchmarks compare against that);
+* DDP (``world_size`` > 1, as under ``torchrun``): its gradient buckets, a float32 copy of the trainable
+  parameters' gradients (``gradient_as_bucket_view`` is off), are counted (``ddp_buckets``).
 
-The budget search keeps a stated margin for what the count leaves out on a GPU (``CUDA_RESERVED_BYTES``
-for the CUDA context and cuDNN workspace, ``FRAGMENTATION`` for the caching allocator).
+The budget search keeps a stated margin for what the count leaves out on a GPU. Inside torch's caching
+allocator: ``FRAGMENTATION`` (what it reserves beyond what it has allocated) and ``WORKSPACE_BYTES``
+(cuDNN's convolution and cuBLAS's workspaces, which it allocates through the same allocator but the count
+does not see); outside it: ``CUDA_CONTEXT_BYTES`` (the CUDA context and the loaded kernels).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -50,11 +57,25 @@ __all__ = [
     "SavedTensors", "count_saved", "LevelRow", "MemoryEstimate", "estimate_autoencoder", "format_bytes", "report",
     "LiveBytes", "PhaseEstimate", "estimate_autoencoder_inference", "estimate_pipeline", "pipeline_report",
     "Candidate", "search_budget", "parse_budget", "with_margin", "CUDA_RESERVED_BYTES", "FRAGMENTATION",
+    "WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "margin_text", "ddp_world_size", "CudaAutocastRules",
 ]
 
 GB = 1e9
-CUDA_RESERVED_BYTES = 0.75e9  # CUDA context (~0.3-0.5 GB) + cuDNN/cuBLAS workspaces, outside the allocator's count
 FRAGMENTATION = 0.10  # the caching allocator reserves typically 5-20 % more than it has allocated
+WORKSPACE_BYTES = 0.25e9  # cuDNN convolution + cuBLAS workspaces: through the caching allocator, unseen by the count
+CUDA_CONTEXT_BYTES = 0.5e9  # the CUDA context and loaded kernels (~0.3-0.5 GB): outside the caching allocator
+CUDA_RESERVED_BYTES = WORKSPACE_BYTES + CUDA_CONTEXT_BYTES  # the fixed part of the margin
+
+
+def ddp_world_size(world_size: int | None = None) -> int:
+    """``world_size``, else the ``WORLD_SIZE`` that ``torchrun`` sets (1 for a single process)."""
+    return world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def margin_text() -> str:
+    """What :func:`with_margin` adds, in words."""
+    return (f"estimate x {1 + FRAGMENTATION:.2f} (caching allocator) + {format_bytes(WORKSPACE_BYTES)} (cuDNN/cuBLAS "
+            f"workspaces, allocated through it) + {format_bytes(CUDA_CONTEXT_BYTES)} (CUDA context, outside it)")
 
 
 def format_bytes(count: float) -> str:
@@ -153,6 +174,7 @@ class MemoryEstimate:
     parameters: int
     gradients: int
     optimizer_state: int
+    ddp_buckets: int = 0
 
     @property
     def activations(self) -> int:
@@ -166,7 +188,7 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         return (self.activations + self.backward_working_set + self.parameters + self.gradients
-                + self.optimizer_state)
+                + self.optimizer_state + self.ddp_buckets)
 
     def contributors(self) -> list[tuple[str, int]]:
         parts = [(f"{row.part} at {'x'.join(map(str, row.resolution))} ({row.channels} ch)", row.saved_bytes)
@@ -174,7 +196,8 @@ class MemoryEstimate:
         parts += [("discriminator activations", self.discriminator_activations),
                   ("perceptual network activations", self.perceptual_activations),
                   ("backward working set", self.backward_working_set),
-                  ("parameters + gradients + Adam state", self.parameters + self.gradients + self.optimizer_state)]
+                  ("parameters + gradients + Adam state", self.parameters + self.gradients + self.optimizer_state),
+                  ("DDP gradient buckets", self.ddp_buckets)]
         return sorted(parts, key=lambda item: -item[1])
 
 
@@ -214,26 +237,50 @@ def training_batch(config: Config, volumes: int | None = None) -> int:
     return volumes * (config.data.patches_per_volume if config.data.patch_size is not None else 1)
 
 
+# CUDA autocast's float32 policies, by the Python name an op is reached through: torch's
+# aten/src/ATen/autocast_mode.h, AT_FORALL_FP32 (inputs cast to float32) ...
+CUDA_FP32_OPS = frozenset({
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+    "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "native_layer_norm", "group_norm",
+    "norm", "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss",
+    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
+    "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
+})
+# ... and AT_FORALL_FP32_SET_OPT_DTYPE (run in float32 unless the call names a dtype)
+CUDA_FP32_UNLESS_DTYPE_OPS = frozenset({"prod", "softmax", "log_softmax", "cumprod", "cumsum", "sum",
+                                        "vector_norm", "matrix_norm"})
+_LOWER = (torch.bfloat16, torch.float16)
+
+
+class CudaAutocastRules(TorchFunctionMode):
+    """Inside CPU autocast (which is what runs on the estimator's fake tensors), run the ops that CUDA
+    autocast keeps in float32 in float32, as a GPU would: their bf16/fp16 tensor inputs are cast to float32
+    and autocast is off for the op, so its output, and what autograd saves from it, is float32."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (TorchFunctionMode's API)
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        upcast = name in CUDA_FP32_OPS or (name in CUDA_FP32_UNLESS_DTYPE_OPS and kwargs.get("dtype") is None)
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if not (upcast and torch.is_autocast_enabled("cpu") and any(t.dtype in _LOWER for t in tensors)):
+            return func(*args, **kwargs)
+
+        def to_float(value: Any) -> Any:
+            return value.float() if isinstance(value, torch.Tensor) and value.dtype in _LOWER else value
+
+        with torch.autocast("cpu", enabled=False):
+            return func(*[to_float(a) for a in args], **{k: to_float(v) for k, v in kwargs.items()})
+
+
 @contextlib.contextmanager
 def _autocast(enabled: bool, target: str = "cpu") -> Iterator[None]:
     """Autocast as on ``target``. The fake tensors look like CPU tensors, so CPU autocast is what runs;
-    for ``cuda``, GroupNorm is moved to float32 as CUDA autocast does (its output then stays float32)."""
+    for ``cuda``, :class:`CudaAutocastRules` adds CUDA autocast's float32 ops (GroupNorm, LayerNorm,
+    softmax, exp, pow, sum, ...)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-        if not (enabled and target == "cuda"):
+        with CudaAutocastRules() if enabled and target == "cuda" else contextlib.nullcontext():
             yield
-            return
-        group_norm = F.group_norm
-
-        def float32_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-            with torch.autocast("cpu", enabled=False):
-                return group_norm(x.float(), num_groups, None if weight is None else weight.float(),
-                                  None if bias is None else bias.float(), eps)
-
-        F.group_norm = float32_group_norm
-        try:
-            yield
-        finally:
-            F.group_norm = group_norm
 
 
 def estimate_autoencoder(
@@ -243,6 +290,7 @@ def estimate_autoencoder(
     mixed_precision: bool | None = None,
     checkpointing: bool | None = None,
     target: str = "cuda",
+    world_size: int | None = None,
 ) -> MemoryEstimate:
     """Count one training step of the autoencoder stage described by ``config`` on the meta device.
 
@@ -255,6 +303,8 @@ def estimate_autoencoder(
         mixed_precision: default ``autoencoder.training.mixed_precision``.
         checkpointing: default ``autoencoder.training.use_gradient_checkpointing``.
         target: ``cuda`` or ``cpu``: whose autocast rules mixed precision follows.
+        world_size: processes of a DDP job (default ``WORLD_SIZE``, as ``torchrun`` sets it, else 1); above 1
+            DDP's gradient buckets are counted.
     """
     ae, tr = config.autoencoder, config.autoencoder.training
     size = tuple(input_size)[: ae.spatial_dims] if input_size else training_size(config)
@@ -263,14 +313,17 @@ def estimate_autoencoder(
     ckpt = tr.use_gradient_checkpointing if checkpointing is None else checkpointing
     if target not in ("cuda", "cpu"):
         raise ValueError(f"target = {target!r}: expected 'cuda' or 'cpu'")
-    return _estimate_fake(config, size, batch, amp, ckpt, target)
+    return _estimate_fake(config, size, batch, amp, ckpt, target, ddp_world_size(world_size))
 
 
 def _estimate_fake(config: Config, size: tuple[int, ...], samples: int, amp: bool, ckpt: bool,
-                   target: str = "cuda") -> MemoryEstimate:
+                   target: str = "cuda", world_size: int = 1) -> MemoryEstimate:
     """:func:`estimate_autoencoder` for ``samples`` inputs of ``size`` (no defaults applied)."""
     with FakeTensorMode():
-        return _estimate(config, tuple(size), samples, amp, ckpt, target)
+        estimate = _estimate(config, tuple(size), samples, amp, ckpt, target)
+    if world_size > 1:
+        estimate.ddp_buckets = estimate.gradients  # DDP wraps the autoencoder and the discriminator
+    return estimate
 
 
 def _estimate(config: Config, size: tuple[int, ...], batch: int, amp: bool, ckpt: bool, target: str) -> MemoryEstimate:
@@ -340,18 +393,20 @@ class DiffusionEstimate:
     gradients: int
     optimizer_state: int
     ema: int
+    ddp_buckets: int = 0
 
     @property
     def total(self) -> int:
         return (self.activations + self.backward_working_set + self.parameters + self.gradients
-                + self.optimizer_state + self.ema)
+                + self.optimizer_state + self.ema + self.ddp_buckets)
 
 
 def estimate_diffusion(config: Config, batch_size: int | None = None, mixed_precision: bool | None = None,
-                       target: str = "cuda") -> DiffusionEstimate:
-    """Count one training step of the diffusion stage (MONAI's DiffusionModelUNet on the latents of whole
-    volumes, noise-prediction loss, Adam, EMA copy) on fake tensors, as :func:`estimate_autoencoder` does."""
-    from monai.networks.nets import DiffusionModelUNet
+                       target: str = "cuda", world_size: int | None = None) -> DiffusionEstimate:
+    """Count one training step of the diffusion stage (MONAI's DiffusionModelUNet with SDPA attention on the
+    latents of whole volumes, noise-prediction loss, Adam, EMA copy, DDP's buckets when ``world_size`` > 1)
+    on fake tensors, as :func:`estimate_autoencoder` does."""
+    from monai_diffusion.checkpoints import build_unet
 
     df, ae = config.diffusion, config.autoencoder
     batch = batch_size or df.training.batch_size
@@ -359,7 +414,7 @@ def estimate_diffusion(config: Config, batch_size: int | None = None, mixed_prec
     size = tuple(config.data.image_size)[: ae.spatial_dims]
     latent = (ae.latent_channels, *(s // f for s, f in zip(size, autoencoder_totals(config))))
     with FakeTensorMode():
-        unet = DiffusionModelUNet(**df.unet_kwargs(ae.latent_channels, ae.spatial_dims)).train()
+        unet = build_unet(df.unet_kwargs(ae.latent_channels, ae.spatial_dims)).train()
         blocks = {f"down.{i}": b for i, b in enumerate(unet.down_blocks)}
         blocks.update({"middle": unet.middle_block, **{f"up.{i}": b for i, b in enumerate(unet.up_blocks)}})
         x = torch.empty((batch, *latent))
@@ -372,6 +427,7 @@ def estimate_diffusion(config: Config, batch_size: int | None = None, mixed_prec
         latent_shape=latent, batch_size=batch, activations=record.total,
         backward_working_set=int(1.5 * 4 * record.largest_numel), parameters=4 * params, gradients=4 * params,
         optimizer_state=8 * params, ema=4 * params if df.training.ema_decay is not None else 0,
+        ddp_buckets=4 * params if ddp_world_size(world_size) > 1 else 0,
     )
 
 
@@ -397,14 +453,16 @@ def report(estimate: MemoryEstimate) -> str:
         ("parameters", estimate.parameters),
         ("gradients", estimate.gradients),
         ("Adam state (2 moments)", estimate.optimizer_state),
+        *([("DDP gradient buckets", estimate.ddp_buckets)] if estimate.ddp_buckets else []),
     ]
     lines += ["", *(f"{name:32s} {format_bytes(size):>12s}" for name, size in parts)]
     lines += [f"{'autoencoder forward + backward':32s} {format_bytes(estimate.autoencoder_step):>12s}",
               f"{'training step total':32s} {format_bytes(estimate.total):>12s}",
               "", "largest contributors: "
               + "; ".join(f"{n} {format_bytes(b)}" for n, b in estimate.contributors()[:3]),
-              "not included: allocator overhead/fragmentation (CUDA: often 5-20 %), CUDA context and cuDNN "
-              f"workspace (~{CUDA_RESERVED_BYTES / GB:.2f} GB), data loading; --budget keeps a margin for them"]
+              "not included: the caching allocator's fragmentation (CUDA: often 5-20 %) and cuDNN/cuBLAS workspaces "
+              f"(~{WORKSPACE_BYTES / GB:.2f} GB, both inside torch's allocator), the CUDA context "
+              f"(~{CUDA_CONTEXT_BYTES / GB:.2f} GB, outside it), data loading; --budget keeps a margin for them"]
     return "\n".join(lines)
 
 
@@ -472,6 +530,7 @@ def search_budget(
     factor_options: list[list[Any]] | None = None,
     batch_sizes: tuple[int, ...] = (8, 4, 2, 1),
     patches: bool | None = None,
+    world_size: int | None = None,
 ) -> list[Candidate]:
     """The (factors, batch, mixed precision, checkpointing, patch) settings whose estimated training step fits
     ``budget_bytes`` with the GPU margin: ``estimate * (1 + FRAGMENTATION) + CUDA_RESERVED_BYTES <= budget``.
@@ -482,9 +541,11 @@ def search_budget(
     ``patches`` (default: when the config trains on patches, or when no whole-volume setting fits),
     patch sizes from :func:`patch_options`, keeping the largest patch that fits. Ranked by least
     compression, then the largest patch, then the largest batch, then full precision, then no checkpointing.
+    ``world_size``: as :func:`estimate_autoencoder`'s.
     """
     found: list[Candidate] = []
     size = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
+    processes = ddp_world_size(world_size)
 
     def scan(with_patches: bool) -> None:
         for factors in factor_options or DEFAULT_FACTOR_OPTIONS:
@@ -504,7 +565,7 @@ def search_budget(
                     for ckpt in (False, True):
                         for patch in sizes:  # the largest that fits
                             samples = batch * (config.data.patches_per_volume if patch else 1)
-                            estimate = _estimate_fake(variant, patch or size, samples, amp, ckpt)
+                            estimate = _estimate_fake(variant, patch or size, samples, amp, ckpt, world_size=processes)
                             if with_margin(estimate.total) <= budget_bytes:
                                 found.append(Candidate(factors, list(ae.num_channels), list(ae.attention_levels), batch,
                                                        amp, ckpt, estimate.total, compression,
@@ -520,8 +581,8 @@ def search_budget(
 
 
 def with_margin(estimate_bytes: float) -> float:
-    """What an estimated step needs of a GPU's memory: the allocator's fragmentation and the CUDA context and
-    workspaces on top of the estimate."""
+    """What an estimated step needs of a GPU's memory: on top of the estimate, the caching allocator's
+    fragmentation and the cuDNN/cuBLAS workspaces it also holds, and the CUDA context outside it."""
     return estimate_bytes * (1 + FRAGMENTATION) + CUDA_RESERVED_BYTES
 
 
@@ -606,8 +667,9 @@ def settings_table(config: Config) -> str:
 def candidates_table(candidates: list[Candidate], budget_text: str, shown: int = 15) -> str:
     """The configurations that fit, with their estimate and the margin the search kept."""
     lines = [f"{len(candidates)} configurations fit in {budget_text} (least compression and largest batch first), "
-             f"keeping a margin of {FRAGMENTATION:.0%} for allocator fragmentation and "
-             f"{format_bytes(CUDA_RESERVED_BYTES)} for the CUDA context and cuDNN workspace:",
+             f"keeping a margin of {FRAGMENTATION:.0%} for allocator fragmentation, "
+             f"{format_bytes(WORKSPACE_BYTES)} for cuDNN/cuBLAS workspaces and {format_bytes(CUDA_CONTEXT_BYTES)} for "
+             f"the CUDA context:",
              f"  {'factors':10s} {'channels':14s} {'patch':>13s} {'batch':>5s} {'precision':>9s} {'ckpt':>5s} "
              f"{'compression':>11s} {'estimate':>10s} {'+ margin':>10s}"]
     for c in candidates[:shown]:
@@ -769,7 +831,7 @@ def estimate_autoencoder_inference(
     return live.peak, host, how
 
 
-def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimate]:
+def estimate_pipeline(config: Config, target: str = "cuda", world_size: int | None = None) -> list[PhaseEstimate]:
     """Every phase of training and sampling that needs device memory, for ``config``'s whole volumes:
 
     1. the autoencoder training step (:func:`estimate_autoencoder`);
@@ -781,9 +843,9 @@ def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimat
        latents (under the diffusion stage's mixed precision), with the UNet still on the device.
 
     Validation and the latent cache take ``autoencoder.training.batch_size`` volumes at once, sampling
-    ``diffusion.sampling.batch_size``.
+    ``diffusion.sampling.batch_size``. ``world_size``: as :func:`estimate_autoencoder`'s.
     """
-    from monai.networks.nets import DiffusionModelUNet
+    from monai_diffusion.checkpoints import build_unet
 
     ae, df = config.autoencoder, config.diffusion
     amp_ae, amp_df = ae.training.mixed_precision, df.training.mixed_precision
@@ -793,7 +855,7 @@ def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimat
         ae_params = _parameter_bytes(AutoencoderKL(**ae.model_kwargs()))
     phases: list[PhaseEstimate] = []
 
-    train = estimate_autoencoder(config, target=target)
+    train = estimate_autoencoder(config, target=target, world_size=world_size)
     trained_on = "x".join(map(str, training_size(config)))
     phases.append(PhaseEstimate("autoencoder training step",
                                 f"{trained_on} x {train.batch_size}, {train.precision}", train.total))
@@ -808,7 +870,7 @@ def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimat
     phases.append(PhaseEstimate("latent cache (encode)", f"{volume} x {volumes}, {how_c}, fp32", ae_params + cache,
                                 host_c))
 
-    diffusion = estimate_diffusion(config, target=target)
+    diffusion = estimate_diffusion(config, target=target, world_size=world_size)
     phases.append(PhaseEstimate("diffusion training step",
                                 f"latents {'x'.join(map(str, diffusion.latent_shape))} x {diffusion.batch_size}",
                                 diffusion.total))
@@ -818,7 +880,7 @@ def estimate_pipeline(config: Config, target: str = "cuda") -> list[PhaseEstimat
     guided = bool(df.conditioning.categorical or df.conditioning.continuous) and df.sampling.guidance_scale != 1.0
     latent = diffusion.latent_shape
     with FakeTensorMode():
-        unet = DiffusionModelUNet(**df.unet_kwargs(ae.latent_channels, ae.spatial_dims)).eval()
+        unet = build_unet(df.unet_kwargs(ae.latent_channels, ae.spatial_dims)).eval()
         live = LiveBytes()
         with torch.no_grad(), live, _autocast(amp_df, target):
             inputs = torch.empty((samples * (2 if guided else 1), *latent))
@@ -843,7 +905,6 @@ def pipeline_report(phases: list[PhaseEstimate]) -> str:
     largest = max(phases, key=lambda p: p.device_bytes)
     lines += ["", f"largest phase: {largest.name}, {format_bytes(with_margin(largest.device_bytes))} of GPU memory "
               f"with the margin",
-              f"margin = estimate x {1 + FRAGMENTATION:.2f} (caching allocator) + {format_bytes(CUDA_RESERVED_BYTES)} "
-              f"(CUDA context, cuDNN/cuBLAS workspaces); host buffers: the exact tiled method's full-size activations "
+              f"margin = {margin_text()}; host buffers: the exact tiled method's full-size activations "
               f"between layers, in host memory (autoencoder.tile_size; see docs/tiling.md)"]
     return "\n".join(lines)

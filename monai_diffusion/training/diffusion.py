@@ -14,11 +14,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.nets import DiffusionModelUNet
 from torch.utils.data import Dataset
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.checkpoints import load_autoencoder
+from monai_diffusion.checkpoints import build_unet, load_autoencoder
 from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.config.schema import DiffusionTrainingConfig
@@ -69,7 +68,7 @@ class DiffusionTask:
         self.conditioning = conditioning if conditioning is not None else Conditioning()
         self.unet_args = {**df.unet_kwargs(config.autoencoder.latent_channels, config.autoencoder.spatial_dims),
                           **self.conditioning.unet_kwargs()}
-        self.unet = DiffusionModelUNet(**self.unet_args).to(runtime.device)
+        self.unet = build_unet(self.unet_args).to(runtime.device)
         self.unet_train: nn.Module = self.unet
         if runtime.distributed:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None

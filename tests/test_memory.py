@@ -235,3 +235,24 @@ def test_diffusion_estimate_keeps_no_attention_matrix_and_counts_ddp_buckets():
 def test_margin_parts_add_up():
     assert memory_module.CUDA_RESERVED_BYTES == memory_module.WORKSPACE_BYTES + memory_module.CUDA_CONTEXT_BYTES
     assert "through it" in memory_module.margin_text() and "outside it" in memory_module.margin_text()
+
+
+def test_budget_table_shows_each_factor_option_first_marks_the_written_row_and_counts_the_rest(tmp_path, capsys):
+    base = ["--config", str(CONFIG), *sum((["--set", s] for s in SMALL), []), "--budget", "2GB", "--batch-size", "1"]
+    assert estimate_memory_main([*base, "--output", str(tmp_path / "a.yaml")]) == 0
+    out = capsys.readouterr().out
+    fit = int(out.split(" configurations fit")[0].split()[-1])
+    rows = [line for line in out.splitlines() if line[:2] in ("* ", "  ") and line[2:3] == "["]
+    assert [row.split("]")[0].split("[")[1] for row in rows[:4]] == ["2, 2", "4, 2", "8, 2", "16"]  # best of each
+    marked = [row for row in rows if row.startswith("*")]
+    written = yaml.safe_load((tmp_path / "a.yaml").read_text())["autoencoder"]
+    assert len(marked) == 1 and marked[0].startswith(f"* {written['downsample_factors']}")
+    assert "wrote the row marked *" in out
+    left = fit - 15
+    assert len(rows) == 15 < fit and f"{left} more row{'s' if left > 1 else ''} left out; --all shows every one" in out
+    assert estimate_memory_main([*base, "--output", str(tmp_path / "b.yaml"), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line[:2] in ("* ", "  ") and line[2:3] == "["]) == fit
+    assert "left out" not in out
+    assert estimate_memory_main(["--config", str(CONFIG), "--all"]) == 2
+    assert "--all: only used with --budget" in capsys.readouterr().err

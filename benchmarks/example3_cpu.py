@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import load_config
-from monai_diffusion.memory import estimate_autoencoder, measure_training_step
+from monai_diffusion.memory import estimate_autoencoder
 from monai_diffusion.profiling import measure_peak_bytes
+from monai_diffusion.training.measure import measure_training_step
 
 CONFIG = "monai_diffusion/config/examples/example3_256x256x64.yaml"
 

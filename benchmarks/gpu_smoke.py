@@ -151,8 +151,9 @@ class Smoke:
         import torch
 
         from monai_diffusion.config import load_config
-        from monai_diffusion.memory import estimate_autoencoder, measure_training_step
+        from monai_diffusion.memory import estimate_autoencoder
         from monai_diffusion.runtime import resolve_device
+        from monai_diffusion.training.measure import measure_training_step
 
         device = resolve_device(self.device)
         size = "[32, 32, 32]" if self.on_cpu else "[64, 64, 32]"

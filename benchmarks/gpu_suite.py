@@ -27,9 +27,10 @@ import torch  # noqa: E402
 
 from monai_diffusion.config import load_config  # noqa: E402
 from monai_diffusion.config.rules import autoencoder_totals  # noqa: E402
-from monai_diffusion.memory import estimate_autoencoder, measure_training_step  # noqa: E402
+from monai_diffusion.memory import estimate_autoencoder  # noqa: E402
 from monai_diffusion.profiling import measure_peak_bytes  # noqa: E402
 from monai_diffusion.runtime import resolve_device  # noqa: E402
+from monai_diffusion.training.measure import measure_training_step  # noqa: E402
 
 EXAMPLES = ROOT / "monai_diffusion" / "config" / "examples"
 

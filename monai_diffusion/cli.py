@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from monai_diffusion.config import Config, config_from_dict, load_config
-from monai_diffusion.errors import ConfigError, RunError, UserError
-from monai_diffusion.runs.atomic import atomic_write
+from monai_diffusion.config import Config, load_config
+from monai_diffusion.errors import ConfigError, UserError
 
 __all__ = ["config_parser", "resolve_config_path", "run_main", "train_autoencoder_main", "train_diffusion_main",
            "sample_main", "estimate_memory_main", "evaluate_autoencoder_main", "compare_factors_main",
@@ -264,12 +263,15 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pipeline", action="store_true",
                         help="also estimate every later phase on whole volumes (validation, latent cache, diffusion "
                              "training, sampling); --budget always prints them for the configuration it writes")
+    parser.add_argument("--all", action="store_true", dest="show_all",
+                        help="with --budget: list every configuration that fits (default: the best of each factor "
+                             "option, then the rest up to 15 rows)")
+    parser.add_argument("--world-size", type=_positive_int, default=None,
+                        help="GPUs of the torchrun job that will train (default: WORLD_SIZE under torchrun, else 1); "
+                             "above 1, DDP's gradient buckets are counted")
 
     def body(args: argparse.Namespace) -> None:
-        import yaml
-
         from monai_diffusion import memory
-        from monai_diffusion.runs.folders import check_writable
 
         if args.input_size:
             args.overrides.append(f"data.image_size={list(args.input_size)}")
@@ -277,45 +279,18 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
             args.overrides.append(f"autoencoder.training.batch_size={args.batch_size}")
         if args.output is not None and args.budget is None:
             raise ConfigError("--output: only used with --budget; add --budget (e.g. 24GB) or drop --output")
+        if args.show_all and args.budget is None:
+            raise ConfigError("--all: only used with --budget; add --budget (e.g. 24GB) or drop --all")
         config = load_cli_config(args)
-        if args.budget is None:
-            print(memory.report(memory.estimate_autoencoder(config)))
-            print("\n" + memory.settings_table(config))
-            if args.pipeline:
-                print("\nthe whole-volume pipeline, phase by phase:\n" + memory.pipeline_report(
-                    memory.estimate_pipeline(config)))
+        if args.budget is not None:
+            output = Path(args.output or f"{Path(args.config).stem}_{args.budget.replace(' ', '')}.yaml")
+            memory.write_for_budget(config, args.budget, output, args.batch_size, args.world_size, args.show_all)
             return
-        try:
-            budget = memory.parse_budget(args.budget)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        target = Path(args.output or f"{Path(args.config).stem}_{args.budget.replace(' ', '')}.yaml")
-        if target.exists():
-            raise RunError(f"--output: {target} already exists; choose another file (nothing was overwritten)")
-        if not target.parent.is_dir():
-            raise RunError(f"--output: cannot write {target}: its folder {target.parent} does not exist; create it "
-                           f"or choose another file")
-        check_writable(target.parent, "--output")
-        batches = (args.batch_size,) if args.batch_size is not None else (8, 4, 2, 1)  # --batch-size: that one
-        candidates = memory.search_budget(config, budget, batch_sizes=batches)
-        if not candidates:
-            raise ConfigError(
-                f"--budget {args.budget}: no searched configuration fits (factors [2, 2], [4, 2], [8, 2], [16]; batch "
-                f"{'-'.join(map(str, batches))}; mixed precision; checkpointing); reduce autoencoder.num_channels or "
-                f"data.image_size"
-            )
-        print(memory.candidates_table(candidates, args.budget))
-        chosen = memory.candidate_config(config, candidates[0])
-        text = yaml.safe_dump(chosen, sort_keys=False).encode("utf-8")
-        try:
-            atomic_write(target, lambda handle: handle.write(text))
-        except OSError as err:
-            raise RunError(f"--output: cannot write {target} ({err.strerror}); choose another file") from None
-        print(f"wrote the first one to {target}: python monai_diffusion/3d_ldm/train_autoencoder.py --config {target}")
-        # the budget decided on the training step; the later phases (whole-volume inference) are shown beside it
-        written = config_from_dict(chosen)
-        print(f"\nthe whole-volume pipeline of {target}, phase by phase (the budget is checked on the training step; "
-              f"these phases run later):\n" + memory.pipeline_report(memory.estimate_pipeline(written)))
+        print(memory.report(memory.estimate_autoencoder(config, world_size=args.world_size)))
+        print("\n" + memory.settings_table(config))
+        if args.pipeline:
+            print("\nthe whole-volume pipeline, phase by phase:\n" + memory.pipeline_report(
+                memory.estimate_pipeline(config, world_size=args.world_size)))
 
     return run_main(body, parser, argv)
 

@@ -1,5 +1,5 @@
 """Estimate memory: python estimate_memory.py --config ldm_config.yaml [--input-size H W D] [--batch-size B]
-[--budget 24GB]"""
+[--budget 24GB [--all]] [--pipeline] [--world-size N]"""
 
 from _entry import run
 

@@ -1,8 +1,10 @@
 """The rules a config must follow, checked once at load, for the stage that runs.
 
 * ``autoencoder`` (autoencoder training, memory estimation, evaluation, the factor study): the top-level
-  keys, ``data`` and ``autoencoder``.
-* ``diffusion`` (diffusion training, sampling): all of those and ``diffusion``.
+  keys, ``data`` and ``autoencoder`` (its network and its training: discriminator, perceptual loss).
+* ``diffusion`` (diffusion training, sampling): the top-level keys, ``data``, the autoencoder's network
+  (stage 2 encodes and decodes with it, but trains no discriminator and no perceptual loss) and
+  ``diffusion``.
 
 A stage never checks a section it does not use, so an autoencoder run is not refused for a diffusion UNet
 reason. Every error is a :class:`ConfigError` whose one-line message names the key, the value, what is
@@ -15,18 +17,20 @@ import dataclasses
 import math
 from typing import Any
 
-from generative.networks.nets.autoencoderkl import (
-    check_spatial_shape,
-    nearest_valid_sizes,
-    normalize_downsample_factors,
-    total_downsample_factors,
-)
+from generative.networks.nets.autoencoderkl import check_spatial_shape, nearest_valid_sizes
 from generative.networks.tiling import tile_layout
+from monai_diffusion.config.geometry import (
+    autoencoder_totals,
+    discriminator_min_size,
+    latent_size,
+    training_size,
+    valid_sizes_near,
+)
 from monai_diffusion.config.schema import Config, limits_of
 from monai_diffusion.errors import ConfigError
 
 __all__ = ["STAGES", "validate", "check_limits", "discriminator_min_size", "autoencoder_totals", "latent_size",
-           "training_size", "check_tiles"]
+           "training_size", "check_tiles"]  # the geometry helpers live in config/geometry.py, re-exported here
 
 STAGES = ("autoencoder", "diffusion")
 
@@ -83,39 +87,8 @@ def _check_sections(config: Config, names: tuple[str, ...]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# helpers shared with the memory tools and the factor study
+# tiles
 # ----------------------------------------------------------------------------------------------------
-def discriminator_min_size(num_layers_d: int) -> int:
-    """Smallest axis length MONAI's PatchDiscriminator trains on with batch 1 (kernel 4, padding 1; strides
-    2, ..., 2, 1, 1)."""
-
-    def fits(size: int) -> bool:
-        strides = [2] * num_layers_d + [1, 1]
-        for index, stride in enumerate(strides):
-            size = (size + 2 - 4) // stride + 1
-            if size < (1 if index == len(strides) - 1 else 2):  # BatchNorm needs > 1 value per channel
-                return False
-        return True
-
-    return next(n for n in range(1, 1 << 16) if fits(n))
-
-
-def autoencoder_totals(config: Config) -> tuple[int, ...]:
-    """Total downsampling factor per axis of the config's autoencoder (ConfigError for bad factors)."""
-    ae = config.autoencoder
-    try:
-        factors = normalize_downsample_factors(ae.downsample_factors, len(ae.num_channels), ae.spatial_dims)
-    except ValueError as err:
-        raise ConfigError(f"autoencoder.{err}") from None
-    return total_downsample_factors(factors, ae.spatial_dims)
-
-
-def latent_size(config: Config) -> list[int]:
-    """Spatial size of the latent of one whole volume of ``data.image_size``."""
-    size = tuple(config.data.image_size)[: config.autoencoder.spatial_dims]
-    return [s // f for s, f in zip(size, autoencoder_totals(config))]
-
-
 def check_tiles(spatial: tuple[int, ...], tile_size: int | list[int] | None, overlap: float,
                 factors: tuple[int, ...], key: str = "--tile-size/--tile-overlap") -> None:
     """ConfigError naming ``key`` unless tiles of ``tile_size`` with ``overlap`` fit a volume of ``spatial``
@@ -148,19 +121,6 @@ def _validate_data(config: Config) -> None:
                           f"{list(data.intensity_window)}; e.g. [-1000, 1000] for CT in Hounsfield units")
 
 
-def _off_grid(sizes: tuple[int, ...], totals: tuple[int, ...]) -> str | None:
-    """The nearest valid sizes (``'24 or 32 x 32 x 32'``) when a size is not a multiple of its total factor."""
-    if all(s % f == 0 for s, f in zip(sizes, totals)):
-        return None
-    return " x ".join(nearest_valid_sizes(s, f) if s % f else str(s) for s, f in zip(sizes, totals))
-
-
-def training_size(config: Config) -> tuple[int, ...]:
-    """The spatial size the autoencoder trains on: ``data.patch_size`` or the whole ``data.image_size``."""
-    size = config.data.patch_size if config.data.patch_size is not None else config.data.image_size
-    return tuple(size)[: config.autoencoder.spatial_dims]
-
-
 def _validate_patches_and_tiles(config: Config, totals: tuple[int, ...]) -> None:
     data, ae = config.data, config.autoencoder
     image = tuple(data.image_size)[: ae.spatial_dims]
@@ -173,7 +133,7 @@ def _validate_patches_and_tiles(config: Config, totals: tuple[int, ...]) -> None
         if larger:
             raise ConfigError(f"data.patch_size: {list(patch)} is larger than the volume data.image_size "
                               f"{list(image)} ({', '.join(larger)}); use patches at most the volume's size")
-        nearest = _off_grid(patch, totals)
+        nearest = valid_sizes_near(patch, totals)
         if nearest:
             raise ConfigError(f"data.patch_size: {list(patch)} is not a multiple of the total downsampling factors "
                               f"{list(totals)} on every axis; valid sizes near it: {nearest}")
@@ -182,7 +142,7 @@ def _validate_patches_and_tiles(config: Config, totals: tuple[int, ...]) -> None
         if len(tile) != ae.spatial_dims or (isinstance(ae.tile_size, list) and len(ae.tile_size) != ae.spatial_dims):
             raise ConfigError(f"autoencoder.tile_size: {ae.tile_size} needs one size or {ae.spatial_dims} (one per "
                               f"axis)")
-        nearest = _off_grid(tuple(tile), totals)
+        nearest = valid_sizes_near(tuple(tile), totals)
         if nearest:
             raise ConfigError(f"autoencoder.tile_size: {ae.tile_size} is off the latent grid: every tile size must "
                               f"be a multiple of the total downsampling factors {list(totals)}; valid sizes near it: "
@@ -190,7 +150,8 @@ def _validate_patches_and_tiles(config: Config, totals: tuple[int, ...]) -> None
 
 
 def _validate_autoencoder(config: Config) -> None:
-    ae, tr = config.autoencoder, config.autoencoder.training
+    """The autoencoder's network and its geometry (both stages: stage 2 encodes and decodes with it)."""
+    ae = config.autoencoder
     levels = len(ae.num_channels)
     if ae.spatial_dims not in (2, 3):
         raise ConfigError(f"autoencoder.spatial_dims: expected 2 or 3, got {ae.spatial_dims}")
@@ -227,6 +188,12 @@ def _validate_autoencoder(config: Config) -> None:
             f"{' x '.join(suggestion)}, or choose smaller downsample_factors"
         ) from None
     _validate_patches_and_tiles(config, totals)
+
+
+def _validate_autoencoder_training(config: Config) -> None:
+    """The rules of training the autoencoder (stage 1 only: stage 2 trains no discriminator and no
+    perceptual loss)."""
+    ae, tr = config.autoencoder, config.autoencoder.training
     trained = training_size(config)
     if tr.use_adversarial_loss:
         smallest = discriminator_min_size(ae.discriminator.num_layers_d)
@@ -329,6 +296,8 @@ def validate(config: Config, stage: str = "autoencoder") -> Config:
     _validate_top(config)
     _validate_data(config)
     _validate_autoencoder(config)
-    if stage == "diffusion":
+    if stage == "autoencoder":
+        _validate_autoencoder_training(config)
+    else:
         _validate_diffusion(config)
     return config

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from generative.networks.nets.autoencoderkl import normalize_downsample_factors, total_downsample_factors
 from monai_diffusion.config import Config, config_from_dict, config_to_dict
+from monai_diffusion.config.geometry import autoencoder_totals, with_factors
 from monai_diffusion.errors import ConfigError
-from monai_diffusion.memory import measure_training_step
 from monai_diffusion.runs.folders import check_new_folder, check_outside_data
+from monai_diffusion.training.measure import measure_training_step
 
 __all__ = ["VariantResult", "recommended_latent_channels", "variant_config", "compare_factors", "parse_factors"]
 
@@ -53,10 +53,6 @@ def parse_factors(text: str) -> list[Any]:
     return value
 
 
-def _resize(values: list[Any], levels: int) -> list[Any]:
-    return list(values[:levels]) + [values[-1]] * max(0, levels - len(values))
-
-
 def _name(factors: list[Any], latent_channels: int) -> str:
     flat = "_".join("x".join(map(str, f)) if isinstance(f, list) else str(f) for f in factors)
     return f"f{flat}_c{latent_channels}"
@@ -80,22 +76,14 @@ def variant_config(config: Config, factors: list[Any], adjust_latent_channels: b
     Raises:
         ConfigError: naming ``--factors`` when the variant is not a valid config.
     """
-    raw = copy.deepcopy(config_to_dict(config))
+    variant = with_factors(config, factors)  # the levels resized as the budget search resizes them
+    raw = copy.deepcopy(config_to_dict(variant))
     ae = raw["autoencoder"]
-    levels = len(factors) + 1
-    ae["downsample_factors"] = factors
-    for key in ("num_channels", "attention_levels"):
-        ae[key] = _resize(ae[key], levels)
-    if isinstance(ae["num_res_blocks"], list):
-        ae["num_res_blocks"] = _resize(ae["num_res_blocks"], levels)
     training = ae["training"]
     training.update(max_steps=steps, n_epochs=max(training["n_epochs"], steps), fast_dev_run=False)
     variant = _validated(raw, factors)  # checks the factors before they are used below
     if adjust_latent_channels:
-        ae_cfg = variant.autoencoder
-        levels = normalize_downsample_factors(ae_cfg.downsample_factors, len(ae_cfg.num_channels), ae_cfg.spatial_dims)
-        totals = total_downsample_factors(levels, ae_cfg.spatial_dims)
-        ae["latent_channels"] = recommended_latent_channels(max(totals))
+        ae["latent_channels"] = recommended_latent_channels(max(autoencoder_totals(variant)))
     name = _name(factors, ae["latent_channels"])
     raw["output_dir"] = str(output / name)
     return name, _validated(raw, factors)

@@ -235,6 +235,7 @@ def sample_volumes(
     if spatial_dims == 2:  # a 2D model's image is stored as a one-slice volume at the centre slice it learned
         affine = centre_slice_affine(affine, config.data.image_size[-1])
     generator = torch.Generator().manual_seed(seed)
+    precision = Precision(config.diffusion.training.mixed_precision, torch_device)  # as the stage trained
     jobs = [values for values in sets for _ in range(num_samples)]  # one entry per volume: its condition set
     names, shown, rows = [], [], []
     digits = max(3, len(str(len(jobs) - 1)))
@@ -244,7 +245,8 @@ def sample_volumes(
                  config.diffusion.scheduler.num_train_timesteps if scheduler == "ddpm" else steps)
         batch_conditions = conditioning.encode(chunk) if conditioning.active else None
         batch = generate_volumes(bundle.unet, bundle.autoencoder, config, bundle.scale_factor, len(chunk), steps,
-                                 scheduler, generator, verbose=True, tile_size=tile_size, tile_overlap=tile_overlap,
+                                 scheduler, generator, verbose=True, precision=precision, tile_size=tile_size,
+                                 tile_overlap=tile_overlap,
                                  conditions=batch_conditions, conditioning=conditioning,
                                  guidance_scale=scale).cpu().clamp(0, 1)
         for volume, values in zip(batch, chunk):

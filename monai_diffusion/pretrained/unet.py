@@ -48,8 +48,12 @@ class ConcatConditionUNet(DiffusionModelUNet):
 
 
 def build_unet(unet_args: Mapping[str, Any]) -> DiffusionModelUNet:
-    """The UNet a checkpoint's ``unet_args`` describe (core's class, or :class:`ConcatConditionUNet`)."""
-    args = dict(unet_args)
+    """The UNet a checkpoint's ``unet_args`` describe (core's class, or :class:`ConcatConditionUNet`), with its
+    attention through ``scaled_dot_product_attention`` (``use_flash_attention``): the same weights and state-dict
+    keys as the math path, the same outputs to float rounding, but no voxels x voxels attention matrix kept for
+    backward (and no fp16 overflow of q.k before scaling). The kernel is not part of the architecture, so
+    checkpoints keep ``unet_args`` without it and old ones load unchanged."""
+    args = {**unet_args, "use_flash_attention": True}
     if args.get(CONCAT_KEY):
         return ConcatConditionUNet(**args)
     args.pop(CONCAT_KEY, None)

@@ -27,7 +27,7 @@ from monai_diffusion.config import Config, config_from_dict
 from monai_diffusion.errors import CheckpointError, ConfigError
 from monai_diffusion.pretrained.unet import build_unet
 
-__all__ = ["FORMAT", "save_checkpoint", "unconfirmed_path", "confirm_checkpoint", "load_checkpoint",
+__all__ = ["FORMAT", "build_unet", "save_checkpoint", "unconfirmed_path", "confirm_checkpoint", "load_checkpoint",
            "checkpoint_path", "resolve_checkpoint", "load_autoencoder", "load_diffusion", "DiffusionBundle"]
 
 FORMAT = "monai_diffusion.checkpoint/1"

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.nets import DiffusionModelUNet
 from torch.utils.data import Dataset
 
 from generative.networks.nets import AutoencoderKL
@@ -26,7 +25,7 @@ from monai_diffusion.generation.conditioning import Conditioning, Conditions
 from monai_diffusion.generation.latents import LatentCache, cached_latents, compute_scale_factor, volumes_to_encode
 from monai_diffusion.generation.sampling import generate_volumes, make_scheduler
 from monai_diffusion.pretrained.init_from import unet_start
-from monai_diffusion.runs.checkpoints import load_autoencoder
+from monai_diffusion.runs.checkpoints import build_unet, load_autoencoder
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import LoopState, Optimization
 from monai_diffusion.training.runner import Loaders, differences, run_stage
@@ -70,7 +69,7 @@ class DiffusionTask:
         self.conditioning = conditioning if conditioning is not None else Conditioning()
         self.unet_args = {**df.unet_kwargs(config.autoencoder.latent_channels, config.autoencoder.spatial_dims),
                           **self.conditioning.unet_kwargs()}
-        self.unet = DiffusionModelUNet(**self.unet_args).to(runtime.device)
+        self.unet = build_unet(self.unet_args).to(runtime.device)
         self.unet_train: nn.Module = self.unet
         if runtime.distributed:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None

@@ -293,6 +293,8 @@ CASES = [
     ("budget-output-exists", estimate_memory_main, lambda w, o: _argv(o) + ["--budget", "24GB", "--output", str(w["bad_yaml"])], r"--output: .*bad\.yaml already exists"),
     ("budget-output-read-only", estimate_memory_main, lambda w, o: _argv(o) + ["--budget", "24GB", "--output", str(w["frozen_dir"] / "x.yaml")], r"--output: cannot write to .*frozen_dir"),
     ("input-size-zero", estimate_memory_main, lambda w, o: _argv(o) + ["--input-size", "0"], r"--input-size: expected an integer >= 1, got 0"),
+    ("all-without-budget", estimate_memory_main, lambda w, o: _argv(o) + ["--all"], r"--all: only used with --budget"),
+    ("world-size-zero", estimate_memory_main, lambda w, o: _argv(o) + ["--world-size", "0"], r"--world-size: expected an integer >= 1, got 0"),
     # the factor study
     ("compare-output-not-empty", compare_factors_main, lambda w, o: _argv(o) + ["--factors", "[2, 2]", "--output", str(w["good"])], r"--output: .*good already exists and is not an empty folder"),
     ("compare-output-inside-data", compare_factors_main, lambda w, o: _argv(o, *_nifti(w, "good")) + ["--factors", "[2, 2]", "--output", str(w["good"] / "study")], r"--output: .*good/study lies inside the data of data\.paths"),

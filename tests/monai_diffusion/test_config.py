@@ -152,3 +152,32 @@ def test_discriminator_min_size_is_exact():
         disc(torch.zeros(1, 1, size, size, size))
         with pytest.raises((RuntimeError, ValueError)):
             disc(torch.zeros(1, 1, size - 1, size - 1, size - 1))
+
+
+def test_the_diffusion_stage_runs_only_the_rules_it_needs():
+    """Stage 2 trains no discriminator and no perceptual loss: their rules refuse an autoencoder load only."""
+    path = CONFIG_DIR / "ldm_config.yaml"
+    for override in ("autoencoder.discriminator.num_layers_d=6", "autoencoder.training.use_perceptual_loss=true"):
+        with pytest.raises(ConfigError, match="autoencoder"):
+            load_config(path, [override])
+        assert load_config(path, [override], stage="diffusion").autoencoder is not None
+    with pytest.raises(ConfigError, match="data.image_size"):  # the network's geometry still counts for stage 2
+        load_config(path, ["data.image_size=[60, 64, 32]"], stage="diffusion")
+
+
+@pytest.mark.parametrize("factors", [[2, 2], [4, 2], [8, 2], [16], [2, 2, 2], [[4, 4, 2], 2]])
+def test_the_factor_study_and_the_budget_search_build_the_same_network(tmp_path, factors):
+    """Both take their variant from ``geometry.with_factors``: for ``[16]`` on ``[32, 64, 64]`` with attention
+    at the deepest level, both build ``[32, 64]`` without attention."""
+    from monai_diffusion.evaluation.factor_study import variant_config
+    from monai_diffusion.memory.budget import _factor_variant
+
+    config = load_config(CONFIG_DIR / "ldm_config.yaml")
+    _, studied = variant_config(config, factors, False, tmp_path, 1)
+    searched = _factor_variant(config, factors)
+    assert studied.autoencoder.model_kwargs() == searched.autoencoder.model_kwargs()
+    with torch.device("meta"):
+        one, two = (AutoencoderKL(**c.autoencoder.model_kwargs()) for c in (studied, searched))
+    assert [(k, v.shape) for k, v in one.state_dict().items()] == [(k, v.shape) for k, v in two.state_dict().items()]
+    if factors == [16]:
+        assert studied.autoencoder.num_channels == [32, 64] and studied.autoencoder.attention_levels == [False, False]

@@ -136,13 +136,12 @@ def test_estimator_trains_on_patches_and_budget_proposes_the_largest_patch():
 
 
 def test_diffusion_estimate_counts_a_real_unet_step():
-    from monai.networks.nets import DiffusionModelUNet
-
     from monai_diffusion.memory import count_saved
+    from monai_diffusion.runs.checkpoints import build_unet
 
     config = load_config(CONFIG, ["data.image_size=[32, 32, 32]"], stage="diffusion")
     estimate = estimate_diffusion(config, batch_size=2, mixed_precision=False, target="cpu")
-    unet = DiffusionModelUNet(**config.diffusion.unet_kwargs(3, 3)).train()
+    unet = build_unet(config.diffusion.unet_kwargs(3, 3)).train()  # as the stage builds it (SDPA attention)
     x = torch.rand(2, 3, 8, 8, 8)
     with count_saved({}, exclude=(unet,)) as real:
         torch.nn.functional.mse_loss(unet(x, timesteps=torch.zeros(2, dtype=torch.long)), x)

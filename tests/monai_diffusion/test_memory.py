@@ -171,3 +171,88 @@ def test_inference_estimate_counts_every_volume_of_a_batch():
     two, _, _ = memory_module.estimate_autoencoder_inference(config, "encode", target="cpu", batch=2)
     latent = 3 * 8 * 8 * 8 * 4  # latent_channels x 32^3 / 4^3, float32
     assert two - one == 32**3 * 4 + 2 * latent
+
+
+def test_cuda_rules_run_softmax_exp_and_sum_in_float32():
+    """CUDA autocast's float32 ops (torch's AT_FORALL_FP32 / FP32_SET_OPT_DTYPE) come out float32 under the
+    ``cuda`` rules and stay bf16 under the ``cpu`` rules; an explicit dtype is kept."""
+    x = torch.randn(2, 8).bfloat16()
+    with memory_module._autocast(True, "cuda"):
+        assert {x.softmax(-1).dtype, torch.exp(x).dtype, x.pow(2).dtype, x.sum().dtype} == {torch.float32}
+        assert torch.nn.functional.layer_norm(x, (8,)).dtype == torch.float32
+        assert x.sum(dtype=torch.bfloat16).dtype == torch.bfloat16 and (x + x).dtype == torch.bfloat16
+    with memory_module._autocast(True, "cpu"):
+        assert x.softmax(-1).dtype == torch.bfloat16
+
+
+def test_unet_attention_runs_through_sdpa_with_the_math_path_outputs():
+    """The UNet is built with SDPA attention: the same state-dict keys as MONAI's math attention and the same
+    outputs to float32 rounding (relative to the output's scale)."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    from monai_diffusion.runs.checkpoints import build_unet
+
+    config = load_config(CONFIG, ["diffusion.num_channels=[16, 32]", "diffusion.attention_levels=[false, true]",
+                                  "diffusion.num_head_channels=[0, 8]", "diffusion.norm_num_groups=8"])
+    args = config.diffusion.unet_kwargs(3, 3)
+    torch.manual_seed(0)
+    math_unet = DiffusionModelUNet(**args).eval()
+    sdpa = build_unet(args).eval()
+    assert list(sdpa.state_dict()) == list(math_unet.state_dict())
+    sdpa.load_state_dict(math_unet.state_dict(), strict=True)
+    assert all(m.use_flash_attention for m in sdpa.modules() if hasattr(m, "use_flash_attention"))
+    x, t = torch.randn(2, 3, 8, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        expected, got = math_unet(x, timesteps=t), sdpa(x, timesteps=t)
+    # the two paths sum the same products in another order: a few float32 ulps of the output's scale
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_diffusion_estimate_keeps_no_attention_matrix_and_counts_ddp_buckets():
+    config = load_config(CONFIG, ["data.image_size=[64, 64, 64]"])
+    sdpa = memory_module.estimate_diffusion(config, mixed_precision=True)
+    sdpa_cpu = memory_module.estimate_diffusion(config, mixed_precision=True, target="cpu")
+    from monai_diffusion.runs import checkpoints as checkpoints
+
+    original = checkpoints.build_unet
+    try:  # the math path: the voxels x voxels attention matrix is kept, in float32 under CUDA rules
+        from monai.networks.nets import DiffusionModelUNet
+
+        checkpoints.build_unet = lambda args: DiffusionModelUNet(**args)
+        math_cuda = memory_module.estimate_diffusion(config, mixed_precision=True)
+        math_cpu = memory_module.estimate_diffusion(config, mixed_precision=True, target="cpu")
+    finally:
+        checkpoints.build_unet = original
+    assert sdpa.activations < math_cuda.activations and sdpa_cpu.activations < math_cpu.activations
+    # CUDA keeps the matrix's softmax (and the GroupNorms) in float32, CPU autocast in bf16
+    assert math_cuda.activations - sdpa.activations > math_cpu.activations - sdpa_cpu.activations
+    two = memory_module.estimate_diffusion(config, mixed_precision=True, world_size=2)
+    assert two.ddp_buckets == sdpa.gradients and two.total == sdpa.total + sdpa.gradients
+    ae = estimate_autoencoder(config, world_size=2)
+    assert ae.ddp_buckets == ae.gradients and ae.total == estimate_autoencoder(config, world_size=1).total + ae.gradients
+
+
+def test_margin_parts_add_up():
+    assert memory_module.CUDA_RESERVED_BYTES == memory_module.WORKSPACE_BYTES + memory_module.CUDA_CONTEXT_BYTES
+    assert "through it" in memory_module.margin_text() and "outside it" in memory_module.margin_text()
+
+
+def test_budget_table_shows_each_factor_option_first_marks_the_written_row_and_counts_the_rest(tmp_path, capsys):
+    base = ["--config", str(CONFIG), *sum((["--set", s] for s in SMALL), []), "--budget", "2GB", "--batch-size", "1"]
+    assert estimate_memory_main([*base, "--output", str(tmp_path / "a.yaml")]) == 0
+    out = capsys.readouterr().out
+    fit = int(out.split(" configurations fit")[0].split()[-1])
+    rows = [line for line in out.splitlines() if line[:2] in ("* ", "  ") and line[2:3] == "["]
+    assert [row.split("]")[0].split("[")[1] for row in rows[:4]] == ["2, 2", "4, 2", "8, 2", "16"]  # best of each
+    marked = [row for row in rows if row.startswith("*")]
+    written = yaml.safe_load((tmp_path / "a.yaml").read_text())["autoencoder"]
+    assert len(marked) == 1 and marked[0].startswith(f"* {written['downsample_factors']}")
+    assert "wrote the row marked *" in out
+    left = fit - 15
+    assert len(rows) == 15 < fit and f"{left} more row{'s' if left > 1 else ''} left out; --all shows every one" in out
+    assert estimate_memory_main([*base, "--output", str(tmp_path / "b.yaml"), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line[:2] in ("* ", "  ") and line[2:3] == "["]) == fit
+    assert "left out" not in out
+    assert estimate_memory_main(["--config", str(CONFIG), "--all"]) == 2
+    assert "--all: only used with --budget" in capsys.readouterr().err

@@ -124,7 +124,8 @@ def generate_volumes(
     with torch.no_grad(), autocast:
         for t in tqdm(scheduler.timesteps, desc=f"{kind} sampling", disable=not verbose, leave=False):
             inputs = torch.cat([latents, latents]) if guided else latents
-            timesteps = torch.full((len(inputs),), int(t), device=device, dtype=torch.long)
+            t = int(t)  # a CPU value: the scheduler indexes its CPU tables with it, no device sync
+            timesteps = torch.full((len(inputs),), t, device=device, dtype=torch.long)
             prediction = unet(inputs, timesteps=timesteps, **kwargs).float()
             if guided:
                 conditional, unconditional = prediction.chunk(2)

@@ -30,7 +30,7 @@ from monai_diffusion.evaluation.metrics import ReconstructionMetrics
 from monai_diffusion.evaluation.perceptual import MedicalNetPerceptualLoss
 from monai_diffusion.pretrained.init_from import autoencoder_start
 from monai_diffusion.runtime import Precision, Runtime
-from monai_diffusion.training.loop import LoopState, Optimization, build_loaders
+from monai_diffusion.training.loop import LoopState, Optimization, Task, build_loaders
 from monai_diffusion.training.runner import Loaders, differences, flatten, run_stage
 from monai_diffusion.visualize import volume_grid
 
@@ -46,7 +46,7 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     return 0.5 * per_voxel.flatten(1).sum(dim=1).mean()
 
 
-class AutoencoderTask:
+class AutoencoderTask(Task):
     """AutoencoderKL + PatchDiscriminator (+ perceptual network) and their losses.
 
     Args:
@@ -117,7 +117,7 @@ class AutoencoderTask:
         images = model_input(batch["image"], self.config.autoencoder.spatial_dims)
         return images.to(self.runtime.device, non_blocking=True).float()
 
-    def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, float]:
+    def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, torch.Tensor]:
         tr = self.training
         images = self._images(batch)
         adversarial = self.discriminator is not None and epoch >= tr.adversarial_warmup_epochs
@@ -136,7 +136,7 @@ class AutoencoderTask:
                 self.discriminator.requires_grad_(True)
                 terms["gen_adv"] = self.adversarial_loss(logits, target_is_real=True, for_discriminator=False)
                 loss = loss + tr.adversarial_weight * terms["gen_adv"]
-        logs = {k: float(v.detach()) for k, v in terms.items()}
+        logs = {k: v.detach() for k, v in terms.items()}  # read by the loop once per logging interval
         optimization.backward(loss, "generator", logs)
         # discriminator: tell real volumes from reconstructions
         if adversarial:
@@ -147,7 +147,7 @@ class AutoencoderTask:
                     self.adversarial_loss(fake, target_is_real=False, for_discriminator=True)
                     + self.adversarial_loss(real, target_is_real=True, for_discriminator=True)
                 )
-            logs["disc"] = float(disc_loss.detach())
+            logs["disc"] = disc_loss.detach()
             optimization.backward(tr.adversarial_weight * disc_loss, "discriminator", logs)
         return logs
 

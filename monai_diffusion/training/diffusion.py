@@ -27,7 +27,7 @@ from monai_diffusion.generation.sampling import generate_volumes, make_scheduler
 from monai_diffusion.pretrained.init_from import unet_start
 from monai_diffusion.runs.checkpoints import build_unet, load_autoencoder
 from monai_diffusion.runtime import Precision, Runtime
-from monai_diffusion.training.loop import LoopState, Optimization
+from monai_diffusion.training.loop import LoopState, Optimization, Task
 from monai_diffusion.training.runner import Loaders, differences, run_stage
 from monai_diffusion.visualize import volume_grid
 
@@ -36,7 +36,7 @@ __all__ = ["DiffusionTask", "DiffusionStage", "train_diffusion"]
 log = logging.getLogger("monai_diffusion")
 
 
-class DiffusionTask:
+class DiffusionTask(Task):
     """UNet + DDPM noise-prediction loss on cached, scaled latents.
 
     Args:
@@ -112,13 +112,13 @@ class DiffusionTask:
             prediction = model(noisy, timesteps=timesteps, **conditions.as_kwargs())
         return F.mse_loss(prediction.float(), noise.float())
 
-    def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, float]:
+    def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, torch.Tensor]:
         latents = self._latents(batch)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (len(latents),), device=latents.device)
         conditions = self.conditioning.drop(self._conditions(batch))  # some dropped: for classifier-free guidance
         loss = self._loss(latents, noise, timesteps, self.unet_train, conditions)
-        logs = {"loss": float(loss.detach())}
+        logs = {"loss": loss.detach()}  # read by the loop once per logging interval
         optimization.backward(loss, "unet", logs)
         return logs
 

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +25,9 @@ from tqdm import tqdm
 from monai_diffusion.data import make_loader
 from monai_diffusion.data.patches import EpochTaggedSampler, RandomizedVolumes
 from monai_diffusion.errors import TrainingError
-from monai_diffusion.runs.checkpoints import checkpoint_path, confirm_checkpoint, save_checkpoint, unconfirmed_path
-from monai_diffusion.runtime import Precision, Runtime, capture_rng
+from monai_diffusion.runtime import Precision, Runtime
+from monai_diffusion.training.keeper import CheckpointKeeper
+from monai_diffusion.training.optimization import Optimization, all_finite, meeting_device, to_host
 from monai_diffusion.visualize import save_png
 
 __all__ = ["TrainingError", "LoopSettings", "LoopState", "Task", "Optimization", "fit", "build_loaders", "all_finite",
@@ -92,17 +93,44 @@ class LoopState:
 
 
 class Task(Protocol):
-    """What the loop trains. See ``AutoencoderTask`` for a complete example."""
+    """What the loop trains (see ``AutoencoderTask`` and ``DiffusionTask``).
+
+    A task subclasses ``Task`` to get the defaults of the optional hooks (``on_validation_start``,
+    ``after_optimizer_step``) and defines the rest. ``training_step`` returns its logs as detached tensors
+    (or floats): the loop averages them on the device and reads them once per logging interval, so a
+    training step does not wait for the GPU.
+    """
 
     monitor: str  # validation metric to minimise for the ``best`` checkpoint
 
-    def ddp_modules(self) -> list[nn.Module]: ...
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
-    def train(self, mode: bool = True) -> None: ...
-    def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, float]: ...
-    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
-    def preview(self, batch: dict[str, Any]) -> np.ndarray: ...
-    def state_dict(self) -> dict[str, Any]: ...
+    def ddp_modules(self) -> list[nn.Module]:
+        """The modules wrapped in DistributedDataParallel (their gradient sync is skipped inside a window)."""
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers by name (the names of ``Optimization.backward``)."""
+
+    def train(self, mode: bool = True) -> None:
+        """Switch the trained modules to training (``True``) or evaluation mode."""
+
+    def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, Any]:
+        """Forward and ``optimization.backward`` of one micro-batch; returns the logs (detached tensors)."""
+
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Sums of the validation metrics over the batch, and ``count``: the number of volumes."""
+
+    def preview(self, batch: dict[str, Any]) -> np.ndarray | None:
+        """A 2D image of the batch :meth:`validation_step` has just seen (rank 0), or None."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint holds of the task (weights, optimisers, its config)."""
+
+    def on_validation_start(self) -> None:
+        """Called before each validation (e.g. to reseed the validation noise); default: nothing."""
+        return None
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimiser step (e.g. an EMA update); default: nothing."""
+        return None
 
 
 def build_loaders(
@@ -133,192 +161,6 @@ def build_loaders(
     return train, val, train_sampler
 
 
-def to_host(tensor: torch.Tensor) -> list[float]:
-    """``tensor``'s values on the host: the one place where the training loop waits for the device.
-
-    The loop calls it once per optimiser step (one vector of flags) and once per logging interval (the
-    running means); tests with fake CUDA tensors, which have no values, replace it to run everything else.
-    """
-    return tensor.detach().double().flatten().tolist()
-
-
-class Optimization:
-    """Backward passes with loss scaling and accumulation, and one optimiser step per window.
-
-    The checks for non-finite losses, gradients and weights stay on the device until the optimiser step,
-    where one host synchronisation (:func:`to_host`) reads them all (a GPU is never waited for per loss).
-
-    Args:
-        optimizers: the task's optimisers by name.
-        precision: autocast / GradScaler settings.
-        accumulation_steps: micro-batches per optimiser step (losses are divided by it).
-        grad_clip_norm: clip each optimiser's gradients to this total norm (None: no clipping).
-    """
-
-    def __init__(
-        self, optimizers: dict[str, torch.optim.Optimizer], precision: Precision, accumulation_steps: int,
-        grad_clip_norm: float | None = None,
-    ) -> None:
-        self.optimizers = optimizers
-        self.precision = precision
-        self.accumulation_steps = accumulation_steps
-        self.grad_clip_norm = grad_clip_norm
-        self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
-        self.step_index = 0
-        self.window = accumulation_steps  # micro-batches in the current window (fewer in an epoch's last one)
-        self._pending: set[str] = set()
-        self._losses: list[tuple[str, torch.Tensor, dict[str, Any]]] = []  # this window's, checked at the step
-        self._skipped_before = 0  # skipped steps counted on the host
-        self._skipped_device: torch.Tensor | None = None  # fp16 steps skipped since, counted on the device
-
-    @property
-    def skipped(self) -> int:
-        """Optimiser steps the fp16 loss scaler skipped (an overflow), in all (reading it syncs the device)."""
-        if self._skipped_device is not None:
-            self._skipped_before += int(to_host(self._skipped_device)[0])
-            self._skipped_device = None
-        return self._skipped_before
-
-    @skipped.setter
-    def skipped(self, value: int) -> None:
-        self._skipped_before, self._skipped_device = int(value), None
-
-    def backward(self, loss: torch.Tensor, optimizer: str, terms: dict[str, Any]) -> None:
-        """Accumulate gradients of ``loss / window`` for ``optimizer`` (the window's mean loss).
-
-        A non-finite loss (unless fp16 scaling skips the step) stops training at this window's :meth:`step`,
-        with ``terms`` (the loss's named parts, floats or tensors) in the message.
-        """
-        if not self.precision.uses_scaler:
-            self._losses.append((optimizer, loss.detach(), terms))
-        self.precision.scaler.scale(loss / self.window).backward()
-        self._pending.add(optimizer)
-
-    def schedule(self, factor: Callable[[int], float]) -> None:
-        """Scale every learning rate by ``factor(step)`` (torch's ``LambdaLR``), from the current step on.
-
-        The factor depends on the step alone, so a resumed run continues the schedule where it stopped; the
-        configured learning rate (already in the optimisers) is the base, also when it changed on resume.
-        """
-        for optimizer in self.optimizers.values():
-            for group in optimizer.param_groups:
-                group["initial_lr"] = group["lr"]
-            self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=self.step_index - 1))
-
-    def step(self) -> None:
-        """Step every optimiser that received gradients in this window, then clear them.
-
-        Raises:
-            TrainingError: a non-finite loss, gradient, weight or optimiser state (one host sync reads them).
-        """
-        scaler = self.precision.scaler
-        scale_before = _scale_of(scaler)
-        checks: list[tuple[torch.Tensor, Callable[[], TrainingError]]] = [
-            (~torch.isfinite(loss).all(), self._loss_error(name, loss, terms)) for name, loss, terms in self._losses
-        ]
-        for name in sorted(self._pending):
-            optimizer = self.optimizers[name]
-            with_grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if not self.precision.uses_scaler:
-                checks.append((non_finite_flag([p.grad for p in with_grads]), self._grads_error(name)))
-            if self.grad_clip_norm is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16 scaling)
-                torch.nn.utils.clip_grad_norm_(with_grads, self.grad_clip_norm)
-            scaler.step(optimizer)
-            weights = [p for group in optimizer.param_groups for p in group["params"]]
-            moments = [v for p in weights for v in optimizer.state.get(p, {}).values()
-                       if isinstance(v, torch.Tensor) and v.is_floating_point()]
-            # e.g. a learning rate so large that Adam overflows: never save this
-            checks.append((non_finite_flag(weights + moments), self._weights_error(name)))
-        if self.precision.uses_scaler:
-            scaler.update()
-            skipped = (_scale_of(scaler) < scale_before).to(torch.int64)  # fp16 overflow: skipped, as designed
-            self._skipped_device = skipped if self._skipped_device is None else self._skipped_device + skipped
-        self._raise_first([error for flag, error in zip(self._flags(checks), checks) if flag])
-        for name in self._pending:
-            self.optimizers[name].zero_grad(set_to_none=True)
-        self._pending.clear()
-        self._losses.clear()
-        self.step_index += 1
-        for scheduler in self.schedulers:
-            scheduler.step()
-
-    @staticmethod
-    def _flags(checks: list[tuple[torch.Tensor, Any]]) -> list[bool]:
-        """The checks' flags on the host, read in one synchronisation."""
-        if not checks:
-            return []
-        device = _home([flag.device for flag, _ in checks])
-        return [bool(v) for v in to_host(torch.stack([flag.reshape(()).to(device) for flag, _ in checks]))]
-
-    @staticmethod
-    def _raise_first(failed: list[tuple[torch.Tensor, Callable[[], TrainingError]]]) -> None:
-        if failed:
-            raise failed[0][1]()  # the earliest cause: a loss before its gradients before the weights
-
-    def _loss_error(self, optimizer: str, loss: torch.Tensor, terms: dict[str, Any]) -> Callable[[], TrainingError]:
-        def error() -> TrainingError:
-            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            err = TrainingError(
-                f"non-finite {optimizer} loss at optimiser step {self.step_index + 1} (loss={float(loss):.4g}; "
-                f"{shown}); stopped, the last good checkpoint is kept; check the loss weights and the learning rate"
-            )
-            err.rank_local = True  # this process's own batch (gradients, weights, validation are shared)
-            return err
-
-        return error
-
-    def _grads_error(self, name: str) -> Callable[[], TrainingError]:
-        return lambda: TrainingError(f"non-finite gradients for {name} at optimiser step {self.step_index + 1}; "
-                                     f"stopped, the last good checkpoint is kept")
-
-    def _weights_error(self, name: str) -> Callable[[], TrainingError]:
-        return lambda: TrainingError(
-            f"non-finite {name} weights or optimiser state after optimiser step {self.step_index + 1} (finite loss "
-            f"and gradients); stopped, the last good checkpoint is kept; lower the learning rate"
-        )
-
-
-def _scale_of(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
-    """The fp16 loss scale as a device tensor (no host sync; ``get_scale()`` would wait for the GPU)."""
-    if not scaler.is_enabled():
-        return None
-    scale = getattr(scaler, "_scale", None)  # created by the first scale(); a float before it
-    return scale.detach().clone() if isinstance(scale, torch.Tensor) else torch.tensor(scaler.get_scale())
-
-
-def non_finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A one-element tensor, non-zero when a value of ``tensors`` is not finite; no host sync.
-
-    One fused check per device and dtype (the loss scaler's own kernel; multiplying by the scale 1 leaves
-    the tensors as they are). The flags of several devices are summed on the accelerator, if any:
-    optimiser state mixes devices (Adam keeps ``state["step"]`` on the CPU for CUDA parameters).
-    """
-    if not tensors:
-        return torch.zeros(1)
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
-    home = _home([device for device, _ in groups])
-    total = torch.zeros(1, device=home)
-    for (device, _), group in groups.items():
-        flag = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
-        total = total + flag.to(home)  # host to device only (see _home), which does not wait
-    return total
-
-
-def _home(devices: list[torch.device]) -> torch.device:
-    """Where flags of several devices meet: an accelerator if there is one (a copy from the host to it is
-    queued without waiting; the other way round would wait), else the CPU."""
-    return next((d for d in devices if d.type != "cpu"), devices[0])
-
-
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every value of ``tensors`` is finite (one host sync; see :func:`non_finite_flag`)."""
-    return not to_host(non_finite_flag(tensors))[0]
-
-
 def _check_validation(metrics: dict[str, float], monitor: str, epoch: int) -> None:
     """Stop before saving weights whose validation is NaN (or whose monitored metric is not finite; an
     infinite PSNR of a perfect reconstruction is fine)."""
@@ -340,27 +182,38 @@ def _no_sync(modules: list[nn.Module], active: bool) -> Iterator[None]:
 
 
 class _Running:
-    """Running means of the step logs for the progress bar and TensorBoard."""
+    """Running means of the step logs, summed on the device; :meth:`means` reads them in one host sync."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, Any] = {}
         self.count = 0
 
-    def add(self, logs: dict[str, float]) -> None:
+    def add(self, logs: dict[str, Any]) -> None:
         for key, value in logs.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
+            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
 
     def means(self) -> dict[str, float]:
-        return {key: value / max(self.count, 1) for key, value in self.sums.items()}
+        return {key: value / max(self.count, 1) for key, value in _read(self.sums).items()}
+
+
+def _read(values: dict[str, Any]) -> dict[str, float]:
+    """``values`` (tensors on any device, or floats) as floats, in one host sync."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in values.items() if k not in tensors}
+    if tensors:
+        home = meeting_device([t.device for t in tensors.values()])
+        read = to_host(torch.stack([t.detach().double().reshape(()).to(home) for t in tensors.values()]))
+        out.update(zip(tensors, read))
+    return {k: out[k] for k in values}
 
 
 def _validate(
     task: Task, loader: DataLoader, settings: LoopSettings, runtime: Runtime
 ) -> tuple[dict[str, float], np.ndarray | None]:
     task.train(False)
-    if hasattr(task, "on_validation_start"):  # e.g. reseed the validation noise
-        task.on_validation_start()
+    task.on_validation_start()
     sums: dict[str, torch.Tensor] = {}
     preview = None
     with torch.no_grad():
@@ -368,18 +221,162 @@ def _validate(
             if settings.fast_dev_run and index >= settings.fast_dev_run_batches:
                 break
             for key, value in task.validation_step(batch).items():
-                sums[key] = sums.get(key, 0) + value.detach().double().cpu()
+                sums[key] = sums[key] + value.detach().double() if key in sums else value.detach().double()
             if preview is None and runtime.is_main:
                 preview = task.preview(batch)
     task.train(True)
     reduced: dict[str, float] = {}
-    for part in runtime.all_gather({k: float(v) for k, v in sums.items()}):  # a rank may have had no volume
+    for part in runtime.all_gather(_read(sums)):  # one host sync; a rank may have had no volume
         for key, value in part.items():
             reduced[key] = reduced.get(key, 0.0) + value
     if not reduced:
         return {}, preview
     count = max(reduced.pop("count", 1.0), 1.0)
     return {f"val/{k}": v / count for k, v in reduced.items()}, preview
+
+
+@dataclass
+class _Run:
+    """What one call of :func:`fit` works with."""
+
+    task: Task
+    settings: LoopSettings
+    runtime: Runtime
+    precision: Precision
+    loaders: tuple[DataLoader, DataLoader, Sampler]
+    run_dir: Path
+    state: LoopState
+    writer: Any | None
+    optimization: Optimization
+    keeper: CheckpointKeeper
+    batches_per_epoch: int
+
+    def save(self, name: str, epoch: int, batch_in_epoch: int, confirmed: bool = False) -> None:
+        state, optimization = self.state, self.optimization
+        state.epoch, state.batch_in_epoch = epoch, batch_in_epoch
+        state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped
+        task_state = self.task.state_dict() if self.runtime.is_main else {}
+        self.keeper.save(name, task_state, dict(vars(state)), confirmed)
+
+
+@dataclass
+class _Epoch:
+    """What an epoch's training part leaves for its end: the record, and whether ``max_steps`` stopped it."""
+
+    record: dict[str, float]
+    stop: bool = False
+    resume_at: int = 0  # where a run stopped by max_steps in mid-epoch would continue in that epoch
+
+
+def _log_interval(run: _Run, running: _Running, bar: tqdm) -> None:
+    """Every ``log_every_n_steps`` optimiser steps: the running means (one host sync) to the progress bar and
+    TensorBoard."""
+    step = run.optimization.step_index
+    if step % run.settings.log_every_n_steps:
+        return
+    means = running.means()
+    bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
+    if run.writer is None:
+        return
+    for key, value in means.items():
+        run.writer.add_scalar(f"train/{key}", value, step)
+    for name, optimizer in run.task.optimizers().items():
+        run.writer.add_scalar(f"train/lr_{name}", optimizer.param_groups[0]["lr"], step)
+    if run.precision.uses_scaler:
+        run.writer.add_scalar("train/skipped_steps", run.optimization.skipped, step)
+
+
+def _train_epoch(run: _Run, epoch: int) -> _Epoch:
+    """The training part of ``epoch``: micro-batches, optimiser steps, logging, step checkpoints."""
+    settings, optimization, task = run.settings, run.optimization, run.task
+    train_loader, _, sampler = run.loaders
+    if hasattr(sampler, "set_epoch"):  # a torch Sampler, not the task: samplers without epochs exist
+        sampler.set_epoch(epoch)
+    skip = run.state.batch_in_epoch if epoch == run.state.epoch else 0
+    running, result = _Running(), _Epoch({})
+    progress = tqdm(total=run.batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{settings.n_epochs}",
+                    disable=not run.runtime.is_main, dynamic_ncols=True)
+    started, seen = time.perf_counter(), 0
+    # the bar is closed (ending its line) on errors too, so an error message starts on a line of its own
+    with progress as bar:
+        for index, batch in enumerate(train_loader):
+            if index < skip:
+                continue
+            if index >= run.batches_per_epoch:
+                break
+            # 1. forward + backward of one micro-batch (gradients synchronised only at the window's end)
+            window_start = index - index % settings.accumulation_steps
+            optimization.window = min(settings.accumulation_steps, run.batches_per_epoch - window_start)
+            boundary = (index + 1) % settings.accumulation_steps == 0 or index + 1 == run.batches_per_epoch
+            with _no_sync(task.ddp_modules(), active=not boundary):
+                running.add(task.training_step(batch, epoch, optimization))
+            seen += len(next(iter(batch.values())))
+            bar.update(1)
+            if not boundary:
+                continue
+            # 2. optimiser step (one host sync), logging, periodic checkpoint
+            optimization.step()
+            run.keeper.confirm()  # the unconfirmed checkpoint's weights computed this window's finite values
+            task.after_optimizer_step()
+            _log_interval(run, running, bar)
+            step = optimization.step_index
+            if settings.checkpoint_every_n_steps and step % settings.checkpoint_every_n_steps == 0:
+                run.save("step", epoch, index + 1)
+            if settings.max_steps is not None and step >= settings.max_steps:
+                result.stop = True
+                result.resume_at = index + 1 if index + 1 < run.batches_per_epoch else 0
+                break
+    elapsed = time.perf_counter() - started
+    result.record = {"epoch": epoch + 1, "step": optimization.step_index, **running.means(),
+                     "volumes_per_second": seen * run.runtime.world_size / elapsed if elapsed > 0 else 0.0}
+    return result
+
+
+def _end_epoch(run: _Run, epoch: int, result: _Epoch) -> bool:
+    """Validation, preview, the ``best`` and ``last`` checkpoints of ``epoch``; whether training ends."""
+    settings, record = run.settings, result.record
+    last_epoch = result.stop or settings.fast_dev_run or epoch + 1 == settings.n_epochs
+    validated = False
+    if last_epoch or (epoch + 1) % settings.val_interval == 0:
+        metrics, preview = _validate(run.task, run.loaders[1], settings, run.runtime)
+        _check_validation(metrics, run.task.monitor, epoch)
+        validated = bool(metrics)
+        record.update(metrics)
+        if run.runtime.is_main:
+            _show_validation(run, epoch, metrics, preview)
+    run.state.history.append(record)
+    if record.get(run.task.monitor, math.inf) < run.state.best_metric:
+        run.state.best_metric = record[run.task.monitor]
+        run.save("best", epoch + 1, 0)
+    # a run stopped in mid-epoch resumes there (e.g. with a larger max_steps), not at the next epoch
+    run.save("last", epoch if result.resume_at else epoch + 1, result.resume_at, confirmed=validated or last_epoch)
+    return last_epoch
+
+
+def _show_validation(run: _Run, epoch: int, metrics: dict[str, float], preview: np.ndarray | None) -> None:
+    log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if preview is not None:
+        save_png(preview, run.run_dir / "previews" / f"epoch_{epoch + 1:04d}.png")
+    if run.writer is not None:
+        step = run.optimization.step_index
+        for key, value in metrics.items():
+            run.writer.add_scalar(key, value, step)
+        if preview is not None:
+            run.writer.add_image("val/preview", preview, step, dataformats="HW")
+
+
+def _optimization(task: Task, settings: LoopSettings, precision: Precision, state: LoopState,
+                  batches_per_epoch: int) -> Optimization:
+    """The task's optimisers at the loop's position, with the learning-rate schedule."""
+    optimization = Optimization(task.optimizers(), precision, settings.accumulation_steps, settings.grad_clip_norm)
+    optimization.step_index = state.global_step
+    optimization.skipped = state.skipped_steps
+    if settings.warmup_steps or settings.lr_schedule != "constant":
+        steps_per_epoch = -(-batches_per_epoch // settings.accumulation_steps)
+        total = settings.max_steps if settings.max_steps is not None else settings.n_epochs * steps_per_epoch
+        optimization.schedule(lambda step: lr_factor(step, settings.warmup_steps, settings.lr_schedule, total,
+                                                     settings.min_lr_ratio))
+    return optimization
 
 
 def fit(
@@ -392,129 +389,24 @@ def fit(
     state: LoopState,
     writer: Any | None,
 ) -> LoopState:
-    """Train ``task`` from ``state`` to the end (or ``max_steps`` / ``fast_dev_run``); returns the final state."""
+    """Train ``task`` from ``state`` to the end (or ``max_steps`` / ``fast_dev_run``); returns the final state.
+
+    Each epoch trains (:func:`_train_epoch`), then validates and saves (:func:`_end_epoch`); the checkpoints
+    are kept by a :class:`~monai_diffusion.training.keeper.CheckpointKeeper`.
+    """
     if settings.max_steps is not None and state.global_step >= settings.max_steps:
         log.info("already at max_steps = %d: nothing to train (raise max_steps to continue)", settings.max_steps)
         return state
-    train_loader, val_loader, sampler = loaders
-    optimization = Optimization(task.optimizers(), precision, settings.accumulation_steps, settings.grad_clip_norm)
-    optimization.step_index = state.global_step
-    optimization.skipped = state.skipped_steps
-    batches_per_epoch = len(train_loader)
+    batches_per_epoch = len(loaders[0])
     if settings.fast_dev_run:
         batches_per_epoch = min(batches_per_epoch, settings.fast_dev_run_batches)
-    if settings.warmup_steps or settings.lr_schedule != "constant":
-        steps_per_epoch = -(-batches_per_epoch // settings.accumulation_steps)
-        total = settings.max_steps if settings.max_steps is not None else settings.n_epochs * steps_per_epoch
-        optimization.schedule(lambda step: lr_factor(step, settings.warmup_steps, settings.lr_schedule, total,
-                                                     settings.min_lr_ratio))
-
-    # ``last.pt`` names only a state whose weights were seen to compute finite values: finite weights and
-    # optimiser state are not enough (a huge learning rate gives finite weights of 1e30 whose next forward
-    # pass is NaN). A ``step`` or ``last`` checkpoint is written at once, hidden as unconfirmed, and named by
-    # ``last.pt`` once confirmed: by the next optimiser step (finite losses, gradients and weights) or by a
-    # finite validation of those weights. A run stopped in between never names it (runner.py deletes it).
-    unconfirmed: list[Path] = []
-
-    def confirm() -> None:
-        for path in unconfirmed:  # in order (an older one is a predecessor of the state confirmed): last.pt ends
-            confirm_checkpoint(path, settings.keep_last_checkpoints)  # on the newest
-        unconfirmed.clear()
-
-    def save(name: str, epoch: int, batch_in_epoch: int, confirmed: bool = False) -> None:
-        """``name``: ``last``, ``best`` (after a finite validation), or ``step`` (a rotated step checkpoint that
-        ``last`` then points to); ``confirmed``: the weights were just validated, finite."""
-        state.epoch, state.batch_in_epoch = epoch, batch_in_epoch
-        state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped
-        rng = runtime.all_gather(capture_rng(runtime.device))  # every rank's own streams, restored per rank
-        if runtime.is_main:
-            payload = {**task.state_dict(), "loop": dict(vars(state)), "rng": rng,
-                       "scaler": precision.scaler.state_dict()}
-            if name == "best":
-                save_checkpoint(payload, checkpoint_path(run_dir, name))
-            else:
-                label = f"step_{state.global_step:08d}" if name == "step" else "last"
-                unconfirmed.append(save_checkpoint(payload, unconfirmed_path(run_dir, label)))
-                if confirmed:
-                    confirm()
-        runtime.barrier()
-
+    optimization = _optimization(task, settings, precision, state, batches_per_epoch)
+    keeper = CheckpointKeeper(run_dir, runtime, precision, settings.keep_last_checkpoints)
+    run = _Run(task, settings, runtime, precision, loaders, run_dir, state, writer, optimization, keeper,
+               batches_per_epoch)
     task.train(True)
-    stop = False
-    resume_at = 0  # where a run stopped by max_steps in mid-epoch would continue in that epoch
     for epoch in range(state.epoch, settings.n_epochs):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        skip = state.batch_in_epoch if epoch == state.epoch else 0
-        running = _Running()
-        progress = tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{settings.n_epochs}",
-                        disable=not runtime.is_main, dynamic_ncols=True)
-        started, seen = time.perf_counter(), 0
-        # the bar is closed (ending its line) on errors too, so an error message starts on a line of its own
-        with progress as bar:
-            for index, batch in enumerate(train_loader):
-                if index < skip:
-                    continue
-                if index >= batches_per_epoch:
-                    break
-                # 1. forward + backward of one micro-batch (gradients synchronised only at the window's end)
-                window_start = index - index % settings.accumulation_steps
-                optimization.window = min(settings.accumulation_steps, batches_per_epoch - window_start)
-                boundary = (index + 1) % settings.accumulation_steps == 0 or index + 1 == batches_per_epoch
-                with _no_sync(task.ddp_modules(), active=not boundary):
-                    logs = task.training_step(batch, epoch, optimization)
-                running.add(logs)
-                seen += len(next(iter(batch.values())))
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in running.means().items()})
-                if not boundary:
-                    continue
-                # 2. optimiser step, logging, periodic checkpoint
-                optimization.step()
-                confirm()  # the unconfirmed checkpoint's weights computed this window's finite values
-                if hasattr(task, "after_optimizer_step"):  # e.g. an EMA update
-                    task.after_optimizer_step()
-                step = optimization.step_index
-                if writer is not None and step % settings.log_every_n_steps == 0:
-                    for key, value in running.means().items():
-                        writer.add_scalar(f"train/{key}", value, step)
-                    for name, optimizer in task.optimizers().items():
-                        writer.add_scalar(f"train/lr_{name}", optimizer.param_groups[0]["lr"], step)
-                    if precision.uses_scaler:
-                        writer.add_scalar("train/skipped_steps", optimization.skipped, step)
-                if settings.checkpoint_every_n_steps and step % settings.checkpoint_every_n_steps == 0:
-                    save("step", epoch, index + 1)
-                if settings.max_steps is not None and step >= settings.max_steps:
-                    stop = True
-                    resume_at = index + 1 if index + 1 < batches_per_epoch else 0
-                    break
-        elapsed = time.perf_counter() - started
-        record = {"epoch": epoch + 1, "step": optimization.step_index, **running.means(),
-                  "volumes_per_second": seen * runtime.world_size / elapsed if elapsed > 0 else 0.0}
-        # 3. validation, preview, best checkpoint
-        last_epoch = stop or settings.fast_dev_run or epoch + 1 == settings.n_epochs
-        validated = False
-        if last_epoch or (epoch + 1) % settings.val_interval == 0:
-            metrics, preview = _validate(task, val_loader, settings, runtime)
-            _check_validation(metrics, task.monitor, epoch)
-            validated = bool(metrics)
-            record.update(metrics)
-            if runtime.is_main:
-                log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-                if preview is not None:
-                    save_png(preview, run_dir / "previews" / f"epoch_{epoch + 1:04d}.png")
-                if writer is not None:
-                    for key, value in metrics.items():
-                        writer.add_scalar(key, value, optimization.step_index)
-                    if preview is not None:
-                        writer.add_image("val/preview", preview, optimization.step_index, dataformats="HW")
-        state.history.append(record)
-        if record.get(task.monitor, math.inf) < state.best_metric:
-            state.best_metric = record[task.monitor]
-            save("best", epoch + 1, 0)
-        # a run stopped in mid-epoch resumes there (e.g. with a larger max_steps), not at the next epoch
-        save("last", epoch if resume_at else epoch + 1, resume_at, confirmed=validated or last_epoch)
-        if last_epoch:
+        if _end_epoch(run, epoch, _train_epoch(run, epoch)):
             break
     state.global_step, state.skipped_steps = optimization.step_index, optimization.skipped
     if writer is not None:

@@ -1,13 +1,15 @@
 """GPU tensors on a machine without a GPU, for tests of the code paths only a GPU takes.
 
-Two stand-ins, both refusing an operation that mixes a GPU tensor with a CPU tensor, as CUDA does:
+Both stand-ins use torch's ``FakeTensorMode`` (tensors with a device and a shape, no values), which refuses
+an operation that mixes a GPU tensor with a CPU tensor (``FakeTensorDeviceMismatchError``), as CUDA does:
 
-- :func:`fake_cuda`: torch's ``FakeTensorMode`` with ``cuda:0`` tensors (a device and a shape, no values),
-  under CUDA autocast. A CPU-only build of torch cannot record autograd for CUDA tensors (it aborts the
-  process), so parameters moved there do not require gradients: for inference, sampling, tiling, the
-  latent cache, resume loading and optimiser steps with given gradients.
-- :func:`meta_gpu`: the ``meta`` device (shapes, no values, full autograd) for the training steps; the
-  precision is CUDA's (autocast context, fp16 ``GradScaler``), though autocast casts only CUDA tensors.
+- :func:`fake_cuda`: ``cuda:0`` tensors. A CPU-only build of torch refuses much of CUDA even on fake
+  tensors (autograd aborts the process, indexing and copies raise), so this one serves optimiser steps with
+  given gradients, where the device mix of optimiser state is the point.
+- :func:`fake_gpu`: the ``meta`` device as the GPU: indexing, copies to and from host buffers and autograd
+  all work, so whole training steps, sampling, tiling and the latent cache run. The precision is CUDA's
+  (``Precision(..., CUDA)``: autocast context, fp16 ``GradScaler``); autocast casts only true CUDA
+  tensors, so the dtypes inside the networks stay fp32.
 
 What a CPU-only build cannot do is filled in, without changing what the code under test does:
 
@@ -21,6 +23,7 @@ What a CPU-only build cannot do is filled in, without changing what the code und
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["FakeCuda", "fake_cuda", "meta_gpu", "CUDA", "META"]
+__all__ = ["FakeCuda", "fake_cuda", "fake_gpu", "CUDA", "META"]
 
 CUDA = torch.device("cuda", 0)
 META = torch.device("meta")
@@ -69,15 +72,43 @@ class _GpuStandIn(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _SYNCS and _without_values(args[0]):
             self.seen.syncs += 1
-            return np.zeros(tuple(args[0].shape)).tolist() if func is torch.Tensor.tolist else _SYNCS[func]
-        if self.copies and func in (torch.Tensor.to, torch.Tensor.cuda):
-            device, dtype = _target(args[1:], kwargs)
-            if func is torch.Tensor.cuda:
-                device = CUDA
-            if device is not None and device.type == "cuda" and args[0].device.type != "cuda":
-                out = _fake_copy(args[0], dtype)
-                return out.requires_grad_(args[0].requires_grad) if args[0].is_leaf else out
+            return _zeros(func, args[0])
+        if func in _SYNCS:  # a CPU tensor: its value if FakeTensorMode knows it (a constant), else zeros
+            try:
+                return func(*args, **kwargs)
+            except DataDependentOutputException:
+                return _zeros(func, args[0])
+        if func is torch.Tensor.type and len(args) > 1 and str(args[1]).startswith("torch.meta."):
+            # ``x.type(y.type())`` with ``y`` on the meta device (MONAI's adversarial loss does this)
+            return args[0].to(getattr(torch, str(args[1]).split(".")[-1]).dtype)
+        if self.copies and func in _CASTS:
+            return _cast(func, args[0], args[1:], kwargs)
         return func(*args, **kwargs)
+
+
+_CASTS = {torch.Tensor.to: None, torch.Tensor.cuda: None, torch.Tensor.cpu: None, torch.Tensor.float: torch.float32,
+          torch.Tensor.half: torch.float16, torch.Tensor.bfloat16: torch.bfloat16, torch.Tensor.double: torch.float64,
+          torch.Tensor.long: torch.int64}
+
+
+def _cast(func: Any, tensor: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """A copy to or from ``cuda``, or a cast of a CUDA tensor, as a fake tensor of the target's device and
+    dtype (a CPU build of torch refuses these copies even on fake tensors); other casts as torch does them."""
+    device, dtype = _target(args, kwargs) if func is torch.Tensor.to else (None, _CASTS[func])
+    if func is torch.Tensor.cuda:
+        device = CUDA
+    elif func is torch.Tensor.cpu:
+        device = torch.device("cpu")
+    device = device if device is not None else tensor.device
+    dtype = dtype if dtype is not None else tensor.dtype
+    if "cuda" not in (device.type, tensor.device.type) or (device == tensor.device and dtype == tensor.dtype):
+        return func(tensor, *args, **kwargs)
+    out = torch.empty_like(tensor, device=device, dtype=dtype)
+    return out.requires_grad_(tensor.requires_grad) if tensor.is_leaf and dtype.is_floating_point else out
+
+
+def _zeros(func: Any, tensor: torch.Tensor) -> Any:
+    return np.zeros(tuple(tensor.shape)).tolist() if func is torch.Tensor.tolist else _SYNCS[func]
 
 
 def _without_values(tensor: torch.Tensor) -> bool:
@@ -85,20 +116,23 @@ def _without_values(tensor: torch.Tensor) -> bool:
     return tensor.device.type in ("cuda", "meta")
 
 
-def _module_to(original):  # noqa: ANN001, ANN202
+def _module_to(original: Any, kind: str):  # noqa: ANN202
+    """``Module.to(kind)`` replacing each parameter and buffer by a fake tensor there (fake parameters cannot
+    be swapped in place); on ``cuda`` the parameters do not require gradients (see the module docstring)."""
+
     def to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        if device is None or device.type != "cuda":
+        if device is None or device.type != kind:
             return original(self, *args, **kwargs)
-        for module in self.modules():  # parameters replaced in place (fake tensors cannot be swapped)
+        for module in self.modules():
             for name, param in module._parameters.items():
-                if param is not None and param.device.type != "cuda":
-                    # no autograd on CUDA in a CPU build (see the module docstring)
-                    module._parameters[name] = nn.Parameter(_fake_copy(param, dtype if param.is_floating_point()
-                                                                       else None), requires_grad=False)
+                if param is not None and param.device.type != kind:
+                    copy = torch.empty_like(param, device=device, dtype=dtype if param.is_floating_point() else None)
+                    module._parameters[name] = nn.Parameter(copy, requires_grad=param.requires_grad and kind != "cuda")
             for name, buffer in module._buffers.items():
-                if buffer is not None and buffer.device.type != "cuda":
-                    module._buffers[name] = _fake_copy(buffer, dtype if buffer.is_floating_point() else None)
+                if buffer is not None and buffer.device.type != kind:
+                    module._buffers[name] = torch.empty_like(buffer, device=device,
+                                                             dtype=dtype if buffer.is_floating_point() else None)
         return self
 
     return to
@@ -123,30 +157,59 @@ def _hopper(monkeypatch: Any) -> None:
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
 
 
+def _mode() -> FakeTensorMode:
+    """A fake mode without its dispatch cache (an entry left by an earlier test's mode crashed the process)."""
+    FakeTensorMode.cache_clear()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode.cache_enabled = False
+    return mode
+
+
+def _one_sync_per_tolist(monkeypatch: Any, seen: FakeCuda) -> None:
+    """FakeTensor's own ``tolist`` reads the values one ``item()`` at a time: one sync in truth."""
+    tolist = FakeTensor.tolist
+
+    def one_sync(self: torch.Tensor) -> Any:
+        if _without_values(self):
+            seen.syncs += 1
+            return np.zeros(tuple(self.shape)).tolist()
+        try:
+            return tolist(self)
+        except DataDependentOutputException:
+            return np.zeros(tuple(self.shape)).tolist()
+
+    monkeypatch.setattr(FakeTensor, "tolist", one_sync)
+
+
 @contextlib.contextmanager
 def fake_cuda(monkeypatch: Any) -> Iterator[FakeCuda]:
     """Run the ``with`` body with fake CUDA tensors (see the module docstring); ``monkeypatch``: pytest's."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = _mode()
     seen = FakeCuda(mode)
     _hopper(monkeypatch)
-    monkeypatch.setattr(nn.Module, "to", _module_to(nn.Module.to))
-    tolist = FakeTensor.tolist  # FakeTensor's own reads the values one item() at a time: one sync in truth
-
-    def one_sync(self: torch.Tensor) -> Any:
-        if not _without_values(self):
-            return tolist(self)
-        seen.syncs += 1
-        return np.zeros(tuple(self.shape)).tolist()
-
-    monkeypatch.setattr(FakeTensor, "tolist", one_sync)
-    with mode, _GpuStandIn(seen, copies=True):
-        yield seen
+    monkeypatch.setattr(nn.Module, "to", _module_to(nn.Module.to, "cuda"))
+    _one_sync_per_tolist(monkeypatch, seen)
+    try:
+        with mode, _GpuStandIn(seen, copies=True):
+            yield seen
+    finally:
+        gc.collect()  # free this mode's fake tensors now: freed later, inside another mode, they crashed
 
 
 @contextlib.contextmanager
-def meta_gpu(monkeypatch: Any) -> Iterator[FakeCuda]:
-    """Run the ``with`` body with the ``meta`` device as the GPU (see the module docstring)."""
-    seen = FakeCuda()
+def fake_gpu(monkeypatch: Any) -> Iterator[FakeCuda]:
+    """Run the ``with`` body with fake tensors, the ``meta`` device standing in for the GPU (see the module
+    docstring); use :data:`META` as the runtime's device and ``Precision(..., CUDA)`` for CUDA's precision."""
+    mode = _mode()
+    seen = FakeCuda(mode)
     _hopper(monkeypatch)
-    with _GpuStandIn(seen, copies=False):
-        yield seen
+    monkeypatch.setattr(nn.Module, "to", _module_to(nn.Module.to, "meta"))
+    _one_sync_per_tolist(monkeypatch, seen)
+    for name in ("is_autocast_enabled", "get_autocast_dtype"):  # asked for the meta device: CUDA's answer
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *args, _f=original: _f(*("cuda" if a == "meta" else a for a in args)))
+    try:
+        with mode, _GpuStandIn(seen, copies=False):
+            yield seen
+    finally:
+        gc.collect()  # free this mode's fake tensors now: freed later, inside another mode, they crashed

@@ -22,7 +22,7 @@ from monai_diffusion.runtime import Precision, Runtime, capture_rng, choose_auto
 from monai_diffusion.training.loop import all_finite, build_loaders
 from monai_diffusion.training.runner import restore_loop
 from tests.helpers import CONFIG, free_port
-from tests.helpers.fake_cuda import CUDA, fake_cuda, meta_gpu  # noqa: F401
+from tests.helpers.fake_cuda import CUDA, META, fake_cuda, fake_gpu
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,3 +280,138 @@ def test_optimiser_step_with_adam_state_on_two_devices(monkeypatch, fp16):
         # one host sync per optimiser step (all checks read at once); fp16 adds GradScaler's own, which
         # reads its overflow flags before stepping each optimiser
         assert fake.syncs == 2 * (2 if fp16 else 1)
+
+
+@pytest.mark.parametrize("kind,guidance", [("ddim", 1.0), ("ddpm", 1.0), ("ddim", 3.0)])
+def test_sampling_on_a_fake_gpu_under_autocast(monkeypatch, kind, guidance):
+    """A few DDIM / DDPM steps (and classifier-free guidance) on the GPU: the CPU scheduler tables, the
+    CPU generator's initial noise, the per-step noise and the conditions meet the GPU latents."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    from generative.networks.nets import AutoencoderKL
+    from monai_diffusion.generation.conditioning import Conditioning, Conditions
+    from monai_diffusion.generation.sampling import generate_volumes
+
+    config, _, _ = _tiny_sampling_setup()
+    conditioning = Conditioning({"site": ["a", "b"]}, {}, 0.2) if guidance != 1.0 else Conditioning()
+    with fake_gpu(monkeypatch):
+        autoencoder = AutoencoderKL(**config.autoencoder.model_kwargs()).eval().to(META)
+        unet = DiffusionModelUNet(**config.diffusion.unet_kwargs(3, 3), **conditioning.unet_kwargs()).eval().to(META)
+        conditions = Conditions(torch.tensor([1, 2])) if conditioning.active else None
+        volumes = generate_volumes(unet, autoencoder, config, 1.0, 2, 2, kind, torch.Generator().manual_seed(0),
+                                   precision=Precision(True, CUDA), conditions=conditions, conditioning=conditioning,
+                                   guidance_scale=guidance)
+        assert volumes.device == META and volumes.shape == (2, 1, 8, 8, 8) and volumes.dtype == torch.float32
+
+
+def _tiling_config():
+    return load_config(CONFIG, ["data.image_size=[16, 16, 16]", "autoencoder.num_channels=[4, 4]",
+                                "autoencoder.attention_levels=[false, false]", "autoencoder.downsample_factors=[2]",
+                                "autoencoder.norm_num_groups=4", "autoencoder.discriminator.num_layers_d=2"])
+
+
+@pytest.mark.parametrize("method,buffers", [("exact", "cpu"), ("exact", "device"), ("exact", "disk"), ("blend", "cpu")])
+def test_tiled_encode_and_decode_on_a_fake_gpu(monkeypatch, method, buffers):
+    """Tiled inference of a GPU autoencoder under autocast, with each kind of buffer (host, device, disk),
+    through the public entry points."""
+    from generative.networks.nets import AutoencoderKL
+    from generative.networks.tiling import tiled_decode, tiled_encode
+
+    config = _tiling_config()
+    with fake_gpu(monkeypatch), torch.no_grad(), Precision(True, CUDA).autocast():
+        model = AutoencoderKL(**config.autoencoder.model_kwargs()).eval().to(META)
+        x = torch.rand(1, 1, 16, 16, 16).to(META)
+        z_mu, z_sigma = tiled_encode(model, x, 8, method=method, buffers=buffers)
+        assert z_mu.device == META and z_sigma.device == META and z_mu.shape == (1, 3, 8, 8, 8)
+        out = tiled_decode(model, z_mu, 8, method=method, buffers=buffers)
+        assert out.device == META and out.shape == (1, 1, 16, 16, 16)
+        assert model.reconstruct(x, tile_size=8).device == META  # the network's own entry point
+
+
+def _precision(monkeypatch, fp16: bool) -> Precision:
+    """CUDA's mixed precision: bf16 on a Hopper GPU, fp16 with a GradScaler on a V100."""
+    if fp16:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    precision = Precision(True, CUDA)
+    assert precision.uses_scaler == fp16
+    return precision
+
+
+def _train_steps(task, precision, batch, steps: int = 2, accumulation: int = 2):
+    """``steps`` optimiser steps of ``accumulation`` micro-batches each, with clipping, as fit() runs them."""
+    from monai_diffusion.training.loop import Optimization
+
+    optimization = Optimization(task.optimizers(), precision, accumulation, grad_clip_norm=1.0)
+    for _ in range(steps):
+        for _ in range(accumulation):
+            logs = task.training_step(batch, 0, optimization)
+            assert all(isinstance(v, torch.Tensor) for v in logs.values())  # no host sync per micro-batch
+        optimization.step()
+        task.after_optimizer_step()
+    return optimization
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_autoencoder_training_step_on_a_fake_gpu(monkeypatch, tmp_path, fp16):
+    """Generator and discriminator steps (adversarial and perceptual terms), accumulation, clipping, bf16
+    autocast or fp16 loss scaling, on the GPU; one host sync per optimiser step (plus GradScaler's own)."""
+    from monai_diffusion.training.autoencoder import AutoencoderTask
+    from tests.helpers import tiny, write_medicalnet_file
+
+    write_medicalnet_file(tmp_path / "r10.pth")
+    config = load_config(CONFIG, [*tiny(), "autoencoder.training.use_perceptual_loss=true",
+                                  f"autoencoder.perceptual.weights_path={tmp_path / 'r10.pth'}"])
+    with fake_gpu(monkeypatch) as fake:
+        precision = _precision(monkeypatch, fp16)
+        task = AutoencoderTask(config, Runtime(META), precision)
+        assert task.perceptual is not None and task.discriminator is not None
+        optimization = _train_steps(task, precision, {"image": torch.rand(2, 1, 16, 16, 16)})
+        assert optimization.step_index == 2 and next(task.autoencoder.parameters()).device == META
+        for optimizer in task.optimizers().values():
+            state = next(iter(optimizer.state.values()))
+            assert state["exp_avg"].device == META and state["step"].device.type == "cpu"
+        assert fake.syncs == 2 * (1 + (2 if fp16 else 0))  # two optimisers under fp16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fp16", [False, True])
+def test_diffusion_training_step_with_ema_and_conditions_on_a_fake_gpu(fp16):
+    """Run in a fresh process: the EMA's deep copy of fake parameters, freed later in another test's fake
+    mode, crashed the process (a FakeTensorMode limitation, not the code under test)."""
+    import subprocess
+    import sys
+
+    code = (f"import pytest; from tests.test_gpu_paths import _diffusion_step_on_a_fake_gpu as check; "
+            f"check(pytest.MonkeyPatch(), {fp16})")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _diffusion_step_on_a_fake_gpu(monkeypatch, fp16):
+    """The UNet's step on cached CPU latents with CPU conditions (dropped for guidance), the EMA update,
+    resume of the task's state; one host sync per optimiser step (plus GradScaler's own)."""
+    from generative.networks.nets import AutoencoderKL
+    from monai_diffusion.generation.conditioning import Conditioning
+    from monai_diffusion.training.diffusion import DiffusionTask
+    from tests.helpers import TINY_LDM
+
+    config = load_config(CONFIG, [*TINY_LDM, "diffusion.training.ema_decay=0.9"])
+    conditioning = Conditioning({"site": ["a", "b"]}, {"age": (50.0, 10.0)}, 0.5)
+    batch = {"z_mu": torch.rand(2, 3, 4, 4, 4), "z_sigma": torch.rand(2, 3, 4, 4, 4),
+             "class_labels": torch.tensor([1, 2]), "context": torch.rand(2, 1, 2)}
+    with fake_gpu(monkeypatch) as fake:
+        precision = _precision(monkeypatch, fp16)
+        autoencoder = AutoencoderKL(**config.autoencoder.model_kwargs()).to(META)
+        task = DiffusionTask(config, Runtime(META), precision, autoencoder, 1.0, torch.eye(4), conditioning)
+        _train_steps(task, precision, batch)
+        assert fake.syncs == 2 * (2 if fp16 else 1)
+        assert next(task.ema.module.parameters()).device == META
+        # --resume: the state saved and restored on the GPU (Adam's moments there, its step on the CPU)
+        state = task.state_dict()
+        again = DiffusionTask(config, Runtime(META), precision, autoencoder, 1.0, torch.eye(4), conditioning)
+        again.load_state_dict(state)
+        moments = next(iter(again.optimizers()["unet"].state.values()))
+        assert moments["exp_avg"].device == META and moments["step"].device.type == "cpu"
+        with torch.no_grad():
+            metrics = again.validation_step(batch)
+        assert metrics["loss"].device == META

@@ -18,7 +18,7 @@ from monai_diffusion.errors import CheckpointError
 from monai_diffusion.memory import search_budget
 from monai_diffusion.runs.checkpoints import load_autoencoder, load_checkpoint, save_checkpoint
 from monai_diffusion.runtime import Precision, Runtime
-from monai_diffusion.training.loop import LoopSettings, LoopState, fit
+from monai_diffusion.training.loop import LoopSettings, LoopState, Task, fit
 from tests.helpers import CONFIG, cli_args, summary_of, tiny, train
 
 
@@ -98,7 +98,7 @@ def test_resume_after_max_steps_mid_epoch_finishes_that_epoch(tmp_path):
     assert summary_of(tmp_path / "autoencoder")["optimizer_steps"] == 4
 
 
-class _LinearTask:
+class _LinearTask(Task):
     """The smallest task: one weight, loss = weight * mean(batch), so each gradient is the batch mean."""
 
     monitor = "val/loss"
@@ -122,9 +122,6 @@ class _LinearTask:
         loss = self.model.weight.sum() * batch["x"].mean()
         optimization.backward(loss, "model", {})
         return {}
-
-    def after_optimizer_step(self) -> None:
-        pass
 
     def validation_step(self, batch):
         return {"loss": torch.tensor(0.0), "count": torch.tensor(1.0)}

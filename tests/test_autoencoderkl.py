@@ -329,3 +329,53 @@ def test_spatial_size_not_divisible_names_size_factor_and_nearest_valid_sizes():
         model.encode(torch.randn(1, 1, 16, 4, 8))
     with pytest.raises(ValueError, match=r"expected B x C x H x W x D"):
         model.encode(torch.randn(1, 16, 16, 8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# upsample_mode: nearest (MONAI Generative's decoder, the default) or trilinear (MAISI's)
+# ----------------------------------------------------------------------------------------------------
+MAISI_ARGS = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=(8, 16, 16),
+                  num_res_blocks=(1, 1, 1), norm_num_groups=8, attention_levels=(False, False, False),
+                  with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+
+
+def test_trilinear_upsampling_reproduces_monai_maisi_autoencoder():
+    """MONAI 1.6.1's AutoencoderKlMaisi (random weights) and ours with upsample_mode="trilinear" give the same
+    outputs from the same weights (keys ``.conv.conv.`` -> ``.conv.``); nearest upsampling does not."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    torch.manual_seed(0)
+    reference = AutoencoderKlMaisi(**MAISI_ARGS, num_splits=1, save_mem=False).eval()
+    weights = {key.replace(".conv.conv.", ".conv."): value for key, value in reference.state_dict().items()}
+    ours = AutoencoderKL(**MAISI_ARGS, upsample_mode="trilinear").eval()
+    ours.load_state_dict(weights, strict=True)
+    nearest = AutoencoderKL(**MAISI_ARGS).eval()
+    nearest.load_state_dict(weights, strict=True)
+    x, z = torch.randn(1, 1, 16, 24, 20), torch.randn(1, 4, 4, 6, 5)
+    with torch.no_grad():
+        expected = reference.decode(z)
+        scale = float(expected.abs().max())
+        # fp32 rounding of a few dozen convolution sums, relative to the output's scale
+        torch.testing.assert_close(ours.decode(z), expected, atol=1e-5 * scale, rtol=0)
+        torch.testing.assert_close(ours.encode(x)[0], reference.encode(x)[0], atol=1e-5 * scale, rtol=0)
+        assert float((nearest.decode(z) - expected).abs().max()) > 0.05 * scale
+
+
+def test_upsample_mode_nearest_is_the_default_key_for_key_and_number_for_number():
+    default, nearest = _build(SHAPE_CASES[1][0]).eval(), _build(SHAPE_CASES[1][0], upsample_mode="nearest").eval()
+    assert list(default.state_dict()) == list(nearest.state_dict())
+    assert default.init_args["upsample_mode"] == "nearest"
+    trilinear = _build(SHAPE_CASES[1][0], upsample_mode="trilinear").eval()
+    assert list(trilinear.state_dict()) == list(default.state_dict())
+    x = torch.randn(1, 1, 32, 16, 8)
+    with torch.no_grad():
+        assert torch.equal(default.reconstruct(x), nearest.reconstruct(x))
+        assert not torch.allclose(trilinear.reconstruct(x), default.reconstruct(x))
+    rebuilt = AutoencoderKL(**trilinear.init_args)
+    assert rebuilt.upsample_mode == "trilinear"
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "Nearest", None, "bicubic"])
+def test_unknown_upsample_mode_is_refused(mode):
+    with pytest.raises(ValueError, match=r"upsample_mode = .*expected one of 'nearest', 'trilinear'"):
+        _build(SHAPE_CASES[1][0], upsample_mode=mode)

@@ -282,3 +282,23 @@ def test_exact_method_with_blocks_split_along_every_axis(monkeypatch):
     x = torch.rand(1, 1, 40, 24, 32)
     with torch.no_grad():
         _assert_exact(model.reconstruct(x, tile_size=(16, 8, 8)), model.reconstruct(x))
+
+
+@pytest.mark.parametrize("factors,shape,tile", [
+    (None, (24, 16, 8), 8),
+    ([(3, 1, 2), 4], (24, 16, 16), (12, 8, 8)),          # per-axis factors, scale 3, an axis that is not upsampled
+])
+def test_exact_tiling_with_trilinear_upsampling(factors, shape, tile, monkeypatch):
+    """MAISI's decoder interpolates trilinearly: a block needs one more source voxel each side, and the
+    volume's edge clamps the source coordinate. Literal tiles put halos and edges on every axis."""
+    monkeypatch.setattr("generative.networks.tiling._slab", lambda tile, shape, factors: list(tile))
+    model = _random(num_channels=(8, 8, 8), attention_levels=(False,) * 3, downsample_factors=factors,
+                    upsample_mode="trilinear")
+    nearest = _random(num_channels=(8, 8, 8), attention_levels=(False,) * 3, downsample_factors=factors)
+    nearest.load_state_dict(model.state_dict())
+    x = torch.rand(1, 1, *shape) * 2 - 0.5
+    with torch.no_grad():
+        z_mu, _ = model.encode(x)
+        whole = model.decode(z_mu)
+        _assert_exact(tiled_decode(model, z_mu, tile), whole)
+        assert float((nearest.decode(z_mu) - whole).abs().max()) > 1e-2 * float(whole.abs().max())

@@ -85,7 +85,14 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from tqdm import tqdm
 
-from generative.networks.nets.autoencoderkl import AttentionBlock, AutoencoderKL, Downsample, ResBlock, Upsample
+from generative.networks.nets.autoencoderkl import (
+    AttentionBlock,
+    AutoencoderKL,
+    Downsample,
+    ResBlock,
+    Upsample,
+    interpolate,
+)
 
 __all__ = ["tile_layout", "tiled_encode", "tiled_decode", "tiled_reconstruct", "exact_tiling_supported"]
 
@@ -419,19 +426,39 @@ def _conv(conv: nn.Module, source: torch.Tensor, low: Sequence[int], high: Seque
 
 def _upsample(layer: Upsample, source: torch.Tensor, low: Sequence[int], high: Sequence[int],
               device: torch.device) -> torch.Tensor:
-    """Output ``[low, high)`` of a nearest-neighbour ``Upsample`` (interpolation + 3-wide convolution).
+    """Output ``[low, high)`` of an ``Upsample`` (interpolation + 3-wide convolution).
 
-    The low-resolution region covering the convolution's input is read (zeros outside: a voxel outside the
-    upsampled volume comes from one outside the source) and repeated into exactly that input, voxel ``i``
-    of the upsampled axis being source voxel ``i // scale`` as in nearest-neighbour interpolation."""
+    The convolution's input region of the upsampled volume is built from the low-resolution region that
+    covers it, with zeros where it leaves the upsampled volume (the convolution's zero padding).
+    Nearest-neighbour: upsampled voxel ``i`` is source voxel ``i // scale``. Trilinear: the source region
+    gets one more voxel each side (the interpolation's neighbours; at the volume's edge a copy of the edge
+    voxel, which is what clamping the source coordinate gives), is interpolated as a whole, and the wanted
+    part is cut out: the source coordinate ``(i + 0.5) / scale - 0.5`` is the same in the region's frame."""
     conv, scale = layer.conv.conv, layer.scale
-    (need_low, need_high), padding = _conv_input(conv, low, high, [n * s for n, s in zip(source.shape[2:], scale)])
-    source_low = [lo // s for lo, s in zip(need_low, scale)]
-    block = _read(source, source_low, [-(-hi // s) for hi, s in zip(need_high, scale)], device)
-    for axis, (lo, hi, first, s) in enumerate(zip(need_low, need_high, source_low, scale), start=2):
-        if s > 1:
-            block = block.index_select(axis, torch.arange(lo, hi, device=device) // s - first)
-    return _run_conv(conv, block, padding)
+    size = [n * s for n, s in zip(source.shape[2:], scale)]
+    (need_low, need_high), padding = _conv_input(conv, low, high, size)
+    if layer.mode == "nearest":
+        source_low = [lo // s for lo, s in zip(need_low, scale)]
+        block = _read(source, source_low, [-(-hi // s) for hi, s in zip(need_high, scale)], device)
+        for axis, (lo, hi, first, s) in enumerate(zip(need_low, need_high, source_low, scale), start=2):
+            if s > 1:
+                block = block.index_select(axis, torch.arange(lo, hi, device=device) // s - first)
+        return _run_conv(conv, block, padding)
+    inside_low = [min(max(lo, 0), n) for lo, n in zip(need_low, size)]
+    inside_high = [max(min(hi, n), lo) for hi, n, lo in zip(need_high, size, inside_low)]
+    halo_low = [lo // s - 1 for lo, s in zip(inside_low, scale)]
+    halo_high = [-(-hi // s) + 1 for hi, s in zip(inside_high, scale)]
+    read_low = [max(lo, 0) for lo in halo_low]
+    read_high = [min(hi, n) for hi, n in zip(halo_high, source.shape[2:])]
+    block = _read(source, read_low, read_high, device)
+    for axis, (lo, hi, first, last) in enumerate(zip(halo_low, halo_high, read_low, read_high), start=2):
+        block = block.index_select(axis, torch.arange(lo, hi, device=device).clamp(first, last - 1) - first)
+    up = interpolate(block, scale, layer.mode)
+    up = up[(slice(None), slice(None), *(slice(lo - h * s, hi - h * s)
+                                         for lo, hi, h, s in zip(inside_low, inside_high, halo_low, scale)))]
+    pad = [w for lo, hi, ilo, ihi in reversed(list(zip(need_low, need_high, inside_low, inside_high)))
+           for w in (ilo - lo, hi - ihi)]
+    return _run_conv(conv, F.pad(up, pad), padding)
 
 
 def _is_plain_conv(module: nn.Module) -> bool:
@@ -462,7 +489,7 @@ def _streamable(blocks: nn.ModuleList) -> bool:
 
 def exact_tiling_supported(model: nn.Module) -> bool:
     """Whether the exact (streamed) method can run ``model``: an ``AutoencoderKL`` built from its own blocks,
-    with nearest-neighbour upsampling (``use_convtranspose=False``)."""
+    upsampling by interpolation (``use_convtranspose=False``; nearest or trilinear)."""
     if type(model) is not AutoencoderKL:
         return False
     convs = (model.quant_conv_mu, model.quant_conv_log_sigma, model.post_quant_conv)

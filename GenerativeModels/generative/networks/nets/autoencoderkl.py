@@ -14,7 +14,10 @@ Kernel rule (no voxel is skipped): a downsampling step with stride ``s`` along a
 the right of that axis and uses a kernel of ``s + 1`` with no other padding, so consecutive windows
 ``[i*s, i*s + s]`` overlap by one voxel and together read every input voxel. For ``s = 2`` this is
 exactly the original layer (right pad 1, kernel 3, stride 2). The matching upsampling step repeats each
-voxel ``s`` times (nearest neighbour) and applies a 3-wide convolution, as the original does for 2.
+voxel ``s`` times (nearest neighbour, ``upsample_mode="nearest"``, the default) and applies a 3-wide
+convolution, as the original does for 2. ``upsample_mode="trilinear"`` interpolates linearly along every
+axis instead (``align_corners=False``), as MONAI's ``AutoencoderKlMaisi`` decoder does, so its weights give
+its outputs.
 
 The network knows nothing about training: it has no losses and no optimiser logic.
 """
@@ -50,10 +53,36 @@ __all__ = [
     "check_spatial_shape",
     "nearest_valid_sizes",
     "load_monai_core_state_dict",
+    "UPSAMPLE_MODES",
 ]
 
 Factor = Union[int, Sequence[int]]
 _AXIS_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("H", "W", "D")}
+# the decoder's upsampling interpolation: "trilinear" is linear along every spatial axis (torch's "linear",
+# "bilinear" or "trilinear" for 1, 2 or 3 axes)
+UPSAMPLE_MODES = ("nearest", "trilinear")
+_LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def check_upsample_mode(upsample_mode: object) -> str:
+    """Return ``upsample_mode`` if it is one of ``UPSAMPLE_MODES``, else raise a ``ValueError`` naming them."""
+    if upsample_mode not in UPSAMPLE_MODES:
+        raise ValueError(
+            f"upsample_mode = {upsample_mode!r}: expected one of {', '.join(map(repr, UPSAMPLE_MODES))} "
+            f"('nearest': MONAI Generative's decoder, the default; 'trilinear': MAISI's)"
+        )
+    return str(upsample_mode)
+
+
+def interpolate(x: torch.Tensor, scale: Sequence[int], mode: str) -> torch.Tensor:
+    """Upsample BxCx[SPATIAL DIMS] by the integer ``scale`` per axis with ``mode`` (see ``UPSAMPLE_MODES``).
+
+    ``"trilinear"`` maps output voxel ``i`` to source coordinate ``(i + 0.5) / s - 0.5`` (``align_corners=False``,
+    clamped to the volume), as ``F.interpolate(x, scale_factor=2.0, mode="trilinear")`` does for ``s = 2``."""
+    size = [dim * s for dim, s in zip(x.shape[2:], scale)]
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=_LINEAR_MODE[x.dim() - 2], align_corners=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,7 +229,7 @@ def _norm_conv(x: torch.Tensor, norm: nn.GroupNorm, conv: Convolution, activatio
 
 
 class Upsample(nn.Module, _LowMemoryMixin):
-    """Nearest-neighbour upsampling by ``scale_factor`` followed by a 3-wide convolution.
+    """Interpolation by ``scale_factor`` (nearest neighbour by default) followed by a 3-wide convolution.
 
     Args:
         spatial_dims: number of spatial dimensions (1D, 2D, 3D).
@@ -208,13 +237,19 @@ class Upsample(nn.Module, _LowMemoryMixin):
         use_convtranspose: if True, use a transposed convolution instead (kernel ``max(3, s + 1)``,
             padding 1, output padding 1 for ``s >= 2``, so the output is exactly ``s`` times larger).
         scale_factor: integer or per-axis integers; 2 reproduces the original layer.
+        mode: the interpolation, ``"nearest"`` (the original) or ``"trilinear"`` (linear along every axis,
+            ``align_corners=False``: MAISI's); ignored with ``use_convtranspose``.
     """
 
+    mode: str = "nearest"  # instances pickled before the mode existed upsample as they did
+
     def __init__(
-        self, spatial_dims: int, in_channels: int, use_convtranspose: bool = False, scale_factor: Factor = 2
+        self, spatial_dims: int, in_channels: int, use_convtranspose: bool = False, scale_factor: Factor = 2,
+        mode: str = "nearest",
     ) -> None:
         super().__init__()
         self.scale = _normalize_factor(scale_factor, spatial_dims, "scale_factor")
+        self.mode = check_upsample_mode(mode)
         self.use_convtranspose = use_convtranspose
         if use_convtranspose:
             self.conv = Convolution(
@@ -234,8 +269,7 @@ class Upsample(nn.Module, _LowMemoryMixin):
     def _interpolate(self, x: torch.Tensor) -> torch.Tensor:
         if all(s == 1 for s in self.scale):
             return x
-        size = [dim * s for dim, s in zip(x.shape[2:], self.scale)]
-        return F.interpolate(x, size=size, mode="nearest")
+        return interpolate(x, self.scale, self.mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: BxCx[SPATIAL DIMS]. Returns: BxCx[SPATIAL DIMS * scale]."""
@@ -467,6 +501,7 @@ class Decoder(nn.Module, _LowMemoryMixin):
         upsample_factors: one factor per upsampling step in decoder order (deepest first), i.e. the
             encoder's ``downsample_factors`` reversed; default 2 everywhere.
         attention_out_projection: apply the attention blocks' output projection.
+        upsample_mode: the upsampling interpolation, ``"nearest"`` or ``"trilinear"`` (see ``Upsample``).
     """
 
     def __init__(
@@ -484,6 +519,7 @@ class Decoder(nn.Module, _LowMemoryMixin):
         use_convtranspose: bool = False,
         upsample_factors: Sequence[Factor] | None = None,
         attention_out_projection: bool = False,
+        upsample_mode: str = "nearest",
     ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
@@ -515,7 +551,8 @@ class Decoder(nn.Module, _LowMemoryMixin):
                 if rev_attention[level]:
                     blocks.append(attention(channels))
             if level < len(rev_channels) - 1:
-                blocks.append(Upsample(spatial_dims, channels, use_convtranspose, self.upsample_factors[level]))
+                blocks.append(Upsample(spatial_dims, channels, use_convtranspose, self.upsample_factors[level],
+                                       upsample_mode))
         blocks.append(nn.GroupNorm(norm_num_groups, channels, eps=norm_eps, affine=True))
         blocks.append(_conv(spatial_dims, channels, out_channels))
         self.blocks = nn.ModuleList(blocks)
@@ -561,6 +598,9 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
             The decoder upsamples by the same factors in reverse order.
         attention_out_projection: apply the attention output projection (``proj_attn``). MONAI Generative
             never applies it (``False``, default); MONAI core's ``include_fc=True`` does.
+        upsample_mode: the decoder's interpolation before each upsampling convolution: ``"nearest"``
+            (MONAI Generative's, default) or ``"trilinear"`` (linear along every axis, ``align_corners=False``:
+            MAISI's ``AutoencoderKlMaisi``, whose weights need it). Same weights and keys either way.
 
     Example:
         >>> model = AutoencoderKL(3, num_channels=(32, 64, 64), attention_levels=(False, False, False),
@@ -587,8 +627,10 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
         use_convtranspose: bool = False,
         downsample_factors: Sequence[Factor] | None = None,
         attention_out_projection: bool = False,
+        upsample_mode: str = "nearest",
     ) -> None:
         super().__init__()
+        check_upsample_mode(upsample_mode)
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims = {spatial_dims!r}: expected 1, 2 or 3")
         num_channels = list(num_channels)
@@ -623,7 +665,7 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
             with_decoder_nonlocal_attn=with_decoder_nonlocal_attn,
             use_flash_attention=use_flash_attention, use_checkpointing=use_checkpointing,
             use_convtranspose=use_convtranspose, downsample_factors=downsample_factors,
-            attention_out_projection=attention_out_projection,
+            attention_out_projection=attention_out_projection, upsample_mode=upsample_mode,
         ))
         self.spatial_dims = spatial_dims
         self.latent_channels = latent_channels
@@ -657,12 +699,16 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
             use_convtranspose=use_convtranspose,
             upsample_factors=list(reversed(factors)),
             attention_out_projection=attention_out_projection,
+            upsample_mode=upsample_mode,
         )
         self.quant_conv_mu = _conv(spatial_dims, latent_channels, latent_channels, 1, 1, 0)
         self.quant_conv_log_sigma = _conv(spatial_dims, latent_channels, latent_channels, 1, 1, 0)
         self.post_quant_conv = _conv(spatial_dims, latent_channels, latent_channels, 1, 1, 0)
         self.attention_out_projection = attention_out_projection
+        self.upsample_mode = upsample_mode
         self.use_checkpointing = use_checkpointing
+
+    upsample_mode: str = "nearest"  # instances pickled before the mode existed
 
     # -- configuration helpers ---------------------------------------------------------------------
     @property

@@ -15,13 +15,13 @@ import dataclasses
 import math
 from typing import Any
 
+from generative.inferers.tiling import tile_layout
 from generative.networks.nets.autoencoderkl import (
     check_spatial_shape,
     nearest_valid_sizes,
     normalize_downsample_factors,
     total_downsample_factors,
 )
-from generative.networks.tiling import tile_layout
 from monai_diffusion.config.schema import Config, limits_of
 from monai_diffusion.errors import ConfigError
 

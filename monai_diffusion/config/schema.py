@@ -243,7 +243,12 @@ class AutoencoderConfig:
             per axis, multiples of the total downsampling factor): validation, the latent cache of the
             diffusion stage, samples. null: ``data.patch_size`` when training on patches, else whole
             volumes at once.
-        tile_overlap: fraction of a tile shared with its neighbour.
+        tile_overlap: fraction of a tile shared with its neighbour (blended tiles).
+        tile_buffers: where exact tiling keeps its full-size activations between layers: ``auto`` (on a GPU
+            the whole volume at once when it fits the free memory, else buffers on the GPU when they fit,
+            else pinned host memory; off a GPU host memory), ``device``, ``cpu`` (host memory) or ``disk``
+            (memory-mapped temporary files). The ``--buffers`` flag of sample.py and evaluate_autoencoder.py
+            overrides it.
         training: see AutoencoderTrainingConfig.
         discriminator: see DiscriminatorConfig.
         perceptual: see PerceptualConfig.
@@ -264,6 +269,7 @@ class AutoencoderConfig:
     use_convtranspose: bool = False
     tile_size: Union[int, list[int], None] = bounded(None, ge=1)
     tile_overlap: float = bounded(0.5, ge=0, lt=1)
+    tile_buffers: Literal["auto", "device", "cpu", "disk"] = "auto"
     training: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)

@@ -302,3 +302,21 @@ def test_exact_tiling_with_trilinear_upsampling(factors, shape, tile, monkeypatc
         whole = model.decode(z_mu)
         _assert_exact(tiled_decode(model, z_mu, tile), whole)
         assert float((nearest.decode(z_mu) - whole).abs().max()) > 1e-2 * float(whole.abs().max())
+
+
+def test_the_tiling_inferer_imports_no_network():
+    """Issue #20: no import cycle, also inside functions. The network imports the inferer; the inferer's
+    modules never import ``generative.networks`` (the blocks describe themselves with tiling plans)."""
+    import ast
+    from pathlib import Path
+
+    import generative.inferers.tiling as package
+
+    imported = []
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.append((path.name, node.module))
+            elif isinstance(node, ast.Import):
+                imported += [(path.name, alias.name) for alias in node.names]
+    assert imported and not [entry for entry in imported if entry[1].startswith(("generative.networks", "monai_diffusion"))]

@@ -179,11 +179,12 @@ class Transfers:
         copy(staging, part)  # gathers the strided region into contiguous memory
         copy(destination, staging, non_blocking=True)  # the host allocator keeps staging until the copy ran
 
-    def store(self, destination: torch.Tensor, block: torch.Tensor) -> None:
-        """``destination`` (a region of a buffer) <- ``block`` (on the device), complete after :meth:`flush`."""
+    def store(self, destination: torch.Tensor, block: torch.Tensor) -> bool:
+        """``destination`` (a region of a buffer) <- ``block`` (on the device), complete after :meth:`flush`.
+        Returns whether a copy may still read ``block`` (then it must not be overwritten)."""
         if not self.staged or destination.device == block.device:
             copy(destination, block)
-            return
+            return False
         event = None
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -199,6 +200,7 @@ class Transfers:
         self.pending.append((destination, staging, event))
         while len(self.pending) > self.IN_FLIGHT:
             self._land()
+        return True
 
     def _land(self) -> None:
         destination, staging, event = self.pending.popleft()

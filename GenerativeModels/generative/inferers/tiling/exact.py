@@ -51,12 +51,13 @@ class Moments:
         self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
         self.squares = torch.zeros(channels, dtype=torch.float64, device=device)
 
-    def add(self, block: torch.Tensor) -> None:
-        """Merge a contiguous float32 1xCx[BLOCK DIMS] block (left unchanged)."""
+    def add(self, block: torch.Tensor, keep: bool = False) -> None:
+        """Merge a contiguous float32 1xCx[BLOCK DIMS] block; it is overwritten (GroupNorm's output goes there)
+        unless ``keep``."""
         channels, count = block.shape[1], block.shape[2:].numel()
         mean, rstd = block.new_empty(1, channels), block.new_empty(1, channels)
         torch.ops.aten.native_group_norm.out(block, None, None, 1, channels, count, channels, 0.0,
-                                             out0=torch.empty_like(block), out1=mean, out2=rstd)
+                                             out0=torch.empty_like(block) if keep else block, out1=mean, out2=rstd)
         mean, var = mean.reshape(-1).double(), rstd.reshape(-1).double().pow(-2)  # rstd = inf for a constant channel
         total = self.count + count
         delta = mean - self.mean
@@ -122,10 +123,13 @@ class _Reader:
         inside_high = [min(hi, n) for hi, n in zip(high, size)]
         part = region(source, inside_low, inside_high)
         dtype = torch.float32 if pre is not None and part.dtype in (torch.float16, torch.bfloat16) else part.dtype
-        block = torch.zeros((*part.shape[:2], *(hi - lo for lo, hi in zip(low, high))), dtype=dtype,
+        block = torch.empty((*part.shape[:2], *(hi - lo for lo, hi in zip(low, high))), dtype=dtype,
                             device=self.device)
         view = region(block, [a - lo for a, lo in zip(inside_low, low)], [b - lo for b, lo in zip(inside_high, low)])
         self.transfers.fetch(view, part)
+        for axis, (a, b, lo, hi) in enumerate(zip(inside_low, inside_high, low, high), start=2):  # beyond the volume
+            block.narrow(axis, 0, a - lo).zero_()
+            block.narrow(axis, b - lo, hi - b).zero_()
         if pre is not None:
             pre(view)
         return block
@@ -235,9 +239,11 @@ class Stream:
         moments = Moments(channels, self.device) if statistics else None
         for low, high in [([0] * len(shape), list(shape))] if whole else self._blocks(shape):
             block = compute(low, high)
-            self.transfers.store(region(data, low, high), block.to(data.dtype))
+            stored = block.to(data.dtype)
+            in_flight = self.transfers.store(region(data, low, high), stored)
             if moments is not None:  # float32, as GroupNorm's statistics under autocast
-                moments.add(_contiguous(block.float()))
+                statistics_block = _contiguous(block.float())
+                moments.add(statistics_block, keep=in_flight and statistics_block is stored)
             self.bar.update()
         self.transfers.flush()
         return Activation(data, moments, owned=out is None)

@@ -87,16 +87,19 @@ def inference(device: torch.device, tiny: bool) -> list[str]:
     config = load_config(path, tiny_overrides(path) if tiny else [])
     torch.manual_seed(0)
     model = AutoencoderKL(**config.autoencoder.model_kwargs(use_checkpointing=False)).to(device).eval()
-    tile, overlap = config.inference_tile, config.autoencoder.tile_overlap
+    from monai_diffusion.config.tiles import resolve_tiles
+
+    tiles = resolve_tiles(config)
+    inferer, tile = tiles.inferer(), tiles.tile_size or ["whole"]
     x = torch.rand(1, 1, *config.data.image_size, device=device)
     out = []
     result = {}
 
     def encode() -> None:
-        result["z"] = model.encode(x, tile_size=tile, tile_overlap=overlap)[0]
+        result["z"] = (inferer.encode(model, x) if inferer is not None else model.encode(x))[0]
 
     def decode() -> None:
-        result["y"] = model.decode(result["z"], tile_size=tile, tile_overlap=overlap)
+        result["y"] = inferer.decode(model, result["z"]) if inferer is not None else model.decode(result["z"])
 
     for name, fn in (("tiled encode", encode), ("tiled decode", decode)):
         with torch.no_grad():

@@ -31,9 +31,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "GenerativeModels")]
 import torch  # noqa: E402
 
 from generative.networks.nets import AutoencoderKL  # noqa: E402
-from generative.networks.tiling import tiled_decode, tiled_encode  # noqa: E402
 from monai_diffusion import memory  # noqa: E402
 from monai_diffusion.config import load_config  # noqa: E402
+from monai_diffusion.config.tiles import resolve_tiles  # noqa: E402
 from monai_diffusion.data import make_phantom  # noqa: E402
 from monai_diffusion.profiling import measure_peak_bytes, peak_rss_bytes  # noqa: E402
 
@@ -46,7 +46,7 @@ def measure(config, part: str, seed: int = 0) -> tuple[float, float, int, int, s
     torch.manual_seed(seed)
     model = AutoencoderKL(**ae.model_kwargs()).eval()
     size = tuple(config.data.image_size)[: ae.spatial_dims]
-    tile = config.inference_tile
+    inferer = resolve_tiles(config, buffers="disk").inferer()
     if part == "encode":
         data = torch.from_numpy(make_phantom(size, seed)).float()[None, None]
     else:
@@ -56,9 +56,9 @@ def measure(config, part: str, seed: int = 0) -> tuple[float, float, int, int, s
     def run() -> None:
         with torch.no_grad():
             if part == "encode":
-                tiled_encode(model, data, tile, ae.tile_overlap, buffers="disk", report=report)
+                inferer.encode(model, data, report)
             else:
-                tiled_decode(model, data, tile, ae.tile_overlap, buffers="disk", report=report)
+                inferer.decode(model, data, report)
 
     wall, cpu = time.perf_counter(), time.process_time()
     peak = measure_peak_bytes(run)
@@ -79,11 +79,12 @@ def main() -> None:
     print(memory.pipeline_report(memory.estimate_pipeline(config)))
     if not options.measure:
         return
-    if config.inference_tile is None:
+    tiles = resolve_tiles(config)
+    if tiles.tile_size is None:
         raise SystemExit("error: the config runs whole volumes at once (no autoencoder.tile_size or data.patch_size); "
                          "the measurement is of tiled passes")
     print(f"\n## Measured on this CPU: one {'x'.join(map(str, config.data.image_size))} volume, random weights, fp32, "
-          f"tiles {'x'.join(map(str, config.inference_tile))}, buffers on disk\n")
+          f"tiles {'x'.join(map(str, tiles.tile_size))}, buffers on disk\n")
     print("| pass | wall s | CPU s | measured torch peak MiB | estimate (CPU rules) MiB | buffers MiB | "
           "peak RSS so far MiB | blocks |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")

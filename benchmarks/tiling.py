@@ -38,8 +38,8 @@ import time
 
 import torch
 
+from generative.inferers.tiling import tiled_reconstruct
 from generative.networks.nets import AutoencoderKL
-from generative.networks.tiling import tiled_reconstruct
 from monai_diffusion.data import make_phantom
 from monai_diffusion.profiling import measure_peak_bytes, peak_rss_bytes
 from monai_diffusion.runs.checkpoints import load_autoencoder

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from generative.inferers.tiling.buffers import BUFFER_KINDS
 from monai_diffusion.config import Config, load_config
 from monai_diffusion.errors import ConfigError, UserError
 
@@ -204,6 +205,10 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
                              "autoencoder's config says, by tiles after patch training)")
     parser.add_argument("--tile-overlap", type=float, default=None,
                         help="fraction of a tile shared with a neighbour (default: autoencoder.tile_overlap)")
+    parser.add_argument("--buffers", choices=list(BUFFER_KINDS), default=None,
+                        help="where exact tiling keeps its activations: auto (whole volume, else GPU, else "
+                             "pinned host memory, by free GPU memory), device, cpu or disk (default: "
+                             "autoencoder.tile_buffers)")
     parser.add_argument("--condition", action="append", nargs="+", default=None, metavar="NAME=VALUE",
                         help="conditions of a conditional model, e.g. --condition sex=F age=70 (repeatable; "
                              "age=40,70 gives one set per value); --num-samples volumes per set")
@@ -244,6 +249,7 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
             tile_overlap=args.tile_overlap,
             conditions=expand_conditions(args.condition, args.conditions_csv),
             guidance_scale=args.guidance_scale,
+            buffers=args.buffers,
         )
 
     return run_main(body, parser, argv)
@@ -314,7 +320,12 @@ def evaluate_autoencoder_main(argv: Sequence[str] | None = None) -> int:
                         help="reconstruct in overlapping tiles of this size (one value or one per axis), for "
                              "large volumes")
     parser.add_argument("--tile-overlap", type=float, default=None,
-                        help="fraction of a tile shared with a neighbour (with --tile-size; default 0.5)")
+                        help="fraction of a tile shared with a neighbour (with --tile-size; default: the run's "
+                             "autoencoder.tile_overlap)")
+    parser.add_argument("--buffers", choices=list(BUFFER_KINDS), default=None,
+                        help="where exact tiling keeps its activations: auto (whole volume, else GPU, else "
+                             "pinned host memory, by free GPU memory), device, cpu or disk (default: "
+                             "autoencoder.tile_buffers)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--no-nifti", action="store_true", help="do not write the reconstructions")
 
@@ -324,9 +335,8 @@ def evaluate_autoencoder_main(argv: Sequence[str] | None = None) -> int:
         if args.tile_overlap is not None and args.tile_size is None:
             raise ConfigError("--tile-overlap: only used with --tile-size; add --tile-size or drop --tile-overlap")
         data = args.data[0] if args.data and len(args.data) == 1 else args.data
-        overlap = 0.5 if args.tile_overlap is None else args.tile_overlap
-        result = evaluate_autoencoder(args.run, args.output, data, _tile_size(args.tile_size), overlap,
-                                      args.device, save_reconstructions=not args.no_nifti)
+        result = evaluate_autoencoder(args.run, args.output, data, _tile_size(args.tile_size), args.tile_overlap,
+                                      args.device, save_reconstructions=not args.no_nifti, buffers=args.buffers)
         print(format_summary(result))
 
     return run_main(body, parser, argv)

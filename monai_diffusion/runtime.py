@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from monai_diffusion.errors import ConfigError
 
-__all__ = ["Runtime", "resolve_device", "setup_runtime", "seed_everything", "capture_rng", "restore_rng",
-           "choose_autocast_dtype", "Precision"]
+__all__ = ["Runtime", "resolve_device", "setup_runtime", "fast_kernels", "seed_everything", "capture_rng",
+           "restore_rng", "choose_autocast_dtype", "Precision"]
 
 log = logging.getLogger("monai_diffusion")
 T = TypeVar("T")
@@ -122,6 +122,23 @@ def resolve_device(spec: str, local_rank: int = 0, world_size: int = 1) -> torch
     return torch.device("cpu")
 
 
+def fast_kernels(device: torch.device) -> None:
+    """Kernel choices for a CUDA ``device`` (no-op elsewhere), set here once for every command:
+
+    * ``cudnn.benchmark``: each command runs the same few shapes thousands of times (training patches of
+      one size, whole volumes of ``data.image_size``, the exact tiling's blocks, which are one shape except
+      at the volume's edges), so timing cuDNN's algorithms once per shape pays back at once;
+    * TF32 for float32 matrix multiplications (``torch.backends.cuda.matmul.allow_tf32``; cuDNN's
+      convolutions already use TF32 by default): attention and linear layers in float32 paths (training
+      without mixed precision, fp32 sampling) run on tensor cores. TF32 keeps float32's range and rounds
+      inputs to a 10-bit mantissa, the precision of fp16 mixed precision, which these networks train with.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def setup_runtime(device: str = "auto") -> Runtime:
     """Initialise DDP when launched by ``torchrun`` (WORLD_SIZE > 1), else a single process.
 
@@ -134,6 +151,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
     torch_device = resolve_device(device, local_rank, world_size)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
+    fast_kernels(torch_device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo",
                                 device_id=torch_device if torch_device.type == "cuda" else None)

@@ -17,8 +17,8 @@ import dataclasses
 import math
 from typing import Any
 
+from generative.inferers.tiling import tile_layout
 from generative.networks.nets.autoencoderkl import check_spatial_shape, nearest_valid_sizes
-from generative.networks.tiling import tile_layout
 from monai_diffusion.config.geometry import (
     autoencoder_totals,
     discriminator_min_size,

@@ -245,7 +245,12 @@ class AutoencoderConfig:
             per axis, multiples of the total downsampling factor): validation, the latent cache of the
             diffusion stage, samples. null: ``data.patch_size`` when training on patches, else whole
             volumes at once.
-        tile_overlap: fraction of a tile shared with its neighbour.
+        tile_overlap: fraction of a tile shared with its neighbour (blended tiles).
+        tile_buffers: where exact tiling keeps its full-size activations between layers: ``auto`` (on a GPU
+            the whole volume at once when it fits the free memory, else buffers on the GPU when they fit,
+            else pinned host memory; off a GPU host memory), ``device``, ``cpu`` (host memory) or ``disk``
+            (memory-mapped temporary files). The ``--buffers`` flag of sample.py and evaluate_autoencoder.py
+            overrides it.
         init_from: start training from the weights of this run folder or checkpoint (one we trained, or one
             written by ``ldm-import``), with a fresh optimiser, schedule and discriminator; the architecture
             keys above must match it (see docs/pretrained.md). null: random initialisation.
@@ -271,6 +276,7 @@ class AutoencoderConfig:
     tile_size: Union[int, list[int], None] = bounded(None, ge=1)
     tile_overlap: float = bounded(0.5, ge=0, lt=1)
     init_from: Union[str, None] = None
+    tile_buffers: Literal["auto", "device", "cpu", "disk"] = "auto"
     training: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)

@@ -21,15 +21,14 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from generative.networks.tiling import tiled_decode, tiled_encode
 from monai_diffusion.config import Config
-from monai_diffusion.config.rules import check_tiles
+from monai_diffusion.config.tiles import resolve_tiles
 from monai_diffusion.data import build_datasets, build_file_dataset, model_input, save_nifti
 from monai_diffusion.errors import RunError
 from monai_diffusion.evaluation.metrics import LatentStatistics, ReconstructionMetrics
 from monai_diffusion.runs.checkpoints import load_autoencoder
 from monai_diffusion.runs.folders import check_new_folder, check_outside_data, make_output_folder, run_dir_of
-from monai_diffusion.runtime import resolve_device
+from monai_diffusion.runtime import fast_kernels, resolve_device
 from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 
 __all__ = ["EvaluationResult", "evaluate_autoencoder", "format_summary", "finite_json"]
@@ -113,11 +112,12 @@ def evaluate_autoencoder(
     output: str | Path | None = None,
     data: str | list[str] | None = None,
     tile_size: Sequence[int] | int | None = None,
-    tile_overlap: float = 0.5,
+    tile_overlap: float | None = None,
     device: str = "auto",
     save_reconstructions: bool = True,
     mosaic_volumes: int = 3,
     seed: int = 0,
+    buffers: str | None = None,
 ) -> EvaluationResult:
     """Evaluate a trained autoencoder volume by volume.
 
@@ -132,14 +132,18 @@ def evaluate_autoencoder(
             run's own validation set.
         tile_size: reconstruct in overlapping tiles of this size (volumes larger than memory); default: as
             the run's config says (``Config.inference_tile``: by tiles after patch training).
-        tile_overlap: fraction of a tile shared with its neighbour.
+        tile_overlap: fraction of a tile shared with its neighbour (default: ``autoencoder.tile_overlap``).
         device: "auto", "cpu", "cuda" or "cuda:N".
         save_reconstructions: write the NIfTI reconstructions.
         mosaic_volumes: worst and best volumes shown in the PNG.
         seed: seed of the latent samples behind the scale factor.
+        buffers: where exact tiling keeps its activations (default: ``autoencoder.tile_buffers``).
+
+    The tile settings are resolved by ``config.tiles.resolve_tiles``, as everywhere else.
     """
     run = Path(run)
     torch_device = resolve_device(device)
+    fast_kernels(torch_device)
     model, config = load_autoencoder(run, map_location=torch_device)
     key = "--output" if output is not None else "--output (default <run>/evaluation)"
     output = Path(output) if output is not None else run_dir_of(run) / "evaluation"
@@ -154,9 +158,8 @@ def evaluate_autoencoder(
         raise RunError(f"{'--data' if data is not None else '--run'}: no volumes to evaluate in {where}")
     spatial_dims = config.autoencoder.spatial_dims
     spatial = tuple(config.data.image_size)[:spatial_dims]  # both pipelines pad/crop to it
-    if tile_size is None:  # as the run says: by tiles after patch training
-        tile_size, tile_overlap = config.inference_tile, config.autoencoder.tile_overlap
-    check_tiles(spatial, tile_size, tile_overlap, model.total_factors)
+    tiles = resolve_tiles(config, tile_size, tile_overlap, buffers, check=(spatial, model.total_factors))
+    inferer = tiles.inferer(progress=True)  # with tqdm bars over the tiles: large volumes take a while
     metrics = ReconstructionMetrics(spatial_dims, spatial)
     latents = LatentStatistics(seed=seed)
     rows: list[dict[str, Any]] = []
@@ -170,12 +173,12 @@ def evaluate_autoencoder(
             name = f"{name}_{index:03d}"
         images = model_input(item["image"][None], spatial_dims).to(torch_device).float()
         with torch.no_grad():
-            if tile_size is None:
+            if inferer is None:
                 z_mu, z_sigma = model.encode(images)
                 reconstruction = model.decode(z_mu).float()
-            else:  # with tqdm bars over the tiles: large volumes take a while
-                z_mu, z_sigma = tiled_encode(model, images, tile_size, tile_overlap, progress=True)
-                reconstruction = tiled_decode(model, z_mu, tile_size, tile_overlap, progress=True).float()
+            else:
+                z_mu, z_sigma = inferer.encode(model, images)
+                reconstruction = inferer.decode(model, z_mu).float()
         latents.update(z_mu, z_sigma)
         values = {key: float(value[0]) for key, value in metrics(reconstruction, images).items()}
         row: dict[str, Any] = {"name": name, "path": str(item.get("path", "")), **values}
@@ -208,7 +211,7 @@ def evaluate_autoencoder(
         "latent": latents.summary(),
         "downsample_factors": [list(f) for f in model.downsample_factors],
         "compression": float(np.prod(images.shape[1:]) / np.prod(z_mu.shape[1:])),
-        "tiling": {"tile_size": tile_size, "tile_overlap": tile_overlap} if tile_size is not None else None,
+        "tiling": tiles.summary(),
         "mosaic": shown,
         "seconds": round(seconds, 1),
     }

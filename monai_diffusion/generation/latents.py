@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, config_to_dict
+from monai_diffusion.config.tiles import TileSettings, resolve_tiles
 from monai_diffusion.data import build_datasets, model_input
 from monai_diffusion.data.datasets import item_covariates
 from monai_diffusion.evaluation.metrics import latent_std
@@ -65,17 +66,19 @@ def shard_indices(count: int, runtime: Runtime, pad: bool = True) -> list[int]:
 
 def encode_latents(
     autoencoder: AutoencoderKL, dataset: Dataset, indices: list[int], batch_size: int, device: torch.device, desc: str,
-    tile_size: list[int] | None = None, tile_overlap: float = 0.5,
+    tiles: TileSettings | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``dataset[indices]`` once; returns ``(z_mu, z_sigma)`` on the CPU, each NxCx[LATENT DIMS]
-    (empty tensors when ``indices`` is empty). ``tile_size``: encode each whole volume by tiles."""
+    (empty tensors when ``indices`` is empty). ``tiles``: encode each whole volume by tiles (see
+    ``config.tiles.resolve_tiles``)."""
+    inferer = tiles.inferer() if tiles is not None else None
     mus, sigmas = [], []
     spatial_dims = autoencoder.spatial_dims
     with torch.no_grad():
         for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
             images = torch.stack([dataset[i]["image"] for i in indices[start : start + batch_size]])
-            z_mu, z_sigma = autoencoder.encode(model_input(images, spatial_dims).to(device).float(),
-                                               tile_size=tile_size, tile_overlap=tile_overlap)
+            images = model_input(images, spatial_dims).to(device).float()
+            z_mu, z_sigma = autoencoder.encode(images) if inferer is None else inferer.encode(autoencoder, images)
             mus.append(z_mu.float().cpu())
             sigmas.append(z_sigma.float().cpu())
     if not mus:  # a rank without validation volumes
@@ -97,8 +100,9 @@ class LatentCache:
 
 
 def _fingerprint(config: Config, source: Path, runtime: Runtime) -> str:
+    tiles = resolve_tiles(config)
     return json.dumps({"autoencoder": str(Path(source).resolve()), "data": config_to_dict(config.data),
-                       "tile": config.inference_tile, "overlap": config.autoencoder.tile_overlap,
+                       "tile": tiles.tile_size, "overlap": tiles.overlap,
                        "rank": runtime.rank, "world": runtime.world_size, "seed": config.seed}, sort_keys=True)
 
 
@@ -152,11 +156,11 @@ def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL,
                            0.0, True, conditioning)
     started = time.perf_counter()
     batch = config.autoencoder.training.batch_size
-    tiles = {"tile_size": config.inference_tile, "tile_overlap": config.autoencoder.tile_overlap}
+    tiles = resolve_tiles(config)
     train_mu, train_sigma = encode_latents(autoencoder, train_ds, train_idx, batch, runtime.device,
-                                           "encoding training set", **tiles)
+                                           "encoding training set", tiles)
     val_mu, val_sigma = encode_latents(autoencoder, val_ds, val_idx, batch, runtime.device,
-                                       "encoding validation set", **tiles)
+                                       "encoding validation set", tiles)
     seconds = time.perf_counter() - started
     affine = torch.as_tensor(train_ds[0].get("affine", torch.eye(4)), dtype=torch.float64)
     if tr.cache_latents_on_disk:

@@ -21,13 +21,13 @@ from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, SchedulerConfig
-from monai_diffusion.config.rules import check_tiles
+from monai_diffusion.config.tiles import resolve_tiles
 from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
 from monai_diffusion.errors import CheckpointError, ConfigError, RunError
 from monai_diffusion.generation.conditioning import Conditioning, Conditions
 from monai_diffusion.runs.checkpoints import load_diffusion, resolve_checkpoint
 from monai_diffusion.runs.folders import check_new_folder, check_outside_data, existing_ancestor, make_output_folder
-from monai_diffusion.runtime import Precision, resolve_device
+from monai_diffusion.runtime import Precision, fast_kernels, resolve_device
 from monai_diffusion.visualize import save_png, volume_grid
 
 __all__ = ["make_scheduler", "sampling_generator", "generate_volumes", "sample_volumes", "expand_conditions"]
@@ -73,6 +73,7 @@ def generate_volumes(
     conditions: Conditions | None = None,
     conditioning: Conditioning | None = None,
     guidance_scale: float = 1.0,
+    buffers: str | None = None,
 ) -> torch.Tensor:
     """Sample ``count`` latents with MONAI core's DDPM/DDIM scheduler and decode them.
 
@@ -101,6 +102,8 @@ def generate_volumes(
         conditioning: the model's conditioning (for the empty conditions of classifier-free guidance).
         guidance_scale: classifier-free guidance: ``eps_uncond + scale * (eps_cond - eps_uncond)``; 1 uses the
             conditional prediction alone.
+        buffers: where exact tiling keeps its activations (default: ``autoencoder.tile_buffers``); the tile
+            settings are resolved by ``config.tiles.resolve_tiles``.
 
     Returns:
         Bx``out_channels``x[SPATIAL DIMS] volumes (float32) in the autoencoder's output range.
@@ -131,9 +134,9 @@ def generate_volumes(
                 conditional, unconditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents, _ = scheduler.step(prediction, t, latents, generator=step_generator)
-        tile = tile_size if tile_size is not None else config.inference_tile
-        overlap = tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap
-        volumes = autoencoder.decode(latents / scale_factor, tile_size=tile, tile_overlap=overlap)
+        inferer = resolve_tiles(config, tile_size, tile_overlap, buffers).inferer()
+        latents = latents / scale_factor
+        volumes = inferer.decode(autoencoder, latents) if inferer is not None else autoencoder.decode(latents)
     unet.train(was_training)
     return volumes.float()
 
@@ -190,6 +193,7 @@ def sample_volumes(
     tile_overlap: float | None = None,
     conditions: Sequence[dict[str, str]] | None = None,
     guidance_scale: float | None = None,
+    buffers: str | None = None,
 ) -> list[Path]:
     """Generate volumes into the new or empty folder ``output``: ``sample_XXX.nii.gz`` (written batch by batch,
     with the affine of the training volumes) and ``samples.png`` (the first few samples).
@@ -203,11 +207,13 @@ def sample_volumes(
         conditions: condition sets (name -> value as text) of a conditional model; each sample's conditions are
             written beside it (``sample_XXX.json``) and into ``conditions.csv``.
         guidance_scale: classifier-free guidance (default: the config's ``diffusion.sampling.guidance_scale``).
+        buffers: ``--buffers``: where exact tiling keeps its activations (default: ``autoencoder.tile_buffers``).
 
     Returns:
         the NIfTI paths.
     """
     torch_device = resolve_device(device)
+    fast_kernels(torch_device)
     output = Path(output)
     check_new_folder(output)
     try:
@@ -226,8 +232,7 @@ def sample_volumes(
     scale = config.diffusion.sampling.guidance_scale if guidance_scale is None else guidance_scale
     spatial_dims = config.autoencoder.spatial_dims
     image = tuple(config.data.image_size)[:spatial_dims]
-    check_tiles(image, tile_size, tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap,
-                bundle.autoencoder.total_factors)
+    resolve_tiles(config, tile_size, tile_overlap, buffers, check=(image, bundle.autoencoder.total_factors))
     if config.data.source == "nifti":
         check_outside_data(output, config.data.paths, "--output")
     _check_disk_space(output, num_samples * len(sets), config)
@@ -249,7 +254,7 @@ def sample_volumes(
                                  scheduler, generator, verbose=True, precision=precision, tile_size=tile_size,
                                  tile_overlap=tile_overlap,
                                  conditions=batch_conditions, conditioning=conditioning,
-                                 guidance_scale=scale).cpu().clamp(0, 1)
+                                 guidance_scale=scale, buffers=buffers).cpu().clamp(0, 1)
         for volume, values in zip(batch, chunk):
             name = output / f"sample_{len(names):0{digits}d}.nii.gz"
             try:

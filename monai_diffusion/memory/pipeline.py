@@ -7,8 +7,7 @@ peak is that of the real sequence of blocks.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,38 +15,28 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from generative.inferers.tiling import BufferRequest
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config
 from monai_diffusion.config.geometry import training_size
+from monai_diffusion.config.tiles import resolve_tiles
 from monai_diffusion.memory.counting import LiveBytes, _autocast
 from monai_diffusion.memory.estimates import estimate_autoencoder, estimate_diffusion
 
 __all__ = ["PhaseEstimate", "estimate_autoencoder_inference", "estimate_pipeline"]
 
 
-@contextlib.contextmanager
-def _host_buffers_uncounted(live: LiveBytes) -> Iterator[None]:
-    """Leave the exact tiling's full-size buffers out of ``live`` unless they are on the device.
+def _host_buffers_uncounted(live: LiveBytes) -> Callable[[BufferRequest], torch.Tensor]:
+    """The exact tiling's buffer allocator that leaves its full-size buffers out of ``live`` unless they are
+    on the device."""
 
-    The one place this package reaches into how tiling allocates its buffers. Tiling is moving to
-    ``generative/inferers/`` with a public hook for buffer allocation (issue #20, item 3); when it lands,
-    this body becomes a call of that hook and the patch of the private ``_Buffers.new`` goes.
-    """
-    from generative.networks import tiling
-
-    original = tiling._Buffers.new
-
-    def new(self, shape, dtype):  # noqa: ANN001
-        if self.where == "device":
-            return original(self, shape, dtype)
+    def allocate(request: BufferRequest) -> torch.Tensor:
+        if request.where == "device":
+            return request.allocate()
         with live.uncounted():
-            return original(self, shape, dtype)
+            return request.allocate()
 
-    tiling._Buffers.new = new
-    try:
-        yield
-    finally:
-        tiling._Buffers.new = original
+    return allocate
 
 
 @dataclass
@@ -87,31 +76,28 @@ def estimate_autoencoder_inference(
     Returns:
         (device bytes, host buffer bytes of the exact method, how it ran).
     """
-    from generative.networks.tiling import tiled_decode, tiled_encode, tiled_reconstruct
-
     if part not in ("encode", "decode", "reconstruct"):
         raise ValueError(f"part = {part!r}: expected 'encode', 'decode' or 'reconstruct'")
     ae = config.autoencoder
     size = tuple(config.data.image_size)[: ae.spatial_dims]
-    tile = config.inference_tile
+    tiles = resolve_tiles(config, buffers=buffers)
+    tile = tiles.tile_size
     report: dict[str, Any] = {}
     with FakeTensorMode():
         model = AutoencoderKL(**ae.model_kwargs()).eval()
         latent = model.latent_shape(size)
         live = LiveBytes()
-        with torch.no_grad(), live, _host_buffers_uncounted(live), _autocast(mixed_precision, target):
+        inferer = tiles.inferer(allocator=_host_buffers_uncounted(live))
+        with torch.no_grad(), live, _autocast(mixed_precision, target):
             if part == "reconstruct":
                 x = torch.empty((batch, ae.in_channels, *size))
-                out = (tiled_reconstruct(model, x, tile, ae.tile_overlap, progress=False, buffers=buffers,
-                                         report=report) if tile else model.reconstruct(x))
+                out = inferer.reconstruct(model, x, report) if tile else model.reconstruct(x)
             elif part == "encode":
                 x = torch.empty((batch, ae.in_channels, *size))
-                out = (tiled_encode(model, x, tile, ae.tile_overlap, progress=False, buffers=buffers, report=report)
-                       if tile else model.encode(x))
+                out = inferer.encode(model, x, report) if tile else model.encode(x)
             else:
                 z = torch.empty((batch, *latent))
-                out = (tiled_decode(model, z, tile, ae.tile_overlap, progress=False, buffers=buffers, report=report)
-                       if tile else model.decode(z))
+                out = inferer.decode(model, z, report) if tile else model.decode(z)
             del out
     if not tile:
         how = "whole volume at once"

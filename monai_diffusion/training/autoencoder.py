@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.config.schema import AutoencoderTrainingConfig
+from monai_diffusion.config.tiles import resolve_tiles
 from monai_diffusion.data import build_datasets, model_input
 from monai_diffusion.data.patches import RandomizedVolumes, build_random_transform
 from monai_diffusion.errors import RunError
@@ -98,7 +99,7 @@ class AutoencoderTask(Task):
             )
         spatial = tuple(config.data.image_size)[: ae_cfg.spatial_dims]
         self.metrics = ReconstructionMetrics(ae_cfg.spatial_dims, spatial, multiscale=False)
-        self.tile = config.inference_tile  # whole validation volumes run by tiles (None: at once)
+        self.tiles = resolve_tiles(config).inferer()  # whole validation volumes run by tiles (None: at once)
         self._shown: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- what the loop needs -------------------------------------------------------------------------
@@ -156,8 +157,8 @@ class AutoencoderTask(Task):
         (``Config.inference_tile``: always after patch training)."""
         images = self._images(batch)
         with self.precision.autocast():
-            reconstruction = self.autoencoder.reconstruct(images, tile_size=self.tile,
-                                                          tile_overlap=self.config.autoencoder.tile_overlap)
+            reconstruction = (self.autoencoder.reconstruct(images) if self.tiles is None
+                              else self.tiles.reconstruct(self.autoencoder, images))
         self._shown = (images, reconstruction)  # for the preview of this batch
         sums = {name: values.sum() for name, values in self.metrics(reconstruction, images).items()}
         return {**sums, "count": torch.tensor(float(len(images)))}

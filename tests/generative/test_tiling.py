@@ -1,4 +1,4 @@
-"""Tiled encoding/decoding (generative.networks.tiling): tile placement, exactness where it must be exact,
+"""Tiled encoding/decoding (generative.inferers.tiling): tile placement, exactness where it must be exact,
 and agreement with whole-volume inference on a trained network."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 
+from generative.inferers.tiling.blended import VolumeNormStatistics as _VolumeNormStatistics
+from generative.inferers.tiling.layout import monai_overlap as _monai_overlap
+from generative.inferers.tiling.layout import slab as _slab
 from generative.networks.nets import AutoencoderKL
 from generative.networks.tiling import (
-    _monai_overlap,
-    _slab,
-    _VolumeNormStatistics,
     exact_tiling_supported,
     tile_layout,
     tiled_decode,
@@ -250,7 +250,7 @@ def test_method_and_buffer_choices():
     x = torch.rand(1, 1, 16, 16, 8)
     with pytest.raises(ValueError, match=r"method = 'fast': expected one of 'auto', 'exact', 'blend'"):
         tiled_encode(model, x, 8, method="fast")
-    with pytest.raises(ValueError, match=r"buffers = 'gpu': expected one of 'cpu', 'device', 'disk'"):
+    with pytest.raises(ValueError, match=r"buffers = 'gpu': expected one of 'auto', 'device', 'cpu', 'disk'"):
         tiled_encode(model, x, 8, buffers="gpu")
     with pytest.raises(ValueError, match="drop volume_statistics=False or use method='blend'"):
         tiled_encode(model, x, 8, method="exact", volume_statistics=False)
@@ -277,7 +277,7 @@ def test_exact_blocks_span_whole_trailing_axes_but_stay_thick_enough():
 
 def test_exact_method_with_blocks_split_along_every_axis(monkeypatch):
     """The same exactness when blocks are the literal tiles (halos and zeros on every axis)."""
-    monkeypatch.setattr("generative.networks.tiling._slab", lambda tile, shape, factors: list(tile))
+    monkeypatch.setattr("generative.inferers.tiling.inferer.slab", lambda tile, shape, factors: list(tile))
     model = _random(num_channels=(8, 8, 8), attention_levels=(False,) * 3, downsample_factors=[4, 2])
     x = torch.rand(1, 1, 40, 24, 32)
     with torch.no_grad():
@@ -291,7 +291,7 @@ def test_exact_method_with_blocks_split_along_every_axis(monkeypatch):
 def test_exact_tiling_with_trilinear_upsampling(factors, shape, tile, monkeypatch):
     """MAISI's decoder interpolates trilinearly: a block needs one more source voxel each side, and the
     volume's edge clamps the source coordinate. Literal tiles put halos and edges on every axis."""
-    monkeypatch.setattr("generative.networks.tiling._slab", lambda tile, shape, factors: list(tile))
+    monkeypatch.setattr("generative.inferers.tiling.inferer.slab", lambda tile, shape, factors: list(tile))
     model = _random(num_channels=(8, 8, 8), attention_levels=(False,) * 3, downsample_factors=factors,
                     upsample_mode="trilinear")
     nearest = _random(num_channels=(8, 8, 8), attention_levels=(False,) * 3, downsample_factors=factors)
@@ -302,3 +302,21 @@ def test_exact_tiling_with_trilinear_upsampling(factors, shape, tile, monkeypatc
         whole = model.decode(z_mu)
         _assert_exact(tiled_decode(model, z_mu, tile), whole)
         assert float((nearest.decode(z_mu) - whole).abs().max()) > 1e-2 * float(whole.abs().max())
+
+
+def test_the_tiling_inferer_imports_no_network():
+    """Issue #20: no import cycle, also inside functions. The network imports the inferer; the inferer's
+    modules never import ``generative.networks`` (the blocks describe themselves with tiling plans)."""
+    import ast
+    from pathlib import Path
+
+    import generative.inferers.tiling as package
+
+    imported = []
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.append((path.name, node.module))
+            elif isinstance(node, ast.Import):
+                imported += [(path.name, alias.name) for alias in node.names]
+    assert imported and not [entry for entry in imported if entry[1].startswith(("generative.networks", "monai_diffusion"))]

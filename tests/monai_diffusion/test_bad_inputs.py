@@ -275,6 +275,9 @@ CASES = [
     # evaluation
     ("eval-tile-overlap-alone", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(o), "--tile-overlap", "0.3"], r"--tile-overlap: only used with --tile-size"),
     ("eval-tile-overlap-nan", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(o), "--tile-size", "8", "--tile-overlap", "nan"], r"--tile-size/--tile-overlap: tile_overlap = nan: expected a fraction in \[0, 1\)"),
+    ("eval-buffers-unknown", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(o), "--buffers", "gpu"], r"--buffers: invalid choice: 'gpu' \(choose from 'auto', 'device', 'cpu', 'disk'\)"),
+    ("sample-buffers-unknown", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--buffers", "host"], r"--buffers: invalid choice: 'host'"),
+    ("tile-buffers-unknown", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.tile_buffers=gpu"), r"autoencoder\.tile_buffers: expected one of 'auto', 'device', 'cpu', 'disk', got 'gpu'"),
     ("eval-tile-size-zero", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(o), "--tile-size", "0"], r"--tile-size: expected an integer >= 1, got 0"),
     ("eval-output-not-empty", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(w["good"])], r"--output: .*good already exists and is not an empty folder"),
     ("eval-output-inside-data", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--data", str(w["good"]), "--output", str(w["good"] / "eval")], r"--output: .*good/eval lies inside the data of --data"),

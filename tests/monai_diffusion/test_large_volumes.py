@@ -236,6 +236,7 @@ def test_patch_trained_pipeline_runs_whole_volumes_by_tiles(tmp_path, monkeypatc
     """64x64x48 CT volumes, 32^3 patches: the autoencoder trains on patches and validates whole volumes by
     tiles, the diffusion stage trains on whole-volume latents encoded by tiles, and sample.py decodes whole
     volumes by tiles with the training data's affine."""
+    from generative.inferers.tiling import TilingInferer
     from generative.networks.nets import AutoencoderKL
     from monai_diffusion.cli import train_diffusion_main
     from monai_diffusion.data import make_phantom
@@ -256,6 +257,13 @@ def test_patch_trained_pipeline_runs_whole_volumes_by_tiles(tmp_path, monkeypatc
             return _original(self, x, *args, **kwargs)
 
         monkeypatch.setattr(AutoencoderKL, name, spy)
+        tiled_original = getattr(TilingInferer, name)  # the one way into tiling (the commands use it directly)
+
+        def tiled_spy(self, model, x, *args, _name=name, _original=tiled_original, **kwargs):
+            calls.append((_name, tuple(x.shape[2:]), self.tile_size))
+            return _original(self, model, x, *args, **kwargs)
+
+        monkeypatch.setattr(TilingInferer, name, tiled_spy)
     overrides = [
         "data.source=nifti", f"data.paths={scans}", "data.image_size=[64, 64, 48]", "data.val_fraction=0.25",
         "data.patch_size=[32, 32, 32]", "data.patches_per_volume=2", "data.intensity_window=[-1000, 1000]",

@@ -1,4 +1,5 @@
-"""Diffusion inferers under MONAI Generative 0.2.3's import path (MONAI core's classes)."""
+"""Diffusion inferers under MONAI Generative 0.2.3's import path (MONAI core's classes), and our tiled
+autoencoder inference (``generative.inferers.tiling``)."""
 
 from generative.inferers.inferer import (
     ControlNetDiffusionInferer,
@@ -7,6 +8,7 @@ from generative.inferers.inferer import (
     LatentDiffusionInferer,
     VQVAETransformerInferer,
 )
+from generative.inferers.tiling import TilingInferer
 
 __all__ = [
     "ControlNetDiffusionInferer",
@@ -14,4 +16,5 @@ __all__ = [
     "DiffusionInferer",
     "LatentDiffusionInferer",
     "VQVAETransformerInferer",
+    "TilingInferer",
 ]

@@ -37,6 +37,17 @@ import torch.utils.checkpoint
 from monai.networks.blocks import Convolution
 
 from generative._dropin import LegacyPickleMixin
+from generative.inferers.tiling import TilingInferer
+from generative.inferers.tiling.steps import (
+    ConvStep,
+    DownsampleStep,
+    GlobalStep,
+    ResidualStep,
+    Step,
+    TilingPlan,
+    UpsampleStep,
+    plain_conv,
+)
 from generative.networks.layers.recompute import conv_with_recomputed_input
 
 __all__ = [
@@ -271,6 +282,13 @@ class Upsample(nn.Module, _LowMemoryMixin):
             return x
         return interpolate(x, self.scale, self.mode)
 
+    def tiling_step(self) -> Step | None:
+        """This block for the exact tiled method (``None`` with transposed convolutions)."""
+        conv = plain_conv(self.conv)
+        if self.use_convtranspose or conv is None:
+            return None
+        return UpsampleStep(conv, self.scale, self.mode, lambda x: interpolate(x, self.scale, self.mode))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: BxCx[SPATIAL DIMS]. Returns: BxCx[SPATIAL DIMS * scale]."""
         if self.use_convtranspose:
@@ -300,6 +318,11 @@ class Downsample(nn.Module, _LowMemoryMixin):
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, self.pad, mode="constant", value=0.0)
+
+    def tiling_step(self) -> Step | None:
+        """This block for the exact tiled method."""
+        conv = plain_conv(self.conv)
+        return None if conv is None else DownsampleStep(conv, self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: BxCx[SPATIAL DIMS], each divisible by its stride. Returns: BxCx[SPATIAL DIMS / stride]."""
@@ -332,6 +355,16 @@ class ResBlock(nn.Module, _LowMemoryMixin):
         self.nin_shortcut: nn.Module = (
             _conv(spatial_dims, in_channels, out_channels, 1, 1, 0) if in_channels != out_channels else nn.Identity()
         )
+
+    def tiling_step(self) -> Step | None:
+        """This block for the exact tiled method (``None`` unless its convolutions are plain ones)."""
+        conv1, conv2 = plain_conv(self.conv1), plain_conv(self.conv2)
+        identity = isinstance(self.nin_shortcut, nn.Identity)
+        shortcut = None if identity else plain_conv(self.nin_shortcut)
+        if conv1 is None or conv2 is None or (shortcut is None and not identity) or not (
+                _plain_group_norm(self.norm1) and _plain_group_norm(self.norm2)):
+            return None
+        return ResidualStep(self.norm1, conv1, self.norm2, conv2, shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: BxC_inx[SPATIAL DIMS]. Returns: BxC_outx[SPATIAL DIMS]."""
@@ -402,6 +435,10 @@ class AttentionBlock(nn.Module, _LowMemoryMixin):
             out = self.proj_attn(out)
         return out.to(x.dtype).transpose(1, 2).reshape(shape) + x
 
+    def tiling_step(self) -> Step:
+        """This block for the exact tiled method: global, it runs on its whole input."""
+        return GlobalStep(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: BxCx[SPATIAL DIMS]. Returns: same shape."""
         if self._use_low_memory():
@@ -411,6 +448,23 @@ class AttentionBlock(nn.Module, _LowMemoryMixin):
 
 def _as_level_list(value: Sequence[int] | int, levels: int) -> list[int]:
     return [value] * levels if isinstance(value, int) else list(value)
+
+
+def _tiling_steps(blocks: nn.ModuleList) -> list[Step] | None:
+    """Encoder or decoder ``blocks`` for the exact tiled method: each block's step, then the final GroupNorm
+    + convolution as one step; ``None`` if a block cannot be streamed."""
+    steps: list[Step | None] = []
+    for block in blocks[:-2]:
+        describe = getattr(block, "tiling_step", None)
+        if describe is not None:
+            steps.append(describe())
+        else:
+            conv = plain_conv(block)
+            steps.append(None if conv is None else ConvStep(conv))
+    norm, conv = blocks[-2], plain_conv(blocks[-1])
+    if type(norm) is not nn.GroupNorm or conv is None or any(step is None for step in steps):
+        return None
+    return [*steps, ConvStep(conv, norm)]  # type: ignore[list-item]
 
 
 class Encoder(nn.Module, _LowMemoryMixin):
@@ -726,6 +780,24 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
         """Latent shape ``(latent_channels, *spatial)`` for an input of ``spatial_shape`` (validated)."""
         return (self.latent_channels, *latent_spatial_shape(spatial_shape, self.total_factors))
 
+    def tiling_plan(self) -> TilingPlan | None:
+        """How the exact tiled method streams this network (``generative.inferers.tiling``); ``None`` where it
+        cannot (transposed-convolution upsampling, replaced modules, a subclass)."""
+        if type(self) is not AutoencoderKL:
+            return None
+        encoder, decoder = _tiling_steps(self.encoder.blocks), _tiling_steps(self.decoder.blocks)
+        heads = [plain_conv(c) for c in (self.quant_conv_mu, self.quant_conv_log_sigma, self.post_quant_conv)]
+        if encoder is None or decoder is None or any(c is None for c in heads):
+            return None
+        mu, log_sigma, post = heads
+        return TilingPlan(
+            encoder=encoder,
+            heads=[ConvStep(mu), ConvStep(log_sigma, finish=lambda t: torch.exp(torch.clamp(t, -30.0, 20.0) / 2))],
+            decoder=[ConvStep(post), *decoder],
+            factors=tuple(self.total_factors),
+            latent_channels=self.latent_channels,
+        )
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(
@@ -743,7 +815,7 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
         Args:
             x: BxCx[SPATIAL DIMS]; each spatial size divisible by its total downsampling factor.
             tile_size: encode tile by tile, tiles of this many voxels per axis (multiples of the total
-                factor), with the whole volume's GroupNorm statistics (see ``generative.networks.tiling``:
+                factor), with the whole volume's GroupNorm statistics (see ``generative.inferers.tiling``:
                 exact for this network unless it upsamples with transposed convolutions, else blended
                 overlapping tiles); ``None`` = the whole volume at once.
             tile_overlap: fraction of a tile shared with its neighbour when blending.
@@ -752,9 +824,8 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
             ``(z_mu, z_sigma)``, each Bx``latent_channels``x[SPATIAL DIMS / total factor].
         """
         if tile_size is not None:
-            from generative.networks.tiling import tiled_encode
-
-            return tiled_encode(self, x, tile_size, tile_overlap)
+            self._check_input(x)
+            return TilingInferer(tile_size, tile_overlap).encode(self, x)
         self._check_input(x)
         h = self.encoder(x)
         z_mu = self.quant_conv_mu(h)
@@ -773,16 +844,15 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
         Args:
             x: BxCx[SPATIAL DIMS].
             tile_size: encode, then decode, tile by tile, tiles of this many voxels per axis (see
-                :meth:`encode` and ``generative.networks.tiling``); ``None`` = the whole volume.
+                :meth:`encode` and ``generative.inferers.tiling``); ``None`` = the whole volume.
             tile_overlap: fraction of a tile shared with its neighbour when blending.
 
         Returns:
             BxCx[SPATIAL DIMS].
         """
         if tile_size is not None:
-            from generative.networks.tiling import tiled_reconstruct
-
-            return tiled_reconstruct(self, x, tile_size, tile_overlap)
+            self._check_input(x)
+            return TilingInferer(tile_size, tile_overlap).reconstruct(self, x)
         z_mu, _ = self.encode(x)
         return self.decode(z_mu)
 
@@ -801,9 +871,7 @@ class AutoencoderKL(LegacyPickleMixin, nn.Module):
             BxCx[LATENT DIMS * total factor].
         """
         if tile_size is not None:
-            from generative.networks.tiling import tiled_decode
-
-            return tiled_decode(self, z, tile_size, tile_overlap)
+            return TilingInferer(tile_size, tile_overlap).decode(self, z)
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

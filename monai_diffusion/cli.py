@@ -156,7 +156,16 @@ def run_main(body: Callable[[argparse.Namespace], object], parser: argparse.Argu
               f"size or the network's channels, or switch on mixed_precision or use_gradient_checkpointing "
               f"(ldm-estimate-memory estimates a training step)", file=sys.stderr)
         return 2
+    finally:
+        _release_output_folders()
     return 0
+
+
+def _release_output_folders() -> None:
+    """The results folders a command held (see ``runs.claim_output_folder``), whatever way it ended."""
+    runs = sys.modules.get("monai_diffusion.runs")
+    if runs is not None:
+        runs.release_output_folders()
 
 
 def train_autoencoder_main(argv: Sequence[str] | None = None) -> int:
@@ -308,7 +317,10 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
         chosen = memory.candidate_config(config, candidates[0])
         text = yaml.safe_dump(chosen, sort_keys=False).encode("utf-8")
         try:
-            atomic_write(target, lambda handle: handle.write(text))
+            atomic_write(target, lambda handle: handle.write(text), overwrite=False)
+        except FileExistsError:
+            raise RunError(f"--output: {target} already exists (written by another command meanwhile); choose another "
+                           f"file (nothing was overwritten)") from None
         except OSError as err:
             raise RunError(f"--output: cannot write {target} ({err.strerror}); choose another file") from None
         print(f"wrote the first one to {target}: python monai_diffusion/3d_ldm/train_autoencoder.py --config {target}")

@@ -28,7 +28,7 @@ from monai_diffusion.config.rules import check_tiles
 from monai_diffusion.data import build_datasets, build_file_dataset, model_input, save_nifti
 from monai_diffusion.errors import RunError
 from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics
-from monai_diffusion.runs import check_new_folder, check_outside_data, make_output_folder, run_dir_of
+from monai_diffusion.runs import check_new_folder, check_outside_data, claim_output_folder, run_dir_of
 from monai_diffusion.runtime import resolve_device
 from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 
@@ -161,7 +161,7 @@ def evaluate_autoencoder(
     latents = LatentStatistics(seed=seed)
     rows: list[dict[str, Any]] = []
     strips: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    make_output_folder(output, key)
+    lock = claim_output_folder(output, key)
     started = time.perf_counter()
     for index in tqdm(range(len(dataset)), desc="evaluating", leave=False):
         item = dataset[index]
@@ -214,6 +214,7 @@ def evaluate_autoencoder(
     }
     (output / "summary.json").write_text(json.dumps(finite_json(summary), indent=2, allow_nan=False),
                                          encoding="utf-8")
+    lock.release()
     return EvaluationResult(output, rows, summary)
 
 

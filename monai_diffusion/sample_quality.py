@@ -36,7 +36,7 @@ from monai_diffusion.errors import DataError
 from monai_diffusion.evaluation import finite_json
 from monai_diffusion.metrics import ms_ssim_settings, ssim_window
 from monai_diffusion.perceptual import MedicalNetResNet, load_medicalnet_weights
-from monai_diffusion.runs import check_new_folder
+from monai_diffusion.runs import check_new_folder, claim_output_folder
 from monai_diffusion.runtime import resolve_device
 from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 
@@ -196,7 +196,7 @@ def evaluate_samples(
              "copy": score >= copy_threshold} for path, (index, score) in zip(files, neighbours)]
     summary["copy_threshold"] = copy_threshold
     summary["copies"] = [r["sample"] for r in rows if r["copy"]]
-    output.mkdir(parents=True, exist_ok=True)
+    lock = claim_output_folder(output)
     with (output / "samples.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -209,6 +209,7 @@ def evaluate_samples(
     save_png(picture, output / "closest_pairs.png")
     (output / "summary.json").write_text(json.dumps(finite_json(summary), indent=2, allow_nan=False),
                                          encoding="utf-8")
+    lock.release()
     return SampleEvaluation(output, rows, summary)
 
 

@@ -26,7 +26,7 @@ from monai_diffusion.config import Config, SchedulerConfig
 from monai_diffusion.config.rules import check_tiles
 from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
 from monai_diffusion.errors import CheckpointError, ConfigError, RunError
-from monai_diffusion.runs import check_new_folder, check_outside_data, existing_ancestor, make_output_folder
+from monai_diffusion.runs import check_new_folder, check_outside_data, claim_output_folder, existing_ancestor
 from monai_diffusion.runtime import Precision, resolve_device
 from monai_diffusion.visualize import save_png, volume_grid
 
@@ -230,7 +230,7 @@ def sample_volumes(
     if config.data.source == "nifti":
         check_outside_data(output, config.data.paths, "--output")
     _check_disk_space(output, num_samples * len(sets), config)
-    make_output_folder(output)
+    lock = claim_output_folder(output)  # held while writing: a second sampler into it is refused
     affine = bundle.reference_affine
     if spatial_dims == 2:  # a 2D model's image is stored as a one-slice volume at the centre slice it learned
         affine = centre_slice_affine(affine, config.data.image_size[-1])
@@ -267,6 +267,7 @@ def sample_volumes(
             writer.writerows(rows)
     save_png(volume_grid([("samples", shown)], spatial_dims=spatial_dims), output / "samples.png")
     log.info("wrote %d NIfTI volumes and samples.png to %s", len(names), output)
+    lock.release()
     return names
 
 

@@ -20,11 +20,12 @@ from monai_diffusion.cli import (
     compare_factors_main,
     estimate_memory_main,
     evaluate_autoencoder_main,
+    evaluate_samples_main,
     sample_main,
     train_autoencoder_main,
     train_diffusion_main,
 )
-from monai_diffusion.runs import RunLock
+from monai_diffusion.runs import OutputLock, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
@@ -130,6 +131,15 @@ def world(tmp_path_factory) -> dict[str, Path]:
     lock = RunLock(root / "busy" / "autoencoder")
     lock.acquire()
     paths["busy"] = root / "busy"
+    # a results folder another command (sample.py, an evaluation) is writing: its lock is held
+    paths["in_use"] = root / "in_use"
+    paths["in_use"].mkdir()
+    output_lock = OutputLock(paths["in_use"])
+    output_lock.acquire()
+    # generated volumes of the trained run, for evaluate_samples.py
+    paths["samples"] = root / "samples"
+    assert sample_main(_argv(paths["trained"]) + ["--output", str(paths["samples"]), "--num-samples", "2",
+                                                   "--steps", "2"]) == 0
     # a trained run folder and a folder that refuse new files
     shutil.copytree(paths["trained"] / "autoencoder", root / "frozen" / "autoencoder")
     paths["frozen_run"] = root / "frozen" / "autoencoder"
@@ -141,6 +151,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     for path in frozen:
         _writable_again(path)
     lock.release()
+    output_lock.release()
 
 
 def _argv(out: Path, *overrides: str, config: Path = CONFIG) -> list[str]:
@@ -298,6 +309,12 @@ CASES = [
     ("estimate-output-without-budget", estimate_memory_main, lambda w, o: _argv(o) + ["--output", str(o.parent / "x.yaml")], r"--output: only used with --budget"),
     ("budget-batch-size-does-not-fit", estimate_memory_main, lambda w, o: _argv(o) + ["--budget", "1MB", "--batch-size", "2", "--output", str(o.parent / "x.yaml")], r"--budget 1MB: no searched configuration fits \(.*; batch 2; mixed precision"),
     ("hard-linked-file", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "hard_linked")), r"data\.paths: only 1 NIfTI file"),
+    # data safety: a results folder another command is writing is never shared (its lock is held)
+    ("sample-output-in-use", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\); wait for it"),
+    ("eval-output-in-use", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\)"),
+    ("samples-eval-output-in-use", evaluate_samples_main, lambda w, o: ["--run", str(w["trained"] / "diffusion"), "--samples", str(w["samples"]), "--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\)"),
+    ("compare-output-in-use", compare_factors_main, lambda w, o: _argv(o) + ["--factors", "[2, 2]", "--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\)"),
+    ("budget-output-in-a-sampled-folder", estimate_memory_main, lambda w, o: _argv(o) + ["--budget", "24GB", "--output", str(w["samples"] / "sample_000.nii.gz")], r"--output: .*sample_000\.nii\.gz already exists"),
 ]
 READ_ONLY_CASES = {"sample-output-read-only", "eval-default-output-read-only", "budget-output-read-only"}
 CPU_ONLY_CASES = {"training-cuda-on-cpu", "sample-cuda-on-cpu", "eval-cuda-on-cpu"}

@@ -132,6 +132,42 @@ def test_a_damaged_latent_cache_is_encoded_again(autoencoder_run, tmp_path, capl
     assert load_checkpoint(tmp_path / "diffusion" / "checkpoints" / "last.pt")["loop"]["global_step"] == 4
 
 
+# ----------------------------------------------------------------------------------------------------
+# results folders: two commands into one new folder never overwrite each other
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_samplers_into_one_new_folder_never_mix_their_files(autoencoder_run, tmp_path):
+    """Both pass the "new or empty" check at start; the folder's lock decides, under it the check is made
+    again: one writes all its volumes, the other is refused in one line and writes nothing."""
+    (tmp_path / "autoencoder").symlink_to(autoencoder_run / "autoencoder")
+    overrides = [*TINY_LDM, "diffusion.training.n_epochs=1", "device=cpu"]
+    assert train_diffusion_main(cli_args(CONFIG, tmp_path, *overrides)) == 0
+    shared = tmp_path / "samples"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {seed: subprocess.Popen([sys.executable, str(SCRIPTS / "sample.py"), *cli_args(CONFIG, tmp_path, *overrides),
+                                     "--output", str(shared), "--num-samples", "3", "--steps", "3", "--seed", str(seed)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+             for seed in (1, 2)}
+    results = {seed: (proc.wait(timeout=300), proc.stderr.read()) for seed, proc in procs.items()}
+    winners = [seed for seed, (code, _) in results.items() if code == 0]
+    assert len(winners) == 1, results
+    code, err = results[3 - winners[0]]
+    lines = [line for line in err.splitlines() if line.strip() and not _BAR.search(line)]
+    assert code == 2 and len(lines) == 1, lines
+    assert re.search(r"^error: --output: .*samples (is in use by another command \(PID \d+\)|already exists and is "
+                     r"not an empty folder)", lines[0]), lines[0]
+    written = sorted(p.name for p in shared.glob("*.nii.gz"))
+    assert written == ["sample_000.nii.gz", "sample_001.nii.gz", "sample_002.nii.gz"]
+    # every file is the winner's: the same seed sampled again in this process gives them voxel for voxel
+    from monai_diffusion.cli import sample_main
+
+    again = tmp_path / "again"
+    assert sample_main(cli_args(CONFIG, tmp_path, *overrides) + ["--output", str(again), "--num-samples", "3",
+                                                                 "--steps", "3", "--seed", str(winners[0])]) == 0
+    for name in written:
+        assert np.array_equal(nib.load(shared / name).get_fdata(), nib.load(again / name).get_fdata()), name
+
+
 def test_what_interrupted_saves_left_is_removed_when_a_run_starts_and_only_then(tmp_path, caplog):
     assert train(CONFIG, tmp_path, *tiny()) == 0
     run_dir = tmp_path / "autoencoder"

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.atomic import atomic_write
+from monai_diffusion.checkpoints import weights_fingerprint
 from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.data import build_datasets, model_input
@@ -96,8 +97,9 @@ class LatentCache:
     conditioning: Conditioning = dataclasses.field(default_factory=Conditioning)
 
 
-def _fingerprint(config: Config, source: Path, runtime: Runtime) -> str:
-    return json.dumps({"autoencoder": str(Path(source).resolve()), "data": config_to_dict(config.data),
+def _fingerprint(config: Config, source: Path, runtime: Runtime, weights: str) -> str:
+    return json.dumps({"autoencoder": str(Path(source).resolve()), "weights": weights,
+                       "data": config_to_dict(config.data),
                        "tile": config.inference_tile, "overlap": config.autoencoder.tile_overlap,
                        "rank": runtime.rank, "world": runtime.world_size, "seed": config.seed}, sort_keys=True)
 
@@ -142,7 +144,7 @@ def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL,
     conditioning = Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, train_items)
     train_conditions = conditioning.encode([train_items[i] for i in train_idx])
     val_conditions = conditioning.encode([item_covariates(val_ds, i) for i in val_idx])
-    fingerprint = _fingerprint(config, source, runtime)
+    fingerprint = _fingerprint(config, source, runtime, weights_fingerprint(autoencoder.state_dict()))
     cache_file = run_dir / f"latent_cache_rank{runtime.rank}.pt"
     cached = _read_cache(cache_file, fingerprint) if tr.cache_latents_on_disk else None
     if cached is not None:

@@ -136,6 +136,20 @@ def world(tmp_path_factory) -> dict[str, Path]:
     paths["in_use"].mkdir()
     output_lock = OutputLock(paths["in_use"])
     output_lock.acquire()
+    # a diffusion run whose autoencoder was then trained further in place
+    shutil.copytree(paths["trained"], root / "retrained")
+    paths["retrained"] = root / "retrained"
+    assert train_autoencoder_main(_argv(paths["retrained"], "autoencoder.training.n_epochs=2") + ["--resume"]) == 0
+    # a conditional diffusion run (sex, age) on the trained autoencoder, and datalists edited afterwards
+    scans = folder("cond_scans", {f"c{i}.nii.gz": volume() for i in range(6)})
+    rows = [(f"c{i}.nii.gz", "FM"[i % 2], 50 + 5 * i) for i in range(6)]
+    edits = {"cond_list": rows, "cond_new_class": [(f, "O" if s == "M" else s, a) for f, s, a in rows],
+             "cond_ages_x10": [(f, s, 10 * a) for f, s, a in rows]}
+    for name, table in edits.items():
+        paths[name] = root / f"{name}.csv"
+        paths[name].write_text("image,sex,age\n" + "".join(f"{scans / f},{s},{a}\n" for f, s, a in table))
+    paths["cond_run"] = root / "cond_run"
+    assert train_diffusion_main(_argv(paths["cond_run"], *DIFFUSION, *_conditional(paths, "cond_list"))) == 0
     # generated volumes of the trained run, for evaluate_samples.py
     paths["samples"] = root / "samples"
     assert sample_main(_argv(paths["trained"]) + ["--output", str(paths["samples"]), "--num-samples", "2",
@@ -159,6 +173,12 @@ def _argv(out: Path, *overrides: str, config: Path = CONFIG) -> list[str]:
     for item in (*TINY, *overrides):
         argv += ["--set", item]
     return argv
+
+
+def _conditional(world, datalist: str) -> list[str]:
+    return ["data.source=nifti", f"data.paths={world[datalist]}", "data.val_fraction=0.34",
+            f"diffusion.autoencoder_run={world['trained'] / 'autoencoder'}", "diffusion.conditioning.categorical=[sex]",
+            "diffusion.conditioning.continuous=[age]", "diffusion.attention_levels=[true]"]
 
 
 def _nifti(world, name: str) -> list[str]:
@@ -314,6 +334,10 @@ CASES = [
     ("eval-output-in-use", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\)"),
     ("samples-eval-output-in-use", evaluate_samples_main, lambda w, o: ["--run", str(w["trained"] / "diffusion"), "--samples", str(w["samples"]), "--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\)"),
     ("compare-output-in-use", compare_factors_main, lambda w, o: _argv(o) + ["--factors", "[2, 2]", "--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\)"),
+    # data safety: a resumed diffusion run keeps its autoencoder and its conditioning
+    ("resume-retrained-autoencoder", train_diffusion_main, lambda w, o: _argv(w["retrained"], *DIFFUSION, "diffusion.training.n_epochs=2") + ["--resume"], r"--resume: the autoencoder in .*retrained/autoencoder has changed since the diffusion run .*retrained/diffusion started .*start a new diffusion run without --resume in a new output_dir \(set diffusion\.autoencoder_run="),
+    ("resume-datalist-new-class", train_diffusion_main, lambda w, o: _argv(w["cond_run"], *DIFFUSION, *_conditional(w, "cond_new_class"), "diffusion.training.n_epochs=2") + ["--resume"], r"--resume: the datalist's covariates no longer match the conditioning stored in .*last\.pt \('sex' classes \['F', 'M'\] -> \['F', 'O'\] \(unseen: \['O'\]\)\); restore the datalist"),
+    ("resume-datalist-new-normalisation", train_diffusion_main, lambda w, o: _argv(w["cond_run"], *DIFFUSION, *_conditional(w, "cond_ages_x10"), "diffusion.training.n_epochs=2") + ["--resume"], r"--resume: the datalist's covariates .*\('age' normalisation 6\d\.\d+ ± \d+\.?\d* -> 6\d\d\.?\d* ± \d+\.?\d*\)"),
     ("budget-output-in-a-sampled-folder", estimate_memory_main, lambda w, o: _argv(o) + ["--budget", "24GB", "--output", str(w["samples"] / "sample_000.nii.gz")], r"--output: .*sample_000\.nii\.gz already exists"),
 ]
 READ_ONLY_CASES = {"sample-output-read-only", "eval-default-output-read-only", "budget-output-read-only"}

@@ -319,3 +319,16 @@ def test_running_out_of_memory_is_one_line(capsys, failure):
     assert len(err) == 1 and err[0].startswith("error: out of memory (") and "reduce data.image_size" in err[0]
     with pytest.raises(type(failure)):
         run_main(body, _parser("test"), ["--debug"])
+
+
+def test_the_weights_fingerprint_names_identical_weights_only():
+    """The identity a diffusion run and its latent cache keep of their autoencoder: one changed value, a
+    changed dtype or a renamed entry all give another fingerprint; a copy gives the same."""
+    from monai_diffusion.checkpoints import weights_fingerprint
+
+    state = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.bias": torch.zeros(3, dtype=torch.bfloat16)}
+    same = {k: v.clone() for k, v in reversed(list(state.items()))}
+    assert weights_fingerprint(state) == weights_fingerprint(same)
+    nudged = {**state, "a.weight": state["a.weight"].clone().index_fill_(1, torch.tensor([2]), 5.0000005)}
+    for other in (nudged, {**state, "b.bias": torch.zeros(3)}, {"a.w": state["a.weight"], "b.bias": state["b.bias"]}):
+        assert weights_fingerprint(other) != weights_fingerprint(state)

@@ -7,12 +7,14 @@ code 2 (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from monai_diffusion.atomic import atomic_write
 from monai_diffusion.config import Config, config_from_dict, load_config
@@ -26,8 +28,27 @@ CONFIG_DIR = Path(__file__).resolve().parent / "config"
 log = logging.getLogger("monai_diffusion")
 
 
+def _finite(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert``, refusing a non-finite float result (``nan``, ``inf``, ``1e400``) the way config values are."""
+
+    @functools.wraps(convert)
+    def checked(text: str) -> Any:
+        value = convert(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        return value
+
+    return checked
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (``error: --steps: ...``) and exit code 2."""
+    """argparse, with its errors as one line (``error: --steps: ...``) and exit code 2, and every number
+    option finite: each option's type converter refuses a non-finite float."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        if callable(kwargs.get("type")):
+            kwargs["type"] = _finite(kwargs["type"])
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message.removeprefix('argument ')}; see {self.prog} --help", file=sys.stderr)
@@ -286,7 +307,8 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
             args.overrides.append(f"autoencoder.training.batch_size={args.batch_size}")
         if args.output is not None and args.budget is None:
             raise ConfigError("--output: only used with --budget; add --budget (e.g. 24GB) or drop --output")
-        config = load_cli_config(args)
+        # the pipeline's phases (--pipeline, and always beside --budget) build the UNet too: check its section
+        config = load_cli_config(args, "diffusion" if args.pipeline or args.budget is not None else "autoencoder")
         if args.budget is None:
             print(memory.report(memory.estimate_autoencoder(config)))
             print("\n" + memory.settings_table(config))

@@ -30,6 +30,7 @@ from monai_diffusion.errors import RunError
 from monai_diffusion.metrics import LatentStatistics, ReconstructionMetrics
 from monai_diffusion.runs import check_new_folder, check_outside_data, claim_output_folder, run_dir_of
 from monai_diffusion.runtime import resolve_device
+from monai_diffusion.tiling_record import tiling_record
 from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 
 __all__ = ["EvaluationResult", "evaluate_autoencoder", "format_summary", "finite_json"]
@@ -208,7 +209,7 @@ def evaluate_autoencoder(
         "latent": latents.summary(),
         "downsample_factors": [list(f) for f in model.downsample_factors],
         "compression": float(np.prod(images.shape[1:]) / np.prod(z_mu.shape[1:])),
-        "tiling": {"tile_size": tile_size, "tile_overlap": tile_overlap} if tile_size is not None else None,
+        "tiling": tiling_record(model, tile_size, tile_overlap, "evaluation"),
         "mosaic": shown,
         "seconds": round(seconds, 1),
     }

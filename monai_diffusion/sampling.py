@@ -24,10 +24,12 @@ from monai_diffusion.checkpoints import load_diffusion, resolve_checkpoint
 from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, SchedulerConfig
 from monai_diffusion.config.rules import check_tiles
+from monai_diffusion.data.datalist import read_csv_table
 from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
 from monai_diffusion.errors import CheckpointError, ConfigError, RunError
 from monai_diffusion.runs import check_new_folder, check_outside_data, claim_output_folder, existing_ancestor
 from monai_diffusion.runtime import Precision, resolve_device
+from monai_diffusion.tiling_record import tiling_record
 from monai_diffusion.visualize import save_png, volume_grid
 
 __all__ = ["make_scheduler", "sampling_generator", "generate_volumes", "sample_volumes", "expand_conditions"]
@@ -148,19 +150,14 @@ def expand_conditions(sets: Sequence[Sequence[str]] | None, csv_file: str | Path
             if not found or not name.strip() or not values.strip():
                 raise ConfigError(f"--condition {token!r}: expected name=value (e.g. age=70 sex=F; age=40,70 for "
                                   f"several)")
+            if name.strip() in choices:
+                raise ConfigError(f"--condition {token!r}: '{name.strip()}' is given twice in one set; give each "
+                                  f"name once (name=a,b for several values)")
             choices[name.strip()] = [v.strip() for v in values.split(",")]
         expanded += [dict(zip(choices, combination)) for combination in itertools.product(*choices.values())]
     if csv_file is not None:
-        path = Path(csv_file)
-        try:
-            with path.open(newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle))
-        except (OSError, UnicodeDecodeError, csv.Error) as err:
-            raise ConfigError(f"--conditions-csv: cannot read {path} ({err})") from None
-        if not rows:
-            raise ConfigError(f"--conditions-csv: {path} has no rows (a header with the covariate names, then one "
-                              f"row per condition)")
-        expanded += [{k.strip(): (v or "").strip() for k, v in row.items()} for row in rows]
+        _, rows = read_csv_table(Path(csv_file), "--conditions-csv", ConfigError)
+        expanded += [{k: v.strip() for k, v in row.items()} for _, row in rows]
     return expanded
 
 
@@ -223,9 +220,15 @@ def sample_volumes(
                           f"{trained_steps} steps")
     sets = _condition_sets(conditioning, conditions)
     scale = config.diffusion.sampling.guidance_scale if guidance_scale is None else guidance_scale
+    _check_guidance(conditioning, scale, "--guidance-scale" if guidance_scale is not None else
+                    "diffusion.sampling.guidance_scale")
+    if tile_overlap is not None and tile_size is None and config.inference_tile is None:
+        raise ConfigError(f"--tile-overlap: only used with --tile-size (the run {run} decodes whole volumes); add "
+                          f"--tile-size or drop --tile-overlap")
     spatial_dims = config.autoencoder.spatial_dims
     image = tuple(config.data.image_size)[:spatial_dims]
-    check_tiles(image, tile_size, tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap,
+    check_tiles(image, tile_size if tile_size is not None else config.inference_tile,
+                tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap,
                 bundle.autoencoder.total_factors)
     if config.data.source == "nifti":
         check_outside_data(output, config.data.paths, "--output")
@@ -260,6 +263,12 @@ def sample_volumes(
                 rows.append({"file": name.name, **values})
             if len(shown) < MOSAIC_VOLUMES:
                 shown.append(volume)
+    tile = tile_size if tile_size is not None else config.inference_tile
+    settings = {"run": str(path), "scheduler": scheduler, "steps": trained_steps if scheduler == "ddpm" else steps,
+                "seed": seed, "guidance_scale": scale if conditioning.active else None, "volumes": len(names),
+                "tiling": tiling_record(bundle.autoencoder, tile, tile_overlap if tile_overlap is not None
+                                        else config.autoencoder.tile_overlap, "sampling")}
+    (output / "sampling.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
     if rows:
         with (output / "conditions.csv").open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -269,6 +278,19 @@ def sample_volumes(
     log.info("wrote %d NIfTI volumes and samples.png to %s", len(names), output)
     lock.release()
     return names
+
+
+def _check_guidance(conditioning: Conditioning, scale: float, key: str) -> None:
+    """Classifier-free guidance needs a conditional model that also learned the unconditional prediction."""
+    if scale == 1.0:
+        return
+    if not conditioning.active:
+        raise ConfigError(f"{key} {scale:g}: the model is unconditional (trained without diffusion.conditioning), so "
+                          f"there is nothing to guide; drop {key} (or set it to 1)")
+    if conditioning.dropout == 0:
+        log.warning("%s %g: the model was trained with diffusion.conditioning.dropout 0, so it never learned the "
+                    "unconditional prediction that guidance mixes in; the samples may be poor (train with a dropout "
+                    "such as 0.1 for guidance)", key, scale)
 
 
 def _condition_sets(conditioning: Conditioning, conditions: Sequence[dict[str, str]] | None) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from monai_diffusion.errors import CheckpointError, RunError
 from monai_diffusion.latents import LatentCache, cached_latents, compute_scale_factor, volumes_to_encode
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.sampling import generate_volumes, make_scheduler
+from monai_diffusion.tiling_record import tiling_record
 from monai_diffusion.training.loop import LoopState, Optimization
 from monai_diffusion.training.runner import Loaders, differences, run_stage
 from monai_diffusion.visualize import volume_grid
@@ -303,6 +304,8 @@ class DiffusionStage:
             "latent_shape": list(task.autoencoder.latent_shape(
                 tuple(config.data.image_size)[: config.autoencoder.spatial_dims])),
             "scale_factor": task.scale_factor,
+            "latent_tiling": tiling_record(task.autoencoder, config.inference_tile, config.autoencoder.tile_overlap,
+                                           "latent encoding"),
             "unet_parameters": sum(p.numel() for p in task.unet.parameters()),
             "latent_cache": {
                 "encode_seconds": round(latents.encode_seconds, 2),

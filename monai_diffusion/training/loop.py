@@ -25,7 +25,7 @@ from tqdm import tqdm
 from monai_diffusion.checkpoints import checkpoint_path, confirm_checkpoint, save_checkpoint, unconfirmed_path
 from monai_diffusion.data import make_loader
 from monai_diffusion.data.patches import EpochTaggedSampler, RandomizedVolumes
-from monai_diffusion.errors import TrainingError
+from monai_diffusion.errors import ConfigError, TrainingError
 from monai_diffusion.runtime import Precision, Runtime, capture_rng
 from monai_diffusion.visualize import save_png
 
@@ -52,6 +52,7 @@ class LoopSettings:
     lr_schedule: str = "constant"
     min_lr_ratio: float = 0.0
     grad_clip_norm: float | None = None
+    key: str = "training"  # the config section, named in messages
 
     @classmethod
     def of(cls, section: Any) -> LoopSettings:
@@ -63,7 +64,8 @@ class LoopSettings:
                    checkpoint_every_n_steps=section.checkpoint_every_n_steps,
                    keep_last_checkpoints=section.keep_last_checkpoints, warmup_steps=section.warmup_steps,
                    lr_schedule=section.lr_schedule, min_lr_ratio=section.min_lr_ratio,
-                   grad_clip_norm=section.grad_clip_norm)
+                   grad_clip_norm=section.grad_clip_norm,
+                   key=f"{'diffusion' if type(section).__name__.startswith('Diffusion') else 'autoencoder'}.training")
 
 
 def lr_factor(step: int, warmup: int, schedule: str, total: int, min_ratio: float) -> float:
@@ -150,7 +152,8 @@ class Optimization:
         self.precision = precision
         self.accumulation_steps = accumulation_steps
         self.grad_clip_norm = grad_clip_norm
-        self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+        self._factor: Callable[[int], float] | None = None  # the learning-rate schedule (see schedule())
+        self._base_lr: list[tuple[dict[str, Any], float]] = []
         self.step_index = 0
         self.skipped = 0
         self.window = accumulation_steps  # micro-batches in the current window (fewer in an epoch's last one)
@@ -172,15 +175,23 @@ class Optimization:
         self._pending.add(optimizer)
 
     def schedule(self, factor: Callable[[int], float]) -> None:
-        """Scale every learning rate by ``factor(step)`` (torch's ``LambdaLR``), from the current step on.
+        """Scale every learning rate by ``factor(step)``, from the current step on (what torch's ``LambdaLR``
+        computes, set directly: an optimiser that does not step in a window, such as the discriminator's in its
+        warm-up epochs, still follows the schedule, without ``LambdaLR``'s "step() before optimizer.step()").
 
         The factor depends on the step alone, so a resumed run continues the schedule where it stopped; the
         configured learning rate (already in the optimisers) is the base, also when it changed on resume.
         """
-        for optimizer in self.optimizers.values():
-            for group in optimizer.param_groups:
-                group["initial_lr"] = group["lr"]
-            self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=self.step_index - 1))
+        self._factor = factor
+        self._base_lr = [(group, group["lr"]) for optimizer in self.optimizers.values()
+                         for group in optimizer.param_groups]
+        self._apply_schedule()
+
+    def _apply_schedule(self) -> None:
+        if self._factor is not None:
+            scale = self._factor(self.step_index)
+            for group, base in self._base_lr:
+                group["lr"] = base * scale
 
     def _grads_finite(self, optimizer: torch.optim.Optimizer) -> bool:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -218,8 +229,7 @@ class Optimization:
             self.optimizers[name].zero_grad(set_to_none=True)
         self._pending.clear()
         self.step_index += 1
-        for scheduler in self.schedulers:
-            scheduler.step()
+        self._apply_schedule()
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -327,6 +337,11 @@ def fit(
     if settings.warmup_steps or settings.lr_schedule != "constant":
         steps_per_epoch = -(-batches_per_epoch // settings.accumulation_steps)
         total = settings.max_steps if settings.max_steps is not None else settings.n_epochs * steps_per_epoch
+        if settings.warmup_steps >= total and not settings.fast_dev_run:
+            raise ConfigError(f"{settings.key}.warmup_steps: {settings.warmup_steps} warm-up steps, but the run has "
+                              f"{total} optimiser steps ({settings.n_epochs} epochs of {steps_per_epoch}): the "
+                              f"learning rate would never reach its configured value; use fewer warm-up steps (e.g. "
+                              f"{max(1, total // 10)}) or train longer")
         optimization.schedule(lambda step: lr_factor(step, settings.warmup_steps, settings.lr_schedule, total,
                                                      settings.min_lr_ratio))
 

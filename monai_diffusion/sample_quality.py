@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from monai_diffusion.checkpoints import load_diffusion
 from monai_diffusion.data import build_datasets, build_file_dataset, find_nifti_files
-from monai_diffusion.errors import DataError
+from monai_diffusion.errors import ConfigError, DataError
 from monai_diffusion.evaluation import finite_json
 from monai_diffusion.metrics import ms_ssim_settings, ssim_window
 from monai_diffusion.perceptual import MedicalNetResNet, load_medicalnet_weights
@@ -196,6 +196,9 @@ def evaluate_samples(
     output = Path(output) if output is not None else samples / "evaluation"
     check_new_folder(output)
     config = load_diffusion(run).config
+    if medicalnet_network is not None and not (medicalnet_weights or config.autoencoder.perceptual.weights_path):
+        raise ConfigError(f"--medicalnet-network {medicalnet_network}: only used with MedicalNet weights, and none "
+                          f"are given; add --medicalnet-weights FILE or drop --medicalnet-network")
     spatial = tuple(config.data.image_size)
     files, generated = _load_generated(samples, spatial, config.autoencoder.out_channels)
     real_volumes = _real_volumes(config, real, 1, "--real")

@@ -407,6 +407,7 @@ CASES = [
     ("samples-0-to-255", evaluate_samples_main, lambda w, o: _samples(w, "samples_bytes_0_255", "--output", str(o)), r"--samples: .*bytes_0_255\.nii\.gz holds values from .* to 25\d\.?\d*, outside the \[0, 1\] that sample\.py writes"),
     ("samples-negative", evaluate_samples_main, lambda w, o: _samples(w, "samples_negative", "--output", str(o)), r"--samples: .*negative\.nii\.gz holds values from -0\.\d+ to"),
     ("samples-two-channels", evaluate_samples_main, lambda w, o: _samples(w, "samples_two_channels", "--output", str(o)), r"--samples: .*two_channels\.nii\.gz has 2 channels but the model generates 1"),
+    ("samples-network-without-weights", evaluate_samples_main, lambda w, o: _samples(w, "samples", "--output", str(o), "--medicalnet-network", "resnet18"), r"--medicalnet-network resnet18: only used with MedicalNet weights, and none are given"),
     ("samples-empty-folder", evaluate_samples_main, lambda w, o: _samples(w, "empty", "--output", str(o)), r"--samples: folder .*empty' contains no \.nii or \.nii\.gz files .*point --samples at a folder"),
     ("samples-real-empty-folder", evaluate_samples_main, lambda w, o: _samples(w, "samples", "--output", str(o), "--real", str(w["empty"])), r"--real: folder .*empty' contains no .*point --real at a folder"),
     ("samples-real-glob-nothing", evaluate_samples_main, lambda w, o: _samples(w, "samples", "--output", str(o), "--real", f"{w['good']}/*.nii.bz2"), r"--real: glob .* matches nothing; check the pattern or point --real at"),

@@ -29,6 +29,7 @@ from monai_diffusion.errors import RunError
 from monai_diffusion.metrics import ReconstructionMetrics
 from monai_diffusion.perceptual import MedicalNetPerceptualLoss
 from monai_diffusion.runtime import Precision, Runtime
+from monai_diffusion.tiling_record import tiling_record
 from monai_diffusion.training.loop import LoopState, Optimization, build_loaders
 from monai_diffusion.training.runner import Loaders, differences, flatten, run_stage
 from monai_diffusion.visualize import volume_grid
@@ -248,6 +249,8 @@ class AutoencoderStage:
             "autoencoder_parameters": sum(p.numel() for p in task.autoencoder.parameters()),
             "discriminator_parameters": (sum(p.numel() for p in task.discriminator.parameters())
                                          if task.discriminator else 0),
+            "validation_tiling": tiling_record(task.autoencoder, task.tile, config.autoencoder.tile_overlap,
+                                               "validation"),
         }
 
     def describe(self, summary: dict[str, Any]) -> list[str]:

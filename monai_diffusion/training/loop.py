@@ -313,6 +313,22 @@ def _validate(
     return {f"val/{k}": v / count for k, v in reduced.items()}, preview
 
 
+def _schedule_learning_rate(optimization: Optimization, settings: LoopSettings, batches_per_epoch: int) -> None:
+    """The warm-up and decay of ``settings`` (nothing for a constant rate without warm-up); a warm-up as long as
+    the run is refused (ConfigError): its learning rate would never reach the configured value."""
+    if not settings.warmup_steps and settings.lr_schedule == "constant":
+        return
+    steps_per_epoch = -(-batches_per_epoch // settings.accumulation_steps)
+    total = settings.max_steps if settings.max_steps is not None else settings.n_epochs * steps_per_epoch
+    if settings.warmup_steps >= total and not settings.fast_dev_run:
+        raise ConfigError(f"{settings.key}.warmup_steps: {settings.warmup_steps} warm-up steps, but the run has "
+                          f"{total} optimiser steps ({settings.n_epochs} epochs of {steps_per_epoch}): the "
+                          f"learning rate would never reach its configured value; use fewer warm-up steps (e.g. "
+                          f"{max(1, total // 10)}) or train longer")
+    optimization.schedule(lambda step: lr_factor(step, settings.warmup_steps, settings.lr_schedule, total,
+                                                 settings.min_lr_ratio))
+
+
 def fit(
     task: Task,
     settings: LoopSettings,
@@ -334,16 +350,7 @@ def fit(
     batches_per_epoch = len(train_loader)
     if settings.fast_dev_run:
         batches_per_epoch = min(batches_per_epoch, settings.fast_dev_run_batches)
-    if settings.warmup_steps or settings.lr_schedule != "constant":
-        steps_per_epoch = -(-batches_per_epoch // settings.accumulation_steps)
-        total = settings.max_steps if settings.max_steps is not None else settings.n_epochs * steps_per_epoch
-        if settings.warmup_steps >= total and not settings.fast_dev_run:
-            raise ConfigError(f"{settings.key}.warmup_steps: {settings.warmup_steps} warm-up steps, but the run has "
-                              f"{total} optimiser steps ({settings.n_epochs} epochs of {steps_per_epoch}): the "
-                              f"learning rate would never reach its configured value; use fewer warm-up steps (e.g. "
-                              f"{max(1, total // 10)}) or train longer")
-        optimization.schedule(lambda step: lr_factor(step, settings.warmup_steps, settings.lr_schedule, total,
-                                                     settings.min_lr_ratio))
+    _schedule_learning_rate(optimization, settings, batches_per_epoch)
 
     # ``last.pt`` names only a state whose weights were seen to compute finite values: finite weights and
     # optimiser state are not enough (a huge learning rate gives finite weights of 1e30 whose next forward

@@ -7,12 +7,14 @@ code 2 (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from generative.inferers.tiling.buffers import BUFFER_KINDS
 from monai_diffusion.config import Config, load_config
@@ -26,8 +28,27 @@ CONFIG_DIR = Path(__file__).resolve().parent / "config"
 log = logging.getLogger("monai_diffusion")
 
 
+def _finite(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert``, refusing a non-finite float result (``nan``, ``inf``, ``1e400``) the way config values are."""
+
+    @functools.wraps(convert)
+    def checked(text: str) -> Any:
+        value = convert(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        return value
+
+    return checked
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (``error: --steps: ...``) and exit code 2."""
+    """argparse, with its errors as one line (``error: --steps: ...``) and exit code 2, and every number
+    option finite: each option's type converter refuses a non-finite float."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        if callable(kwargs.get("type")):
+            kwargs["type"] = _finite(kwargs["type"])
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message.removeprefix('argument ')}; see {self.prog} --help", file=sys.stderr)
@@ -156,7 +177,16 @@ def run_main(body: Callable[[argparse.Namespace], object], parser: argparse.Argu
               f"size or the network's channels, or switch on mixed_precision or use_gradient_checkpointing "
               f"(ldm-estimate-memory estimates a training step)", file=sys.stderr)
         return 2
+    finally:
+        _release_output_folders()
     return 0
+
+
+def _release_output_folders() -> None:
+    """The results folders a command held (see ``runs.claim_output_folder``), whatever way it ended."""
+    runs = sys.modules.get("monai_diffusion.runs.folders")
+    if runs is not None:
+        runs.release_output_folders()
 
 
 def train_autoencoder_main(argv: Sequence[str] | None = None) -> int:
@@ -287,7 +317,8 @@ def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--output: only used with --budget; add --budget (e.g. 24GB) or drop --output")
         if args.show_all and args.budget is None:
             raise ConfigError("--all: only used with --budget; add --budget (e.g. 24GB) or drop --all")
-        config = load_cli_config(args)
+        # the pipeline's phases (--pipeline, and always beside --budget) build the UNet too: check its section
+        config = load_cli_config(args, "diffusion" if args.pipeline or args.budget is not None else "autoencoder")
         if args.budget is not None:
             output = Path(args.output or f"{Path(args.config).stem}_{args.budget.replace(' ', '')}.yaml")
             memory.write_for_budget(config, args.budget, output, args.batch_size, args.world_size, args.show_all)

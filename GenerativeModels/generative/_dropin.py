@@ -25,6 +25,11 @@ import torch.nn as nn
 T = TypeVar("T")
 
 
+class ArgumentError(ValueError, AssertionError):
+    """A bad constructor argument where MONAI Generative 0.2.3 used an ``assert``: a ``ValueError`` with a
+    message naming the argument, still caught by clients written for 0.2.3's ``AssertionError``."""
+
+
 def resolve_alias(owner: str, old_name: str, old_value: T | None, new_name: str, new_value: T | None,
                   default: T | None = None) -> T:
     """The value of an argument that MONAI core renamed (``channels``) and 0.2.3 still uses (``num_channels``).

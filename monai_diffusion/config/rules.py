@@ -112,6 +112,10 @@ def _validate_top(config: Config) -> None:
 
 def _validate_data(config: Config) -> None:
     data = config.data
+    if data.phantom_covariates and data.source != "synthetic":
+        raise ConfigError(f"data.phantom_covariates: only used with data.source: synthetic (the phantoms' own "
+                          f"covariates), but data.source is {data.source}; drop it (your covariates come from a "
+                          f"datalist in data.paths)")
     lower, upper = data.intensity_percentiles
     if not lower < upper:
         raise ConfigError(f"data.intensity_percentiles: expected [lower, upper] with lower < upper, got "
@@ -261,6 +265,18 @@ def _validate_diffusion(config: Config) -> None:
                               f"{scheduler.num_train_timesteps}; use at most that many steps")
 
 
+def _validate_schedule(section: Any, key: str) -> None:
+    """Learning-rate settings that would be silently ignored or never take effect."""
+    if section.lr_schedule == "constant" and section.min_lr_ratio != 0:
+        raise ConfigError(f"{key}.min_lr_ratio: {section.min_lr_ratio} only applies to a decaying schedule, but "
+                          f"{key}.lr_schedule is constant; set {key}.lr_schedule to cosine or linear, or drop "
+                          f"min_lr_ratio")
+    if section.max_steps is not None and section.warmup_steps >= section.max_steps:
+        raise ConfigError(f"{key}.warmup_steps: {section.warmup_steps} warm-up steps, but {key}.max_steps = "
+                          f"{section.max_steps}: the learning rate would never reach its configured value; use "
+                          f"fewer warm-up steps (e.g. {max(1, section.max_steps // 10)})")
+
+
 PHANTOM_COVARIATES = ("cavity", "size")  # the phantoms' class and continuous covariate
 
 
@@ -298,6 +314,8 @@ def validate(config: Config, stage: str = "autoencoder") -> Config:
     _validate_autoencoder(config)
     if stage == "autoencoder":
         _validate_autoencoder_training(config)
+        _validate_schedule(config.autoencoder.training, "autoencoder.training")
     else:
         _validate_diffusion(config)
+        _validate_schedule(config.diffusion.training, "diffusion.training")
     return config

@@ -23,7 +23,7 @@ from monai.data import load_decathlon_datalist
 from monai_diffusion.data.files import is_nifti
 from monai_diffusion.errors import DataError
 
-__all__ = ["DATALIST_SUFFIXES", "ROW_KEY", "is_datalist", "read_datalist"]
+__all__ = ["DATALIST_SUFFIXES", "ROW_KEY", "is_datalist", "read_datalist", "read_csv_table"]
 
 DATALIST_SUFFIXES = (".json", ".csv")
 ROW_KEY = "row"  # where an item was given: "<file>, line 5" or "<file>, training[3]", for error messages
@@ -51,11 +51,16 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] |
     if not isinstance(keys, dict) or not isinstance(keys.get("training"), list):
         raise DataError(f"data.paths: {path} has no 'training' list; a datalist looks like "
                         f'{{"training": [{{"image": "a.nii.gz", "age": 63}}], "validation": [...]}}')
+    if not keys["training"]:
+        raise DataError(f"data.paths: {path} has no training rows (its 'training' list is empty)")
     parts = []
     for key in ("training", "validation"):
-        if key not in keys:
+        if keys.get(key) is None:  # absent, or "validation": null: the split comes from data.val_fraction
             parts.append(None)
             continue
+        if not isinstance(keys[key], list):
+            raise DataError(f"data.paths: {path}: '{key}' must be a list of objects with an 'image' key, got "
+                            f"{type(keys[key]).__name__}")
         for row, item in enumerate(keys[key]):
             if not isinstance(item, dict) or "image" not in item:
                 raise DataError(f"data.paths: {path}, {key}[{row}]: expected an object with an 'image' key, "
@@ -68,16 +73,50 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] |
     return parts[0], parts[1]
 
 
-def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def read_csv_table(path: Path, key: str,
+                   error: type[Exception] = DataError) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and ``(line number, row)`` pairs of a CSV table as a spreadsheet saves it: a UTF-8 byte-order
+    mark is skipped, the delimiter (``,``, ``;`` or tab) is detected from the header. A repeated column name, a
+    row with more fields than the header and a header without rows are refused (``error`` naming ``key``, the
+    file and the line)."""
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"data.paths: cannot read the datalist {path} as CSV ({err})") from None
-    if not rows or "image" not in rows[0]:
-        raise DataError(f"data.paths: {path} needs a header with an 'image' column (and one column per covariate)")
-    training, validation, has_split = [], [], "split" in rows[0]
-    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{key}: cannot read {path} as CSV ({err})") from None
+    header_line = text.splitlines()[0] if text.strip() else ""
+    counts = {d: header_line.count(d) for d in (",", ";", "\t")}
+    delimiter = max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
+    try:
+        records = list(csv.reader(text.splitlines(), delimiter=delimiter))
+    except csv.Error as err:
+        raise error(f"{key}: cannot read {path} as CSV ({err})") from None
+    records = [(line, r) for line, r in enumerate(records, start=1) if any(cell.strip() for cell in r)]
+    if not records:
+        raise error(f"{key}: {path} is empty; expected a header line, then one row per line")
+    header = [name.strip() for name in records[0][1]]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise error(f"{key}: {path}: the header repeats the column(s) {repeated}; give each column once")
+    if len(records) == 1:
+        raise error(f"{key}: {path} has a header ({', '.join(header)}) but no rows; add one row per line")
+    rows = []
+    for line, record in records[1:]:
+        if len(record) > len(header):
+            raise error(f"{key}: {path}, line {line}: {len(record)} fields but the header has {len(header)} "
+                        f"({', '.join(header)}); remove the extra field or quote a value that holds "
+                        f"'{delimiter}'")
+        rows.append((line, {name: (record[i] if i < len(record) else "") for i, name in enumerate(header)}))
+    return header, rows
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    header, rows = read_csv_table(path, "data.paths")
+    if "image" not in header:
+        raise DataError(f"data.paths: {path} needs a header with an 'image' column (and one column per covariate); "
+                        f"its header is {header}")
+    training, validation, has_split = [], [], "split" in header
+    for line, row in rows:
         where = f"data.paths: {path}, line {line}"
         image = (row.get("image") or "").strip()
         if not image:

@@ -24,7 +24,11 @@ log = logging.getLogger("monai_diffusion")
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _GLOB_CHARS = frozenset("*?[")
-_PATHS_HINT = "point data.paths at a folder, a glob like 'scans/*.nii.gz' or a list of NIfTI files"
+
+
+def _paths_hint(key: str) -> str:
+    """How to fix ``key`` (``data.paths``, ``--samples``, ``--real[0]``, ...), naming that key."""
+    return f"point {key.split('[')[0]} at a folder, a glob like 'scans/*.nii.gz' or a list of NIfTI files"
 
 
 def is_nifti(path: Path | str) -> bool:
@@ -40,7 +44,7 @@ def _find_in_folder(folder: Path, key: str) -> list[Path]:
     if not found:
         raise DataError(
             f"{key}: folder '{folder}' contains no .nii or .nii.gz files (searched recursively); "
-            f"add NIfTI files or {_PATHS_HINT}"
+            f"add NIfTI files or {_paths_hint(key)}"
         )
     return found
 
@@ -50,7 +54,7 @@ def _find_by_glob(pattern: str, key: str) -> list[Path]:
     matches = sorted(glob.glob(pattern, recursive=True))
     found = [Path(m) for m in matches if is_nifti(m) and os.path.isfile(m)]
     if not matches:
-        raise DataError(f"{key}: glob '{pattern}' matches nothing; check the pattern or {_PATHS_HINT}")
+        raise DataError(f"{key}: glob '{pattern}' matches nothing; check the pattern or {_paths_hint(key)}")
     if not found:
         raise DataError(
             f"{key}: glob '{pattern}' matches {len(matches)} path(s) but no .nii/.nii.gz file; "
@@ -67,7 +71,8 @@ def _check_listed_file(entry: Any, key: str) -> Path:
     if not path.exists():
         raise DataError(f"{key}: file '{path}' does not exist; fix the path or remove it from the list")
     if path.is_dir():
-        raise DataError(f"{key}: '{path}' is a folder; list NIfTI files only, or set data.paths to the folder itself")
+        raise DataError(f"{key}: '{path}' is a folder; list NIfTI files only, or set {key.split('[')[0]} to the folder "
+                        f"itself")
     if not is_nifti(path):
         raise DataError(f"{key}: '{path}' is not a NIfTI file; expected a .nii or .nii.gz file")
     return path
@@ -118,7 +123,8 @@ def find_nifti_files(paths: str | list[str] | None, key: str = "data.paths") -> 
     if isinstance(paths, os.PathLike):
         paths = os.fspath(paths)
     if paths is None or (isinstance(paths, (str, list, tuple)) and len(paths) == 0):
-        raise DataError(f"{key}: no input given; {_PATHS_HINT} (required when data.source is 'nifti')")
+        required = " (required when data.source is 'nifti')" if key == "data.paths" else ""
+        raise DataError(f"{key}: no input given; {_paths_hint(key)}{required}")
     if isinstance(paths, (list, tuple)):
         return _unique([_check_listed_file(entry, f"{key}[{i}]") for i, entry in enumerate(paths)], key)
     if not isinstance(paths, str):
@@ -134,7 +140,7 @@ def find_nifti_files(paths: str | list[str] | None, key: str = "data.paths") -> 
             raise DataError(f"{key}: '{path}' is not a NIfTI file; expected a .nii or .nii.gz file")
         return [path]
     kind = "file" if is_nifti(path) else "folder"
-    raise DataError(f"{key}: {kind} '{path}' does not exist; {_PATHS_HINT}")
+    raise DataError(f"{key}: {kind} '{path}' does not exist; {_paths_hint(key)}")
 
 
 def split_files(files: Sequence[Path], val_fraction: float, seed: int,

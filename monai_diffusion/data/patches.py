@@ -13,6 +13,7 @@ uninterrupted run, after a ``--resume``, and in DataLoader workers.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
@@ -35,6 +36,8 @@ from monai_diffusion.data.keys import IMAGE_KEY
 
 __all__ = ["ForegroundPatchesd", "build_random_transform", "RandomizedVolumes", "EpochTaggedSampler"]
 
+log = logging.getLogger("monai_diffusion")
+
 
 class ForegroundPatchesd(Randomizable, MapTransform):
     """``num_samples`` patches of ``spatial_size`` from ``data[key]`` (CxHxWxD): a share ``random_fraction``
@@ -55,6 +58,15 @@ class ForegroundPatchesd(Randomizable, MapTransform):
     def randomize(self, data: Any = None) -> None:  # the cropper draws the centres
         pass
 
+    def _say_no_foreground(self, name: str) -> None:
+        """Warn once per volume (and process) that its patches fall back to uniform centres."""
+        warned = self.__dict__.setdefault("_warned", set())
+        if name not in warned:
+            warned.add(name)
+            log.warning("%s: no voxel above data.foreground_threshold = %g, so its patches are centred anywhere "
+                        "(mostly background); lower data.foreground_threshold or check the volume's intensity "
+                        "scaling", name, self.threshold)
+
     def weights(self, image: torch.Tensor) -> torch.Tensor:
         """Sampling weight of each voxel as a patch centre: a mixture of uniform and foreground-uniform."""
         foreground = (image.float().mean(0) > self.threshold).float()
@@ -65,7 +77,10 @@ class ForegroundPatchesd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
         image = data[self.keys[0]]
-        patches = self.cropper(image, weight_map=self.weights(torch.as_tensor(image))[None])
+        weights = self.weights(torch.as_tensor(image))
+        if self.random_fraction < 1 and not bool((torch.as_tensor(image).float().mean(0) > self.threshold).any()):
+            self._say_no_foreground(str(data.get("path", "a training volume")))
+        patches = self.cropper(image, weight_map=weights[None])
         return [{**data, self.keys[0]: patch} for patch in patches]
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from monai_diffusion.config import Config, config_from_dict, config_to_dict
 from monai_diffusion.config.geometry import autoencoder_totals, with_factors
 from monai_diffusion.errors import ConfigError
-from monai_diffusion.runs.folders import check_new_folder, check_outside_data
+from monai_diffusion.runs.folders import check_new_folder, check_outside_data, claim_output_folder
 from monai_diffusion.training.measure import measure_training_step
 
 __all__ = ["VariantResult", "recommended_latent_channels", "variant_config", "compare_factors", "parse_factors"]
@@ -208,6 +208,7 @@ def compare_factors(
     names = [n for _, n, _ in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"--factors: the same variant is listed twice ({names})")
+    lock = claim_output_folder(output)  # held for the whole study: a second one into it is refused
     torch_device = resolve_device(config.device)
     results = []
     for factors, name, variant in variants:
@@ -234,4 +235,5 @@ def compare_factors(
     (output / "comparison.md").write_text(_markdown(results, torch_device.type) + "\n", encoding="utf-8")
     _plot(results, output / "comparison.png",
           f"{size} {config.data.source} data, {steps} steps per variant, seed {config.seed}")
+    lock.release()
     return results

@@ -27,7 +27,7 @@ from monai_diffusion.data import build_datasets, build_file_dataset, model_input
 from monai_diffusion.errors import RunError
 from monai_diffusion.evaluation.metrics import LatentStatistics, ReconstructionMetrics
 from monai_diffusion.runs.checkpoints import load_autoencoder
-from monai_diffusion.runs.folders import check_new_folder, check_outside_data, make_output_folder, run_dir_of
+from monai_diffusion.runs.folders import check_new_folder, check_outside_data, claim_output_folder, run_dir_of
 from monai_diffusion.runtime import fast_kernels, resolve_device
 from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 
@@ -164,7 +164,7 @@ def evaluate_autoencoder(
     latents = LatentStatistics(seed=seed)
     rows: list[dict[str, Any]] = []
     strips: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    make_output_folder(output, key)
+    lock = claim_output_folder(output, key)
     started = time.perf_counter()
     for index in tqdm(range(len(dataset)), desc="evaluating", leave=False):
         item = dataset[index]
@@ -211,12 +211,13 @@ def evaluate_autoencoder(
         "latent": latents.summary(),
         "downsample_factors": [list(f) for f in model.downsample_factors],
         "compression": float(np.prod(images.shape[1:]) / np.prod(z_mu.shape[1:])),
-        "tiling": tiles.summary(),
+        "tiling": tiles.summary(model, "evaluation"),
         "mosaic": shown,
         "seconds": round(seconds, 1),
     }
     (output / "summary.json").write_text(json.dumps(finite_json(summary), indent=2, allow_nan=False),
                                          encoding="utf-8")
+    lock.release()
     return EvaluationResult(output, rows, summary)
 
 

@@ -31,12 +31,12 @@ from monai.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric, SSIMMetric
 from tqdm import tqdm
 
 from monai_diffusion.data import build_datasets, build_file_dataset, find_nifti_files
-from monai_diffusion.errors import DataError
+from monai_diffusion.errors import ConfigError, DataError
 from monai_diffusion.evaluation.metrics import ms_ssim_settings, ssim_window
 from monai_diffusion.evaluation.perceptual import MedicalNetResNet, load_medicalnet_weights
 from monai_diffusion.evaluation.reconstruction import finite_json
 from monai_diffusion.runs.checkpoints import load_diffusion
-from monai_diffusion.runs.folders import check_new_folder
+from monai_diffusion.runs.folders import check_new_folder, claim_output_folder
 from monai_diffusion.runtime import resolve_device
 from monai_diffusion.visualize import labelled_rows, orthogonal_slices, save_png
 
@@ -64,6 +64,8 @@ def medicalnet_features(volumes: Sequence[torch.Tensor], network: MedicalNetResN
 def feature_distances(generated: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
     """FID (MONAI's FIDMetric) and linear-kernel MMD² (MONAI's MMDMetric, on the first ``min(N, M)`` of each)."""
     count = min(len(generated), len(real))
+    if count < 2:  # a covariance of one feature vector is NaN, and the FID's matrix square root of it never ends
+        return {"fid": float("nan"), "mmd": float("nan")}
     fid = float(FIDMetric()(generated, real))
     mmd = float(MMDMetric()(real[:count], generated[:count])) if count >= 2 else float("nan")
     return {"fid": fid, "mmd": mmd}
@@ -106,9 +108,33 @@ class SampleEvaluation:
     summary: dict[str, Any]
 
 
-def _load_generated(folder: str | Path, spatial: tuple[int, ...]) -> tuple[list[Path], list[torch.Tensor]]:
+def _check_generated(path: Path, array: np.ndarray, spatial: tuple[int, ...], channels: int) -> None:
+    """One generated volume (CxHxWxD) as sample.py writes it: the model's size and channels, finite values in
+    [0, 1]; anything else is named, never scored (a NaN would hang the FID's matrix square root)."""
+    if tuple(array.shape[1:]) != tuple(spatial):
+        raise DataError(f"--samples: {path} has shape {list(array.shape[1:])} but the model generates "
+                        f"{list(spatial)}; evaluate the volumes sample.py wrote for this run")
+    if array.shape[0] != channels:
+        raise DataError(f"--samples: {path} has {array.shape[0]} channels but the model generates {channels}; "
+                        f"evaluate the volumes sample.py wrote for this run")
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise DataError(f"--samples: {path} holds {int((~finite).sum()):,} non-finite voxels (NaN or inf) of "
+                        f"{array.size:,}; remove it or sample it again")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 - VALUE_TOLERANCE or high > 1 + VALUE_TOLERANCE:
+        raise DataError(f"--samples: {path} holds values from {low:.4g} to {high:.4g}, outside the [0, 1] that "
+                        f"sample.py writes (the metrics compare volumes in [0, 1]); rescale it to [0, 1] or "
+                        f"evaluate the volumes sample.py wrote")
+
+
+VALUE_TOLERANCE = 1e-6  # float32 rounding of values written in [0, 1]
+
+
+def _load_generated(folder: str | Path, spatial: tuple[int, ...],
+                    channels: int = 1) -> tuple[list[Path], list[torch.Tensor]]:
     """The generated NIfTI files of ``folder`` as CxHxWxD tensors in [0, 1] (written by sample.py in the model's
-    space: no preprocessing), each checked against the model's volume size."""
+    space: no preprocessing), each checked against the model's volume size and channels and its values."""
     files = find_nifti_files(str(folder), "--samples")
     volumes = []
     for path in files:
@@ -116,10 +142,11 @@ def _load_generated(folder: str | Path, spatial: tuple[int, ...]) -> tuple[list[
             array = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
         except Exception as err:  # noqa: BLE001 - nibabel raises many kinds; each is the file's fault
             raise DataError(f"--samples: cannot read {path} ({type(err).__name__}: {err})") from None
+        if array.ndim not in (3, 4):
+            raise DataError(f"--samples: {path} has {array.ndim} dimensions (shape {list(array.shape)}); expected "
+                            f"a 3D volume as sample.py writes")
         array = array[None] if array.ndim == 3 else np.moveaxis(array, -1, 0)
-        if tuple(array.shape[1:]) != tuple(spatial):
-            raise DataError(f"--samples: {path} has shape {list(array.shape[1:])} but the model generates "
-                            f"{list(spatial)}; evaluate the volumes sample.py wrote for this run")
+        _check_generated(path, array, spatial, channels)
         volumes.append(torch.from_numpy(np.clip(array, 0.0, 1.0)))
     return files, volumes
 
@@ -169,8 +196,11 @@ def evaluate_samples(
     output = Path(output) if output is not None else samples / "evaluation"
     check_new_folder(output)
     config = load_diffusion(run).config
+    if medicalnet_network is not None and not (medicalnet_weights or config.autoencoder.perceptual.weights_path):
+        raise ConfigError(f"--medicalnet-network {medicalnet_network}: only used with MedicalNet weights, and none "
+                          f"are given; add --medicalnet-weights FILE or drop --medicalnet-network")
     spatial = tuple(config.data.image_size)
-    files, generated = _load_generated(samples, spatial)
+    files, generated = _load_generated(samples, spatial, config.autoencoder.out_channels)
     real_volumes = _real_volumes(config, real, 1, "--real")
     training = _real_volumes(config, train, 0, "--train")
     summary: dict[str, Any] = {"run": str(run), "samples": str(samples), "generated_volumes": len(generated),
@@ -191,12 +221,17 @@ def evaluate_samples(
                                "real_count": len(real_volumes), "mmd_count": min(len(generated), len(real_volumes))}
     summary["ms_ssim_generated"] = mean_pairwise_ms_ssim(generated)
     summary["ms_ssim_real"] = mean_pairwise_ms_ssim(real_volumes)
+    notes = {key: _diversity_note(volumes, flag) for key, volumes, flag in
+             (("generated", generated, "--samples"), ("real", real_volumes, "--real"))}
+    summary["diversity_notes"] = {key: note for key, note in notes.items() if note}
+    for key, note in summary["diversity_notes"].items():
+        log.warning("diversity of the %s volumes not computed: %s", key, note)
     neighbours = nearest_neighbours(generated, training)
     rows = [{"sample": path.name, "nearest_training_index": index, "nearest_ssim": score,
              "copy": score >= copy_threshold} for path, (index, score) in zip(files, neighbours)]
     summary["copy_threshold"] = copy_threshold
     summary["copies"] = [r["sample"] for r in rows if r["copy"]]
-    output.mkdir(parents=True, exist_ok=True)
+    lock = claim_output_folder(output)
     with (output / "samples.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -209,7 +244,17 @@ def evaluate_samples(
     save_png(picture, output / "closest_pairs.png")
     (output / "summary.json").write_text(json.dumps(finite_json(summary), indent=2, allow_nan=False),
                                          encoding="utf-8")
+    lock.release()
     return SampleEvaluation(output, rows, summary)
+
+
+def _diversity_note(volumes: Sequence[torch.Tensor], flag: str) -> str | None:
+    """Why the mean pairwise MS-SSIM of ``volumes`` is not a number (None when it is)."""
+    if len(volumes) < 2:
+        return f"{len(volumes)} volume(s) in {flag}; pairwise MS-SSIM needs at least 2"
+    if ms_ssim_settings(volumes[0].shape[1:]) is None:
+        return f"volumes of {list(volumes[0].shape[1:])} voxels are too small for MS-SSIM"
+    return None
 
 
 def format_sample_summary(result: SampleEvaluation) -> str:
@@ -223,8 +268,11 @@ def format_sample_summary(result: SampleEvaluation) -> str:
                      f"{f['generated_count']} generated, {f['real_count']} real)")
     else:
         lines.append(s["features"])
-    lines.append(f"diversity (mean pairwise MS-SSIM, lower = more diverse): generated {s['ms_ssim_generated']:.4f}, "
-                 f"real {s['ms_ssim_real']:.4f}")
+    notes = s.get("diversity_notes", {})
+    shown = {key: f"n/a ({notes[key]})" if key in notes else f"{s[f'ms_ssim_{key}']:.4f}"
+             for key in ("generated", "real")}
+    lines.append(f"diversity (mean pairwise MS-SSIM, lower = more diverse): generated {shown['generated']}, "
+                 f"real {shown['real']}")
     lines.append(f"likely copies of training volumes (SSIM >= {s['copy_threshold']}): "
                  f"{', '.join(s['copies']) or 'none'}")
     lines.append(f"wrote {result.output_dir}/summary.json, samples.csv, closest_pairs.png")

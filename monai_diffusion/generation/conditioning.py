@@ -80,15 +80,31 @@ class Conditioning:
 
     @staticmethod
     def category(value: Any) -> str:
-        """A categorical value as text (``1``, ``1.0`` and ``"1"`` are one class)."""
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        return str(value).strip()
+        """A categorical value as text: a number is one class however it is written (``1``, ``1.0``, ``"1"``,
+        ``"1.0"``); ``True`` is ``"true"``."""
+        if isinstance(value, bool):
+            return str(value).lower()
+        text = str(value).strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        if not math.isfinite(number):
+            return text
+        return str(int(number)) if number.is_integer() else repr(number)
+
+    @classmethod
+    def checked_category(cls, name: str, value: Any, where: str) -> str:
+        """:meth:`category`, refusing an empty cell (``""``, JSON ``null``): it is no class."""
+        if value is None or not str(value).strip():
+            raise DataError(f"{where}: covariate '{name}' is empty ({value!r}); give every volume a value (it is "
+                            f"categorical)")
+        return cls.category(value)
 
     @staticmethod
     def number(name: str, value: Any, where: str) -> float:
         try:
-            number = float(value)
+            number = math.nan if isinstance(value, bool) else float(value)  # JSON true is no age
         except (TypeError, ValueError):
             number = math.nan
         if not math.isfinite(number):
@@ -105,7 +121,12 @@ class Conditioning:
                 raise DataError(f"{_where(item)}: no covariate {missing[0]!r} (the config conditions on "
                                 f"{list(categorical) + list(continuous)}); add the column or fix "
                                 f"diffusion.conditioning")
-        classes = {n: sorted({cls.category(item[n]) for item in items}) for n in categorical}
+        classes = {n: sorted({cls.checked_category(n, item[n], _where(item)) for item in items}) for n in categorical}
+        for name, found in classes.items():
+            if len(found) < 2:
+                raise DataError(f"diffusion.conditioning.categorical: covariate '{name}' has a single class {found} "
+                                f"in the training set, so it cannot condition anything; drop it from "
+                                f"diffusion.conditioning.categorical or add volumes of other classes")
         stats = {}
         for name in continuous:
             values = torch.tensor([cls.number(name, item[name], _where(item)) for item in items], dtype=torch.float64)
@@ -122,7 +143,7 @@ class Conditioning:
     def from_state(cls, state: Mapping[str, Any] | None) -> Conditioning:
         if not state:
             return cls()
-        return cls({k: list(v) for k, v in state["categorical"].items()},
+        return cls({k: [cls.category(c) for c in v] for k, v in state["categorical"].items()},
                    {k: (float(v[0]), float(v[1])) for k, v in state["continuous"].items()}, float(state["dropout"]),
                    bool(state.get("flag", True)))
 
@@ -154,7 +175,7 @@ class Conditioning:
             for item in items:
                 index = 0
                 for name, classes in self.categorical.items():
-                    value = self.category(item.get(name, "")) if name in item else None
+                    value = self.checked_category(name, item.get(name), _where(item))
                     if value not in classes:
                         raise DataError(f"{_where(item)}: covariate '{name}' = {item.get(name)!r} is not one of the "
                                         f"classes {classes} seen in training")

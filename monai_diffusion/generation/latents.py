@@ -29,6 +29,7 @@ from monai_diffusion.data.datasets import item_covariates
 from monai_diffusion.evaluation.metrics import latent_std
 from monai_diffusion.generation.conditioning import Conditioning, Conditions
 from monai_diffusion.runs.atomic import atomic_write
+from monai_diffusion.runs.checkpoints import weights_fingerprint
 from monai_diffusion.runtime import Runtime
 
 __all__ = ["LatentDataset", "LatentCache", "encode_latents", "shard_indices", "compute_scale_factor", "cached_latents",
@@ -99,9 +100,10 @@ class LatentCache:
     conditioning: Conditioning = dataclasses.field(default_factory=Conditioning)
 
 
-def _fingerprint(config: Config, source: Path, runtime: Runtime) -> str:
+def _fingerprint(config: Config, source: Path, runtime: Runtime, weights: str) -> str:
     tiles = resolve_tiles(config)
-    return json.dumps({"autoencoder": str(Path(source).resolve()), "data": config_to_dict(config.data),
+    return json.dumps({"autoencoder": str(Path(source).resolve()), "weights": weights,
+                       "data": config_to_dict(config.data),
                        "tile": tiles.tile_size, "overlap": tiles.overlap,
                        "rank": runtime.rank, "world": runtime.world_size, "seed": config.seed}, sort_keys=True)
 
@@ -146,7 +148,7 @@ def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL,
     conditioning = Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, train_items)
     train_conditions = conditioning.encode([train_items[i] for i in train_idx])
     val_conditions = conditioning.encode([item_covariates(val_ds, i) for i in val_idx])
-    fingerprint = _fingerprint(config, source, runtime)
+    fingerprint = _fingerprint(config, source, runtime, weights_fingerprint(autoencoder.state_dict()))
     cache_file = run_dir / f"latent_cache_rank{runtime.rank}.pt"
     cached = _read_cache(cache_file, fingerprint) if tr.cache_latents_on_disk else None
     if cached is not None:

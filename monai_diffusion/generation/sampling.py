@@ -22,11 +22,12 @@ from tqdm import tqdm
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, SchedulerConfig
 from monai_diffusion.config.tiles import resolve_tiles
+from monai_diffusion.data.datalist import read_csv_table
 from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
 from monai_diffusion.errors import CheckpointError, ConfigError, RunError
 from monai_diffusion.generation.conditioning import Conditioning, Conditions
 from monai_diffusion.runs.checkpoints import load_diffusion, resolve_checkpoint
-from monai_diffusion.runs.folders import check_new_folder, check_outside_data, existing_ancestor, make_output_folder
+from monai_diffusion.runs.folders import check_new_folder, check_outside_data, claim_output_folder, existing_ancestor
 from monai_diffusion.runtime import Precision, fast_kernels, resolve_device
 from monai_diffusion.visualize import save_png, volume_grid
 
@@ -152,19 +153,14 @@ def expand_conditions(sets: Sequence[Sequence[str]] | None, csv_file: str | Path
             if not found or not name.strip() or not values.strip():
                 raise ConfigError(f"--condition {token!r}: expected name=value (e.g. age=70 sex=F; age=40,70 for "
                                   f"several)")
+            if name.strip() in choices:
+                raise ConfigError(f"--condition {token!r}: '{name.strip()}' is given twice in one set; give each "
+                                  f"name once (name=a,b for several values)")
             choices[name.strip()] = [v.strip() for v in values.split(",")]
         expanded += [dict(zip(choices, combination)) for combination in itertools.product(*choices.values())]
     if csv_file is not None:
-        path = Path(csv_file)
-        try:
-            with path.open(newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle))
-        except (OSError, UnicodeDecodeError, csv.Error) as err:
-            raise ConfigError(f"--conditions-csv: cannot read {path} ({err})") from None
-        if not rows:
-            raise ConfigError(f"--conditions-csv: {path} has no rows (a header with the covariate names, then one "
-                              f"row per condition)")
-        expanded += [{k.strip(): (v or "").strip() for k, v in row.items()} for row in rows]
+        _, rows = read_csv_table(Path(csv_file), "--conditions-csv", ConfigError)
+        expanded += [{k: v.strip() for k, v in row.items()} for _, row in rows]
     return expanded
 
 
@@ -230,13 +226,18 @@ def sample_volumes(
                           f"{trained_steps} steps")
     sets = _condition_sets(conditioning, conditions)
     scale = config.diffusion.sampling.guidance_scale if guidance_scale is None else guidance_scale
+    _check_guidance(conditioning, scale, "--guidance-scale" if guidance_scale is not None else
+                    "diffusion.sampling.guidance_scale")
+    if tile_overlap is not None and tile_size is None and resolve_tiles(config).tile_size is None:
+        raise ConfigError(f"--tile-overlap: only used with --tile-size (the run {run} decodes whole volumes); add "
+                          f"--tile-size or drop --tile-overlap")
     spatial_dims = config.autoencoder.spatial_dims
     image = tuple(config.data.image_size)[:spatial_dims]
-    resolve_tiles(config, tile_size, tile_overlap, buffers, check=(image, bundle.autoencoder.total_factors))
+    tiles = resolve_tiles(config, tile_size, tile_overlap, buffers, check=(image, bundle.autoencoder.total_factors))
     if config.data.source == "nifti":
         check_outside_data(output, config.data.paths, "--output")
     _check_disk_space(output, num_samples * len(sets), config)
-    make_output_folder(output)
+    lock = claim_output_folder(output)  # held while writing: a second sampler into it is refused
     affine = bundle.reference_affine
     if spatial_dims == 2:  # a 2D model's image is stored as a one-slice volume at the centre slice it learned
         affine = centre_slice_affine(affine, config.data.image_size[-1])
@@ -268,6 +269,10 @@ def sample_volumes(
                 rows.append({"file": name.name, **values})
             if len(shown) < MOSAIC_VOLUMES:
                 shown.append(volume)
+    settings = {"run": str(path), "scheduler": scheduler, "steps": trained_steps if scheduler == "ddpm" else steps,
+                "seed": seed, "guidance_scale": scale if conditioning.active else None, "volumes": len(names),
+                "tiling": tiles.summary(bundle.autoencoder, "sampling")}
+    (output / "sampling.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
     if rows:
         with (output / "conditions.csv").open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -275,7 +280,21 @@ def sample_volumes(
             writer.writerows(rows)
     save_png(volume_grid([("samples", shown)], spatial_dims=spatial_dims), output / "samples.png")
     log.info("wrote %d NIfTI volumes and samples.png to %s", len(names), output)
+    lock.release()
     return names
+
+
+def _check_guidance(conditioning: Conditioning, scale: float, key: str) -> None:
+    """Classifier-free guidance needs a conditional model that also learned the unconditional prediction."""
+    if scale == 1.0:
+        return
+    if not conditioning.active:
+        raise ConfigError(f"{key} {scale:g}: the model is unconditional (trained without diffusion.conditioning), so "
+                          f"there is nothing to guide; drop {key} (or set it to 1)")
+    if conditioning.dropout == 0:
+        log.warning("%s %g: the model was trained with diffusion.conditioning.dropout 0, so it never learned the "
+                    "unconditional prediction that guidance mixes in; the samples may be poor (train with a dropout "
+                    "such as 0.1 for guidance)", key, scale)
 
 
 def _condition_sets(conditioning: Conditioning, conditions: Sequence[dict[str, str]] | None) -> list[dict[str, Any]]:

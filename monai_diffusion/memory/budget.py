@@ -209,7 +209,10 @@ def write_for_budget(config: Config, budget_text: str, output: Path, batch_size:
     chosen = candidate_config(config, candidates[0])
     text = yaml.safe_dump(chosen, sort_keys=False).encode("utf-8")
     try:
-        atomic_write(output, lambda handle: handle.write(text))
+        atomic_write(output, lambda handle: handle.write(text), overwrite=False)
+    except FileExistsError:
+        raise RunError(f"--output: {output} already exists (written by another command meanwhile); choose another "
+                       f"file (nothing was overwritten)") from None
     except OSError as err:
         raise RunError(f"--output: cannot write {output} ({err.strerror}); choose another file") from None
     print(f"wrote the row marked * (the least compression that fits) to {output}: "

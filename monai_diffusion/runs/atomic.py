@@ -20,9 +20,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], overwrite: bool = True) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, flush and fsync it, then rename it over
-    ``path``. The temporary file (``.<name>.<random>.tmp``) is removed if anything fails."""
+    ``path``. The temporary file (``.<name>.<random>.tmp``) is removed if anything fails.
+
+    ``overwrite=False``: the file is linked into place only if ``path`` does not exist (FileExistsError
+    otherwise, also when another process created it meanwhile: no check-then-write race)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -30,7 +33,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

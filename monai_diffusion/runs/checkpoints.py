@@ -11,8 +11,10 @@ allowed as well.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,12 +30,25 @@ from monai_diffusion.errors import CheckpointError, ConfigError
 from monai_diffusion.pretrained.unet import build_unet
 
 __all__ = ["FORMAT", "build_unet", "save_checkpoint", "unconfirmed_path", "confirm_checkpoint", "load_checkpoint",
-           "checkpoint_path", "resolve_checkpoint", "load_autoencoder", "load_diffusion", "DiffusionBundle"]
+           "checkpoint_path", "resolve_checkpoint", "load_autoencoder", "load_diffusion", "DiffusionBundle",
+           "weights_fingerprint"]
 
 FORMAT = "monai_diffusion.checkpoint/1"
 
 # what monai-diffusion 0.4.0 checkpoints need beyond weights_only's defaults: NumPy's RNG state (an array)
 _LEGACY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every entry's name, dtype, shape and bytes, in name order. Two sets of weights
+    share it only when they are identical (the identity of a trained network, e.g. the autoencoder a diffusion
+    run and its latent cache were made with)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def checkpoint_path(run_dir: str | Path, name: str) -> Path:

@@ -21,7 +21,7 @@ from monai_diffusion.errors import RunError
 
 __all__ = ["run_folder", "check_run_dir", "create_run_dir", "clear_scratch", "check_new_folder", "make_output_folder",
            "run_dir_of", "RunLock", "lock_holder", "remove_orphans", "existing_ancestor", "check_writable",
-           "check_outside_data"]
+           "check_outside_data", "claim_output_folder", "release_output_folders"]
 
 log = logging.getLogger("monai_diffusion")
 
@@ -131,6 +131,8 @@ class RunLock:
     nothing, and names the holder's PID (read from the kernel's lock table where there is one).
     """
 
+    key, user = "output_dir", "training"  # named in the refusal
+
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
         self._fd: int | None = None
@@ -146,7 +148,7 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise RunError(f"output_dir: cannot create the run's lock file {self.path} ({err.strerror}); choose a "
+            raise RunError(f"{self.key}: cannot create the lock file {self.path} ({err.strerror}); choose a "
                            f"writable folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -154,11 +156,11 @@ class RunLock:
             os.close(fd)
             pid = lock_holder(self.path)
             holder = f"PID {pid}" if pid is not None else "another process"
-            raise RunError(f"output_dir: {self.path.parent} is in use by another training ({holder}); wait for it "
-                           f"to finish or set output_dir to another folder (nothing was changed)") from None
+            raise RunError(f"{self.key}: {self.path.parent} is in use by another {self.user} ({holder}); wait for it "
+                           f"to finish or choose another folder for {self.key} (nothing was changed)") from None
         except OSError as err:  # a file system without locks
             os.close(fd)
-            raise RunError(f"output_dir: cannot lock {self.path} ({err.strerror}); put output_dir on a local file "
+            raise RunError(f"{self.key}: cannot lock {self.path} ({err.strerror}); put {self.key} on a local file "
                            f"system") from None
         self._fd = fd
 
@@ -181,10 +183,27 @@ def remove_orphans(run_dir: Path, why: str = "left by an interrupted save") -> l
     return found
 
 
+def _check_not_in_use(folder: Path, key: str) -> None:
+    lock = Path(folder) / LOCK_NAME
+    pid = lock_holder(lock) if lock.is_file() else None
+    if pid is not None:
+        raise RunError(f"{key}: {folder} is in use by another command (PID {pid}); wait for it to finish or choose "
+                       f"another folder (nothing was overwritten)")
+
+
+def _holds_results(folder: Path) -> bool:
+    """A file that is not a results folder, or a folder holding anything but an unheld lock file."""
+    return not folder.is_dir() or any(path.name != LOCK_NAME for path in folder.iterdir())
+
+
 def check_new_folder(folder: Path, key: str = "--output") -> None:
-    """Refuse a results folder that already holds files (or is a file), or where no folder can be created:
-    nothing is ever overwritten, and nothing is computed for results that cannot be written."""
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    """Refuse a results folder that already holds files (or is a file), that another command is writing, or
+    where no folder can be created: nothing is ever overwritten, and nothing is computed for results that
+    cannot be written. (Checked again, under the folder's lock, by :func:`claim_output_folder`.)"""
+    folder = Path(folder)
+    if folder.is_dir():
+        _check_not_in_use(folder, key)
+    if folder.exists() and _holds_results(folder):
         raise RunError(f"{key}: {folder} already exists and is not an empty folder; choose another "
                        f"folder (nothing was overwritten)")
     check_writable(folder, key)
@@ -196,3 +215,43 @@ def make_output_folder(folder: Path, key: str = "--output") -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunError(f"{key}: cannot create {folder} ({err.strerror}); choose a writable folder") from None
+
+
+class OutputLock(RunLock):
+    """The lock of a results folder (sampling, evaluation, the factor study): the run lock's ``flock`` on
+    ``<folder>/.lock``."""
+
+    user = "command"
+
+    def __init__(self, folder: Path, key: str = "--output") -> None:
+        super().__init__(folder)
+        self.key = key
+
+
+_HELD: list[OutputLock] = []  # the results folders this process writes (released by release_output_folders)
+
+
+def claim_output_folder(folder: Path, key: str = "--output") -> OutputLock:
+    """Create the results ``folder`` and hold its lock until :func:`release_output_folders` (or the end of the
+    process, however it ends), then check again, under the lock, that it holds no results: two commands
+    started at once into one new folder never overwrite each other, the second is refused in one line.
+
+    Returns:
+        the held lock (also released by :func:`release_output_folders`, which the command lines call).
+    """
+    folder = Path(folder)
+    make_output_folder(folder, key)
+    lock = OutputLock(folder, key)
+    lock.acquire()
+    if _holds_results(folder):  # another command finished there between the first check and the lock
+        lock.release()
+        raise RunError(f"{key}: {folder} already exists and is not an empty folder; choose another folder "
+                       f"(nothing was overwritten)")
+    _HELD.append(lock)
+    return lock
+
+
+def release_output_folders() -> None:
+    """Release every results folder :func:`claim_output_folder` took in this process."""
+    while _HELD:
+        _HELD.pop().release()

@@ -253,6 +253,7 @@ class AutoencoderStage:
             "autoencoder_parameters": sum(p.numel() for p in task.autoencoder.parameters()),
             "discriminator_parameters": (sum(p.numel() for p in task.discriminator.parameters())
                                          if task.discriminator else 0),
+            "validation_tiling": resolve_tiles(config).summary(task.autoencoder, "validation"),
         }
 
     def describe(self, summary: dict[str, Any]) -> list[str]:

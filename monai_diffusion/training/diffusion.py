@@ -7,6 +7,7 @@ The latents come from ``monai_diffusion.generation.latents`` (encoded once, opti
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,15 @@ from torch.utils.data import Dataset
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.config.schema import DiffusionTrainingConfig
+from monai_diffusion.config.tiles import resolve_tiles
 from monai_diffusion.data import make_loader
+from monai_diffusion.data.datasets import item_covariates
 from monai_diffusion.errors import CheckpointError, RunError
 from monai_diffusion.generation.conditioning import Conditioning, Conditions
 from monai_diffusion.generation.latents import LatentCache, cached_latents, compute_scale_factor, volumes_to_encode
 from monai_diffusion.generation.sampling import generate_volumes, make_scheduler
 from monai_diffusion.pretrained.init_from import unet_start
-from monai_diffusion.runs.checkpoints import build_unet, load_autoencoder
+from monai_diffusion.runs.checkpoints import build_unet, checkpoint_path, load_autoencoder, weights_fingerprint
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import LoopState, Optimization, Task
 from monai_diffusion.training.runner import Loaders, differences, run_stage
@@ -64,6 +67,7 @@ class DiffusionTask(Task):
         df, tr = config.diffusion, config.diffusion.training
         self.config, self.runtime, self.precision, self.training = config, runtime, precision, tr
         self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.autoencoder_fingerprint = weights_fingerprint(self.autoencoder.state_dict())
         self.scale_factor = float(scale_factor)
         self.reference_affine = reference_affine
         self.conditioning = conditioning if conditioning is not None else Conditioning()
@@ -164,6 +168,7 @@ class DiffusionTask(Task):
             "reference_affine": self.reference_affine,
             "autoencoder_args": {**self.autoencoder.init_args, "use_checkpointing": False},
             "autoencoder": self.autoencoder.state_dict(),
+            "autoencoder_fingerprint": self.autoencoder_fingerprint,
             "conditioning": self.conditioning.state_dict(),
         }
 
@@ -194,6 +199,51 @@ def _load_frozen_autoencoder(config: Config, device: torch.device) -> tuple[Auto
     return model, source
 
 
+def _check_same_autoencoder(saved: dict[str, Any], autoencoder: AutoencoderKL, source: Path, run_dir: Path) -> None:
+    """Refuse a resume whose autoencoder is no longer the one the run's UNet, scale factor and latents were
+    made with (e.g. the autoencoder was trained further in place)."""
+    stored = saved.get("autoencoder_fingerprint") or weights_fingerprint(saved["autoencoder"])
+    if stored != weights_fingerprint(autoencoder.state_dict()):
+        raise RunError(
+            f"--resume: the autoencoder in {source} has changed since the diffusion run {run_dir} started (its "
+            f"weights differ from those in the run's checkpoint), so the UNet and scale factor no longer fit it; "
+            f"start a new diffusion run without --resume in a new output_dir (set diffusion.autoencoder_run={source})"
+        )
+
+
+def _differing_conditions(stored: Conditioning, fitted: Conditioning) -> list[str]:
+    changes = []
+    for name in sorted({*stored.categorical, *fitted.categorical}):
+        before, after = stored.categorical.get(name), fitted.categorical.get(name)
+        if before != after:
+            unseen = sorted(set(after or []) - set(before or []))
+            changes.append(f"'{name}' classes {before} -> {after}" + (f" (unseen: {unseen})" if unseen else ""))
+    for name in sorted({*stored.continuous, *fitted.continuous}):
+        before, after = stored.continuous.get(name), fitted.continuous.get(name)
+        if before is None or after is None or not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+                                                       for a, b in zip(before, after)):
+            show = [None if v is None else f"{v[0]:.4g} ± {v[1]:.4g}" for v in (before, after)]
+            changes.append(f"'{name}' normalisation {show[0]} -> {show[1]}")
+    return changes
+
+
+def _fit_conditioning(config: Config, train_ds: Dataset) -> Conditioning:
+    """The conditioning the training set's covariates give (no image is read)."""
+    cond = config.diffusion.conditioning
+    items = [item_covariates(train_ds, i) for i in range(len(train_ds))]
+    return Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, items)
+
+
+def _check_same_conditioning(stored: Conditioning, fitted: Conditioning, path: Path) -> None:
+    """A resumed run keeps the conditioning it was trained with: a datalist whose covariates now give other
+    classes or another normalisation would silently re-map what the UNet learned."""
+    changes = _differing_conditions(stored, fitted)
+    if changes:
+        raise RunError(f"--resume: the datalist's covariates no longer match the conditioning stored in {path} "
+                       f"({'; '.join(changes)}); restore the datalist the run was trained with, or start a new "
+                       f"diffusion run without --resume in a new output_dir")
+
+
 # ----------------------------------------------------------------------------------------------------
 # the stage
 # ----------------------------------------------------------------------------------------------------
@@ -218,6 +268,10 @@ class DiffusionStage:
     def build(self, config: Config, runtime: Runtime, precision: Precision, run_dir: Path,
               saved: dict[str, Any] | None) -> tuple[DiffusionTask, Loaders]:
         tr = config.diffusion.training
+        if saved is not None:  # before encoding anything: the autoencoder and the conditions of the run
+            _check_same_autoencoder(saved, self.autoencoder, self.source, run_dir)
+            _check_same_conditioning(Conditioning.from_state(saved.get("conditioning")),
+                                     _fit_conditioning(config, self.volumes[0]), checkpoint_path(run_dir, "last"))
         self.latents = latents = cached_latents(config, runtime, self.autoencoder, self.source, run_dir, self.volumes)
         if saved is not None:
             scale_factor = saved["scale_factor"]
@@ -254,6 +308,7 @@ class DiffusionStage:
             "latent_shape": list(task.autoencoder.latent_shape(
                 tuple(config.data.image_size)[: config.autoencoder.spatial_dims])),
             "scale_factor": task.scale_factor,
+            "latent_tiling": resolve_tiles(config).summary(task.autoencoder, "latent encoding"),
             "unet_parameters": sum(p.numel() for p in task.unet.parameters()),
             "latent_cache": {
                 "encode_seconds": round(latents.encode_seconds, 2),

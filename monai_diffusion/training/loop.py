@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from monai_diffusion.data import make_loader
 from monai_diffusion.data.patches import EpochTaggedSampler, RandomizedVolumes
-from monai_diffusion.errors import TrainingError
+from monai_diffusion.errors import ConfigError, TrainingError
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.keeper import CheckpointKeeper
 from monai_diffusion.training.optimization import Optimization, all_finite, meeting_device, to_host
@@ -53,6 +53,7 @@ class LoopSettings:
     lr_schedule: str = "constant"
     min_lr_ratio: float = 0.0
     grad_clip_norm: float | None = None
+    key: str = "training"  # the config section, named in messages
 
     @classmethod
     def of(cls, section: Any) -> LoopSettings:
@@ -64,7 +65,8 @@ class LoopSettings:
                    checkpoint_every_n_steps=section.checkpoint_every_n_steps,
                    keep_last_checkpoints=section.keep_last_checkpoints, warmup_steps=section.warmup_steps,
                    lr_schedule=section.lr_schedule, min_lr_ratio=section.min_lr_ratio,
-                   grad_clip_norm=section.grad_clip_norm)
+                   grad_clip_norm=section.grad_clip_norm,
+                   key=f"{'diffusion' if type(section).__name__.startswith('Diffusion') else 'autoencoder'}.training")
 
 
 def lr_factor(step: int, warmup: int, schedule: str, total: int, min_ratio: float) -> float:
@@ -371,12 +373,24 @@ def _optimization(task: Task, settings: LoopSettings, precision: Precision, stat
     optimization = Optimization(task.optimizers(), precision, settings.accumulation_steps, settings.grad_clip_norm)
     optimization.step_index = state.global_step
     optimization.skipped = state.skipped_steps
-    if settings.warmup_steps or settings.lr_schedule != "constant":
-        steps_per_epoch = -(-batches_per_epoch // settings.accumulation_steps)
-        total = settings.max_steps if settings.max_steps is not None else settings.n_epochs * steps_per_epoch
-        optimization.schedule(lambda step: lr_factor(step, settings.warmup_steps, settings.lr_schedule, total,
-                                                     settings.min_lr_ratio))
+    _schedule_learning_rate(optimization, settings, batches_per_epoch)
     return optimization
+
+
+def _schedule_learning_rate(optimization: Optimization, settings: LoopSettings, batches_per_epoch: int) -> None:
+    """The warm-up and decay of ``settings`` (nothing for a constant rate without warm-up); a warm-up as long as
+    the run is refused (ConfigError): its learning rate would never reach the configured value."""
+    if not settings.warmup_steps and settings.lr_schedule == "constant":
+        return
+    steps_per_epoch = -(-batches_per_epoch // settings.accumulation_steps)
+    total = settings.max_steps if settings.max_steps is not None else settings.n_epochs * steps_per_epoch
+    if settings.warmup_steps >= total and not settings.fast_dev_run:
+        raise ConfigError(f"{settings.key}.warmup_steps: {settings.warmup_steps} warm-up steps, but the run has "
+                          f"{total} optimiser steps ({settings.n_epochs} epochs of {steps_per_epoch}): the "
+                          f"learning rate would never reach its configured value; use fewer warm-up steps (e.g. "
+                          f"{max(1, total // 10)}) or train longer")
+    optimization.schedule(lambda step: lr_factor(step, settings.warmup_steps, settings.lr_schedule, total,
+                                                 settings.min_lr_ratio))
 
 
 def fit(

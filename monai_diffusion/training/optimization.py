@@ -44,7 +44,8 @@ class Optimization:
         self.precision = precision
         self.accumulation_steps = accumulation_steps
         self.grad_clip_norm = grad_clip_norm
-        self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+        self._factor: Callable[[int], float] | None = None  # the learning-rate schedule (see schedule())
+        self._base_lr: list[tuple[dict[str, Any], float]] = []
         self.step_index = 0
         self.window = accumulation_steps  # micro-batches in the current window (fewer in an epoch's last one)
         self._pending: set[str] = set()
@@ -76,15 +77,23 @@ class Optimization:
         self._pending.add(optimizer)
 
     def schedule(self, factor: Callable[[int], float]) -> None:
-        """Scale every learning rate by ``factor(step)`` (torch's ``LambdaLR``), from the current step on.
+        """Scale every learning rate by ``factor(step)``, from the current step on (what torch's ``LambdaLR``
+        computes, set directly: an optimiser that does not step in a window, such as the discriminator's in its
+        warm-up epochs, still follows the schedule, without ``LambdaLR``'s "step() before optimizer.step()").
 
         The factor depends on the step alone, so a resumed run continues the schedule where it stopped; the
         configured learning rate (already in the optimisers) is the base, also when it changed on resume.
         """
-        for optimizer in self.optimizers.values():
-            for group in optimizer.param_groups:
-                group["initial_lr"] = group["lr"]
-            self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=self.step_index - 1))
+        self._factor = factor
+        self._base_lr = [(group, group["lr"]) for optimizer in self.optimizers.values()
+                         for group in optimizer.param_groups]
+        self._apply_schedule()
+
+    def _apply_schedule(self) -> None:
+        if self._factor is not None:
+            scale = self._factor(self.step_index)
+            for group, base in self._base_lr:
+                group["lr"] = base * scale
 
     def step(self) -> None:
         """Step every optimiser that received gradients in this window, then clear them.
@@ -121,8 +130,7 @@ class Optimization:
         self._pending.clear()
         self._losses.clear()
         self.step_index += 1
-        for scheduler in self.schedulers:
-            scheduler.step()
+        self._apply_schedule()
 
     @staticmethod
     def _flags(checks: list[tuple[torch.Tensor, Any]]) -> list[bool]:

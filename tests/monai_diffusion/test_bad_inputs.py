@@ -21,12 +21,13 @@ from monai_diffusion.cli import (
     compare_factors_main,
     estimate_memory_main,
     evaluate_autoencoder_main,
+    evaluate_samples_main,
     import_weights_main,
     sample_main,
     train_autoencoder_main,
     train_diffusion_main,
 )
-from monai_diffusion.runs.folders import RunLock
+from monai_diffusion.runs.folders import OutputLock, RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
@@ -137,6 +138,66 @@ def world(tmp_path_factory) -> dict[str, Path]:
     lock = RunLock(root / "busy" / "autoencoder")
     lock.acquire()
     paths["busy"] = root / "busy"
+    # a results folder another command (sample.py, an evaluation) is writing: its lock is held
+    paths["in_use"] = root / "in_use"
+    paths["in_use"].mkdir()
+    output_lock = OutputLock(paths["in_use"])
+    output_lock.acquire()
+    # a diffusion run whose autoencoder was then trained further in place
+    shutil.copytree(paths["trained"], root / "retrained")
+    paths["retrained"] = root / "retrained"
+    assert train_autoencoder_main(_argv(paths["retrained"], "autoencoder.training.n_epochs=2") + ["--resume"]) == 0
+    # a conditional diffusion run (sex, age) on the trained autoencoder, and datalists edited afterwards
+    scans = folder("cond_scans", {f"c{i}.nii.gz": volume() for i in range(6)})
+    rows = [(f"c{i}.nii.gz", "FM"[i % 2], 50 + 5 * i) for i in range(6)]
+    edits = {"cond_list": rows, "cond_new_class": [(f, "O" if s == "M" else s, a) for f, s, a in rows],
+             "cond_ages_x10": [(f, s, 10 * a) for f, s, a in rows]}
+    for name, table in edits.items():
+        paths[name] = root / f"{name}.csv"
+        paths[name].write_text("image,sex,age\n" + "".join(f"{scans / f},{s},{a}\n" for f, s, a in table))
+    paths["cond_run"] = root / "cond_run"
+    assert train_diffusion_main(_argv(paths["cond_run"], *DIFFUSION, *_conditional(paths, "cond_list"))) == 0
+    # datalists with the faults a spreadsheet or a hand-edited JSON file brings
+    image = scans / "c0.nii.gz"
+    texts = {
+        "csv_one_class.csv": "image,grade,age\n" + "".join(f"{scans / f'c{i}.nii.gz'},{'1' if i % 2 else '1.0'},{50 + i}\n" for i in range(6)),
+        "csv_single_sex.csv": "image,sex,age\n" + "".join(f"{scans / f'c{i}.nii.gz'},F,{50 + i}\n" for i in range(6)),
+        "csv_empty_cell.csv": "image,sex,age\n" + "".join(f"{scans / f'c{i}.nii.gz'},{'' if i == 2 else 'FM'[i % 2]},{50 + i}\n" for i in range(6)),
+        "csv_short_row.csv": "image,age,sex\n" + "".join(f"{scans / f'c{i}.nii.gz'},{50 + i}" + ("" if i == 3 else f",{'FM'[i % 2]}") + "\n" for i in range(6)),
+        "csv_repeated_column.csv": f"image,age,sex,age\n{image},50,F,60\n",
+        "csv_extra_field.csv": f"image,sex,age\n{image},F,50\n{image},M,60,oops\n",
+        "csv_header_only_bom_semicolon.csv": "\ufeffimage;sex;age\n",
+        "csv_empty.csv": "\n",
+        "conditions_repeated.csv": "sex,age,sex\nF,60,M\n",
+        "conditions_extra.csv": "sex,age\nF,60,7\n",
+        "conditions_header_only.csv": "sex,age\n",
+    }
+    rows = [{"image": str(scans / f"c{i}.nii.gz"), "sex": "FM"[i % 2], "age": 50 + i} for i in range(6)]
+    jsons = {
+        "json_null_sex.json": {"training": [{**r, "sex": None if i == 1 else r["sex"]} for i, r in enumerate(rows)]},
+        "json_true_age.json": {"training": [{**r, "age": True if i == 4 else r["age"]} for i, r in enumerate(rows)]},
+        "json_text_age.json": {"training": [{**r, "age": "sixty" if i == 4 else r["age"]} for i, r in enumerate(rows)]},
+        "json_empty_training.json": {"training": [], "validation": rows[:2]},
+        "json_validation_object.json": {"training": rows, "validation": rows[0]},
+    }
+    for name, text in texts.items():
+        paths[name] = root / name
+        paths[name].write_text(text, encoding="utf-8")
+    for name, data in jsons.items():
+        paths[name] = root / name
+        paths[name].write_text(json.dumps(data), encoding="utf-8")
+    # generated volumes of the trained run, for evaluate_samples.py
+    paths["samples"] = root / "samples"
+    assert sample_main(_argv(paths["trained"]) + ["--output", str(paths["samples"]), "--num-samples", "2",
+                                                   "--steps", "2"]) == 0
+    # sample folders with one broken volume beside the good ones (the model generates 16^3, one channel)
+    broken = {"all_nan": np.full((16, 16, 16), np.nan, np.float32), "one_inf": np.where(np.broadcast_to(np.eye(16)[..., None], (16, 16, 16)) > 0, np.inf, 0.5).astype(np.float32),
+              "bytes_0_255": (rng.random((16, 16, 16)) * 255).astype(np.float32), "negative": rng.random((16, 16, 16)).astype(np.float32) - 0.5,
+              "two_channels": rng.random((16, 16, 16, 2)).astype(np.float32)}
+    for name, data in broken.items():
+        paths[f"samples_{name}"] = root / f"samples_{name}"
+        shutil.copytree(paths["samples"], paths[f"samples_{name}"], ignore=shutil.ignore_patterns(".lock", "*.png", "*.json"))
+        nib.save(nib.Nifti1Image(data, np.eye(4)), paths[f"samples_{name}"] / f"{name}.nii.gz")
     # a trained run folder and a folder that refuse new files
     shutil.copytree(paths["trained"] / "autoencoder", root / "frozen" / "autoencoder")
     paths["frozen_run"] = root / "frozen" / "autoencoder"
@@ -148,6 +209,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     for path in frozen:
         _writable_again(path)
     lock.release()
+    output_lock.release()
 
 
 def _argv(out: Path, *overrides: str, config: Path = CONFIG) -> list[str]:
@@ -155,6 +217,17 @@ def _argv(out: Path, *overrides: str, config: Path = CONFIG) -> list[str]:
     for item in (*TINY, *overrides):
         argv += ["--set", item]
     return argv
+
+
+def _conditional(world, datalist: str, categorical: str = "sex") -> list[str]:
+    return ["data.source=nifti", f"data.paths={world[datalist]}", "data.val_fraction=0.34",
+            f"diffusion.autoencoder_run={world['trained'] / 'autoencoder'}",
+            f"diffusion.conditioning.categorical=[{categorical}]", "diffusion.conditioning.continuous=[age]",
+            "diffusion.attention_levels=[true]"]
+
+
+def _samples(world, folder: str, *extra: str) -> list[str]:
+    return ["--run", str(world["trained"] / "diffusion"), "--samples", str(world[folder]), *extra]
 
 
 def _nifti(world, name: str) -> list[str]:
@@ -274,7 +347,8 @@ CASES = [
     ("sample-truncated-checkpoint", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--run", str(w["cut_checkpoint"])], r"cut\.pt: cannot read checkpoint \(RuntimeError: [^;]*\); the file is truncated or corrupt$"),
     # evaluation
     ("eval-tile-overlap-alone", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(o), "--tile-overlap", "0.3"], r"--tile-overlap: only used with --tile-size"),
-    ("eval-tile-overlap-nan", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(o), "--tile-size", "8", "--tile-overlap", "nan"], r"--tile-size/--tile-overlap: tile_overlap = nan: expected a fraction in \[0, 1\)"),
+    ("eval-tile-overlap-nan", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(o), "--tile-size", "8", "--tile-overlap", "nan"], r"--tile-overlap: expected a finite number, got 'nan'"),
+    ("eval-tile-overlap-one", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(o), "--tile-size", "8", "--tile-overlap", "1.0"], r"--tile-size/--tile-overlap: tile_overlap = 1\.0: expected a fraction in \[0, 1\)"),
     ("eval-buffers-unknown", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(o), "--buffers", "gpu"], r"--buffers: invalid choice: 'gpu' \(choose from 'auto', 'device', 'cpu', 'disk'\)"),
     ("sample-buffers-unknown", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--buffers", "host"], r"--buffers: invalid choice: 'host'"),
     ("tile-buffers-unknown", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.tile_buffers=gpu"), r"autoencoder\.tile_buffers: expected one of 'auto', 'device', 'cpu', 'disk', got 'gpu'"),
@@ -328,6 +402,68 @@ CASES = [
     ("init-from-other-architecture", train_autoencoder_main, lambda w, o: _argv(o, f"autoencoder.init_from={w['trained'] / 'autoencoder'}", "autoencoder.latent_channels=4"), r"autoencoder\.init_from: .*holds another architecture than the config's autoencoder section \(latent_channels: 3 -> 4\)"),
     ("init-from-autoencoder-as-unet", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, f"diffusion.autoencoder_run={w['trained'] / 'autoencoder'}", f"diffusion.init_from={w['trained'] / 'autoencoder'}"), r"diffusion\.init_from: .*is not a diffusion checkpoint"),
     ("hard-linked-file", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "hard_linked")), r"data\.paths: only 1 NIfTI file"),
+    # data safety: a results folder another command is writing is never shared (its lock is held)
+    ("sample-output-in-use", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\); wait for it"),
+    ("eval-output-in-use", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\)"),
+    ("samples-eval-output-in-use", evaluate_samples_main, lambda w, o: ["--run", str(w["trained"] / "diffusion"), "--samples", str(w["samples"]), "--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\)"),
+    ("compare-output-in-use", compare_factors_main, lambda w, o: _argv(o) + ["--factors", "[2, 2]", "--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\)"),
+    # data safety: a resumed diffusion run keeps its autoencoder and its conditioning
+    ("resume-retrained-autoencoder", train_diffusion_main, lambda w, o: _argv(w["retrained"], *DIFFUSION, "diffusion.training.n_epochs=2") + ["--resume"], r"--resume: the autoencoder in .*retrained/autoencoder has changed since the diffusion run .*retrained/diffusion started .*start a new diffusion run without --resume in a new output_dir \(set diffusion\.autoencoder_run="),
+    ("resume-datalist-new-class", train_diffusion_main, lambda w, o: _argv(w["cond_run"], *DIFFUSION, *_conditional(w, "cond_new_class"), "diffusion.training.n_epochs=2") + ["--resume"], r"--resume: the datalist's covariates no longer match the conditioning stored in .*last\.pt \('sex' classes \['F', 'M'\] -> \['F', 'O'\] \(unseen: \['O'\]\)\); restore the datalist"),
+    ("resume-datalist-new-normalisation", train_diffusion_main, lambda w, o: _argv(w["cond_run"], *DIFFUSION, *_conditional(w, "cond_ages_x10"), "diffusion.training.n_epochs=2") + ["--resume"], r"--resume: the datalist's covariates .*\('age' normalisation 6\d\.\d+ ± \d+\.?\d* -> 6\d\d\.?\d* ± \d+\.?\d*\)"),
+    # every number on a command line is finite, as config values are
+    ("sample-guidance-nan", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--guidance-scale", "nan"], r"--guidance-scale: expected a finite number, got 'nan'"),
+    ("sample-guidance-inf", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--guidance-scale", "inf"], r"--guidance-scale: expected a finite number, got 'inf'"),
+    ("sample-guidance-beyond-float64", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--guidance-scale", "1e400"], r"--guidance-scale: expected a finite number, got '1e400'"),
+    ("sample-tile-overlap-minus-inf", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--tile-size", "8", "--tile-overlap=-inf"], r"--tile-overlap: expected a finite number, got '-inf'"),
+    ("eval-tile-overlap-inf", evaluate_autoencoder_main, lambda w, o: ["--run", str(w["trained"] / "autoencoder"), "--output", str(o), "--tile-size", "8", "--tile-overlap", "Infinity"], r"--tile-overlap: expected a finite number, got 'Infinity'"),
+    ("samples-copy-threshold-nan", evaluate_samples_main, lambda w, o: _samples(w, "samples", "--output", str(o), "--copy-threshold", "NaN"), r"--copy-threshold: expected a finite number, got 'NaN'"),
+    # options that would be ignored are refused
+    ("sample-guidance-unconditional", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--steps", "2", "--guidance-scale", "3"], r"--guidance-scale 3: the model is unconditional .*; drop --guidance-scale"),
+    ("sample-guidance-zero-unconditional", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--steps", "2", "--guidance-scale", "0"], r"--guidance-scale 0: the model is unconditional"),
+    ("sample-tile-overlap-alone", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--steps", "2", "--tile-overlap", "0.3"], r"--tile-overlap: only used with --tile-size \(the run .* decodes whole volumes\)"),
+    ("sample-tile-overlap-negative-alone", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--steps", "2", "--tile-overlap=-3"], r"--tile-overlap: only used with --tile-size"),
+    ("sample-tile-overlap-one", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--steps", "2", "--tile-size", "8", "--tile-overlap", "1.0"], r"tile_overlap = 1\.0: expected a fraction in \[0, 1\)"),
+    ("min-lr-ratio-constant", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.training.min_lr_ratio=0.1"), r"autoencoder\.training\.min_lr_ratio: 0\.1 only applies to a decaying schedule, but autoencoder\.training\.lr_schedule is constant"),
+    ("diffusion-min-lr-ratio-constant", train_diffusion_main, lambda w, o: _argv(o, "diffusion.training.min_lr_ratio=0.5"), r"diffusion\.training\.min_lr_ratio: 0\.5 only applies"),
+    ("warmup-beyond-max-steps", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.training.max_steps=5", "autoencoder.training.warmup_steps=5"), r"autoencoder\.training\.warmup_steps: 5 warm-up steps, but autoencoder\.training\.max_steps = 5"),
+    ("warmup-beyond-the-run", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.training.warmup_steps=1000"), r"autoencoder\.training\.warmup_steps: 1000 warm-up steps, but the run has 2 optimiser steps \(1 epochs of 2\)"),
+    ("diffusion-warmup-beyond-the-run", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, f"diffusion.autoencoder_run={w['trained'] / 'autoencoder'}", "diffusion.training.warmup_steps=50", "diffusion.training.lr_schedule=cosine"), r"diffusion\.training\.warmup_steps: 50 warm-up steps, but the run has \d+ optimiser steps"),
+    ("phantom-covariates-nifti", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "good"), "data.phantom_covariates=true"), r"data\.phantom_covariates: only used with data\.source: synthetic .* but data\.source is nifti"),
+    # evaluate_samples.py: a broken generated volume is named, never scored
+    ("samples-all-nan", evaluate_samples_main, lambda w, o: _samples(w, "samples_all_nan", "--output", str(o)), r"--samples: .*all_nan\.nii\.gz holds 4,096 non-finite voxels \(NaN or inf\) of 4,096"),
+    ("samples-one-inf-line", evaluate_samples_main, lambda w, o: _samples(w, "samples_one_inf", "--output", str(o)), r"--samples: .*one_inf\.nii\.gz holds 256 non-finite voxels"),
+    ("samples-0-to-255", evaluate_samples_main, lambda w, o: _samples(w, "samples_bytes_0_255", "--output", str(o)), r"--samples: .*bytes_0_255\.nii\.gz holds values from .* to 25\d\.?\d*, outside the \[0, 1\] that sample\.py writes"),
+    ("samples-negative", evaluate_samples_main, lambda w, o: _samples(w, "samples_negative", "--output", str(o)), r"--samples: .*negative\.nii\.gz holds values from -0\.\d+ to"),
+    ("samples-two-channels", evaluate_samples_main, lambda w, o: _samples(w, "samples_two_channels", "--output", str(o)), r"--samples: .*two_channels\.nii\.gz has 2 channels but the model generates 1"),
+    ("samples-network-without-weights", evaluate_samples_main, lambda w, o: _samples(w, "samples", "--output", str(o), "--medicalnet-network", "resnet18"), r"--medicalnet-network resnet18: only used with MedicalNet weights, and none are given"),
+    ("samples-empty-folder", evaluate_samples_main, lambda w, o: _samples(w, "empty", "--output", str(o)), r"--samples: folder .*empty' contains no \.nii or \.nii\.gz files .*point --samples at a folder"),
+    ("samples-real-empty-folder", evaluate_samples_main, lambda w, o: _samples(w, "samples", "--output", str(o), "--real", str(w["empty"])), r"--real: folder .*empty' contains no .*point --real at a folder"),
+    ("samples-real-glob-nothing", evaluate_samples_main, lambda w, o: _samples(w, "samples", "--output", str(o), "--real", f"{w['good']}/*.nii.bz2"), r"--real: glob .* matches nothing; check the pattern or point --real at"),
+    # datalist values: one class per number, no empty class, no boolean number, no silent column or row loss
+    ("datalist-one-class-from-1-and-1.0", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, *_conditional(w, "csv_one_class.csv", "grade")), r"diffusion\.conditioning\.categorical: covariate 'grade' has a single class \['1'\] in the training set"),
+    ("datalist-single-class", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, *_conditional(w, "csv_single_sex.csv")), r"covariate 'sex' has a single class \['F'\]"),
+    ("datalist-empty-categorical-cell", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, *_conditional(w, "csv_empty_cell.csv")), r"csv_empty_cell\.csv, line 4: covariate 'sex' is empty \(''\)"),
+    ("datalist-short-row", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, *_conditional(w, "csv_short_row.csv")), r"csv_short_row\.csv, line 5: covariate 'sex' is empty"),
+    ("datalist-json-null-class", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, *_conditional(w, "json_null_sex.json")), r"json_null_sex\.json, training\[1\]: covariate 'sex' is empty \(None\)"),
+    ("datalist-json-true-age", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, *_conditional(w, "json_true_age.json")), r"json_true_age\.json, training\[4\]: covariate 'age' = True is not a finite number"),
+    ("datalist-json-text-age", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, *_conditional(w, "json_text_age.json")), r"training\[4\]: covariate 'age' = 'sixty' is not a finite number"),
+    ("datalist-json-empty-training", train_autoencoder_main, lambda w, o: _argv(o, "data.source=nifti", f"data.paths={w['json_empty_training.json']}"), r"json_empty_training\.json has no training rows \(its 'training' list is empty\)"),
+    ("datalist-json-validation-object", train_autoencoder_main, lambda w, o: _argv(o, "data.source=nifti", f"data.paths={w['json_validation_object.json']}"), r"json_validation_object\.json: 'validation' must be a list of objects .* got dict"),
+    ("datalist-repeated-column", train_autoencoder_main, lambda w, o: _argv(o, "data.source=nifti", f"data.paths={w['csv_repeated_column.csv']}"), r"data\.paths: .*csv_repeated_column\.csv: the header repeats the column\(s\) \['age'\]"),
+    ("datalist-extra-field", train_autoencoder_main, lambda w, o: _argv(o, "data.source=nifti", f"data.paths={w['csv_extra_field.csv']}"), r"data\.paths: .*csv_extra_field\.csv, line 3: 4 fields but the header has 3 \(image, sex, age\)"),
+    ("datalist-header-only", train_autoencoder_main, lambda w, o: _argv(o, "data.source=nifti", f"data.paths={w['csv_header_only_bom_semicolon.csv']}"), r"data\.paths: .*csv_header_only_bom_semicolon\.csv has a header \(image, sex, age\) but no rows"),
+    ("datalist-empty-csv", train_autoencoder_main, lambda w, o: _argv(o, "data.source=nifti", f"data.paths={w['csv_empty.csv']}"), r"data\.paths: .*csv_empty\.csv is empty; expected a header line"),
+    ("condition-repeated-name", sample_main, lambda w, o: _argv(w["cond_run"], *_conditional(w, "cond_list")) + ["--output", str(o), "--condition", "sex=F", "age=60", "sex=M"], r"--condition 'sex=M': 'sex' is given twice in one set"),
+    ("conditions-csv-repeated-column", sample_main, lambda w, o: _argv(w["cond_run"], *_conditional(w, "cond_list")) + ["--output", str(o), "--conditions-csv", str(w["conditions_repeated.csv"])], r"--conditions-csv: .*conditions_repeated\.csv: the header repeats the column\(s\) \['sex'\]"),
+    ("conditions-csv-extra-field", sample_main, lambda w, o: _argv(w["cond_run"], *_conditional(w, "cond_list")) + ["--output", str(o), "--conditions-csv", str(w["conditions_extra.csv"])], r"--conditions-csv: .*conditions_extra\.csv, line 2: 3 fields but the header has 2"),
+    ("conditions-csv-header-only", sample_main, lambda w, o: _argv(w["cond_run"], *_conditional(w, "cond_list")) + ["--output", str(o), "--conditions-csv", str(w["conditions_header_only.csv"])], r"--conditions-csv: .*conditions_header_only\.csv has a header \(sex, age\) but no rows"),
+    ("condition-unseen-class", sample_main, lambda w, o: _argv(w["cond_run"], *_conditional(w, "cond_list")) + ["--output", str(o), "--steps", "2", "--condition", "sex=O", "age=60"], r"sex=O is not one of the classes \['F', 'M'\] seen in training"),
+    # the memory estimate's pipeline builds the UNet: its section is checked first
+    ("estimate-pipeline-head-zero", estimate_memory_main, lambda w, o: _argv(o, "diffusion.num_head_channels=[0]") + ["--pipeline"], r"diffusion\.num_head_channels\[0\]: 0 must be a positive divisor"),
+    ("estimate-pipeline-head-three", estimate_memory_main, lambda w, o: _argv(o, "diffusion.num_channels=[8, 8]", "diffusion.attention_levels=[false, true]", "diffusion.num_head_channels=[0, 3]") + ["--pipeline"], r"diffusion\.num_head_channels\[1\]: 3 must be a positive divisor"),
+    ("budget-pipeline-head-zero", estimate_memory_main, lambda w, o: _argv(o, "diffusion.num_head_channels=[0]") + ["--budget", "24GB", "--output", str(o.parent / "x.yaml")], r"diffusion\.num_head_channels\[0\]: 0 must be a positive divisor"),
+    ("budget-output-in-a-sampled-folder", estimate_memory_main, lambda w, o: _argv(o) + ["--budget", "24GB", "--output", str(w["samples"] / "sample_000.nii.gz")], r"--output: .*sample_000\.nii\.gz already exists"),
 ]
 READ_ONLY_CASES = {"sample-output-read-only", "eval-default-output-read-only", "budget-output-read-only"}
 CPU_ONLY_CASES = {"training-cuda-on-cpu", "sample-cuda-on-cpu", "eval-cuda-on-cpu"}
@@ -337,8 +473,8 @@ def _snapshot(root: Path) -> dict[str, tuple[str, float]]:
     return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime) for p in root.rglob("*") if p.is_file()}
 
 
-def test_corpus_has_at_least_90_cases():
-    assert len(CASES) >= 90 and len({case[0] for case in CASES}) == len(CASES)
+def test_corpus_has_at_least_180_cases():
+    assert len(CASES) >= 180 and len({case[0] for case in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("name,entry,build,expected", CASES, ids=[case[0] for case in CASES])

@@ -146,7 +146,8 @@ def test_tiled_evaluation_through_the_cli(nifti_run, tmp_path):
     for whole, same, small in zip(outputs["whole"], outputs["same"], outputs["small"]):
         np.testing.assert_allclose(same, whole, atol=1e-5)
         assert small.shape == whole.shape and np.isfinite(small).all()
-    assert json.loads((tmp_path / "small" / "summary.json").read_text())["tiling"] == {"tile_size": 12, "tile_overlap": 0.5}
+    assert json.loads((tmp_path / "small" / "summary.json").read_text())["tiling"] == {
+        "tile_size": 12, "tile_overlap": 0.5, "method": "exact", "fallback": None}
 
 
 def test_evaluate_a_2d_model(tmp_path):

@@ -5,7 +5,9 @@ mid-run is named, a bare config name says which file it used, and one line per t
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -130,6 +132,42 @@ def test_a_damaged_latent_cache_is_encoded_again(autoencoder_run, tmp_path, capl
     assert "is unreadable" in caplog.text and "encoding the latents again" in caplog.text
     assert cache.read_bytes() != b"" and set(torch.load(cache, weights_only=True)) >= {"train_mu", "val_sigma"}
     assert load_checkpoint(tmp_path / "diffusion" / "checkpoints" / "last.pt")["loop"]["global_step"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# results folders: two commands into one new folder never overwrite each other
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_samplers_into_one_new_folder_never_mix_their_files(autoencoder_run, tmp_path):
+    """Both pass the "new or empty" check at start; the folder's lock decides, under it the check is made
+    again: one writes all its volumes, the other is refused in one line and writes nothing."""
+    (tmp_path / "autoencoder").symlink_to(autoencoder_run / "autoencoder")
+    overrides = [*TINY_LDM, "diffusion.training.n_epochs=1", "device=cpu"]
+    assert train_diffusion_main(cli_args(CONFIG, tmp_path, *overrides)) == 0
+    shared = tmp_path / "samples"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {seed: subprocess.Popen([sys.executable, str(SCRIPTS / "sample.py"), *cli_args(CONFIG, tmp_path, *overrides),
+                                     "--output", str(shared), "--num-samples", "3", "--steps", "3", "--seed", str(seed)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+             for seed in (1, 2)}
+    results = {seed: (proc.wait(timeout=300), proc.stderr.read()) for seed, proc in procs.items()}
+    winners = [seed for seed, (code, _) in results.items() if code == 0]
+    assert len(winners) == 1, results
+    code, err = results[3 - winners[0]]
+    lines = [line for line in err.splitlines() if line.strip() and not _BAR.search(line)]
+    assert code == 2 and len(lines) == 1, lines
+    assert re.search(r"^error: --output: .*samples (is in use by another command \(PID \d+\)|already exists and is "
+                     r"not an empty folder)", lines[0]), lines[0]
+    written = sorted(p.name for p in shared.glob("*.nii.gz"))
+    assert written == ["sample_000.nii.gz", "sample_001.nii.gz", "sample_002.nii.gz"]
+    # every file is the winner's: the same seed sampled again in this process gives them voxel for voxel
+    from monai_diffusion.cli import sample_main
+
+    again = tmp_path / "again"
+    assert sample_main(cli_args(CONFIG, tmp_path, *overrides) + ["--output", str(again), "--num-samples", "3",
+                                                                 "--steps", "3", "--seed", str(winners[0])]) == 0
+    for name in written:
+        assert np.array_equal(nib.load(shared / name).get_fdata(), nib.load(again / name).get_fdata()), name
 
 
 def test_what_interrupted_saves_left_is_removed_when_a_run_starts_and_only_then(tmp_path, caplog):
@@ -283,3 +321,128 @@ def test_running_out_of_memory_is_one_line(capsys, failure):
     assert len(err) == 1 and err[0].startswith("error: out of memory (") and "reduce data.image_size" in err[0]
     with pytest.raises(type(failure)):
         run_main(body, _parser("test"), ["--debug"])
+
+
+def test_the_weights_fingerprint_names_identical_weights_only():
+    """The identity a diffusion run and its latent cache keep of their autoencoder: one changed value, a
+    changed dtype or a renamed entry all give another fingerprint; a copy gives the same."""
+    from monai_diffusion.runs.checkpoints import weights_fingerprint
+
+    state = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.bias": torch.zeros(3, dtype=torch.bfloat16)}
+    same = {k: v.clone() for k, v in reversed(list(state.items()))}
+    assert weights_fingerprint(state) == weights_fingerprint(same)
+    nudged = {**state, "a.weight": state["a.weight"].clone().index_fill_(1, torch.tensor([2]), 5.0000005)}
+    for other in (nudged, {**state, "b.bias": torch.zeros(3)}, {"a.w": state["a.weight"], "b.bias": state["b.bias"]}):
+        assert weights_fingerprint(other) != weights_fingerprint(state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# what used to pass without a word: now read correctly, or said
+# ----------------------------------------------------------------------------------------------------
+def test_a_spreadsheet_csv_and_a_json_without_validation_are_read(tmp_path):
+    """A CSV saved by Excel (UTF-8 byte-order mark, ';' between the fields) keeps its header; a JSON datalist
+    with "validation": null splits by data.val_fraction."""
+    from monai_diffusion.config import DataConfig
+    from monai_diffusion.data.datasets import item_covariates
+
+    write_scans(tmp_path / "scans", (12, 12, 12), (1.0, 1.0, 1.0), count=4)
+    rows = [(f"scans/case{i}.nii.gz", "FM"[i % 2], 50 + i) for i in range(4)]
+    (tmp_path / "excel.csv").write_bytes(("\ufeffimage;sex;age\r\n" + "".join(f"{f};{s};{a}\r\n" for f, s, a in rows))
+                                         .encode("utf-8"))
+    listing = {"training": [{"image": f, "sex": s, "age": a} for f, s, a in rows], "validation": None}
+    (tmp_path / "list.json").write_text(json.dumps(listing))
+    for name, val in (("excel.csv", 1), ("list.json", 1)):
+        config = DataConfig(source="nifti", paths=str(tmp_path / name), image_size=(12, 12, 12), val_fraction=0.25)
+        train_ds, val_ds = build_datasets(config, seed=0)
+        assert (len(train_ds), len(val_ds)) == (3, val), name
+        items = [item_covariates(ds, i) for ds in (train_ds, val_ds) for i in range(len(ds))]
+        assert sorted(str(item["sex"]) for item in items) == ["F", "F", "M", "M"], name
+        assert sorted(int(item["age"]) for item in items) == [50, 51, 52, 53], name
+
+
+def test_a_number_is_one_class_however_it_is_written():
+    from monai_diffusion.generation.conditioning import Conditioning
+
+    items = [{"grade": value, "row": f"line {i}"} for i, value in enumerate([1, 1.0, "1", " 1.0 ", "2", 2.0, "2.50",
+                                                                            2.5])]
+    fitted = Conditioning.fit(["grade"], [], 0.1, items)
+    assert fitted.categorical == {"grade": ["1", "2", "2.5"]}
+    labels = fitted.encode(items).class_labels.tolist()
+    assert labels == [0, 0, 0, 0, 1, 1, 2, 2]
+    # a stored run whose classes were written "1.0" keeps its order, under the new spelling
+    assert Conditioning.from_state({"categorical": {"grade": ["1.0", "0.0"]}, "continuous": {},
+                                    "dropout": 0.1}).categorical == {"grade": ["1", "0"]}
+
+
+def test_guidance_on_a_model_trained_without_condition_dropout_is_warned(caplog):
+    from monai_diffusion.generation.conditioning import Conditioning
+    from monai_diffusion.generation.sampling import _check_guidance
+
+    never_dropped = Conditioning({"sex": ["F", "M"]}, {}, 0.0)
+    with caplog.at_level(logging.WARNING, logger="monai_diffusion"):
+        _check_guidance(never_dropped, 1.0, "--guidance-scale")
+        assert caplog.text == ""
+        _check_guidance(Conditioning({"sex": ["F", "M"]}, {}, 0.1), 3.0, "--guidance-scale")
+        assert caplog.text == ""
+        _check_guidance(never_dropped, 3.0, "--guidance-scale")
+    assert "--guidance-scale 3: the model was trained with diffusion.conditioning.dropout 0" in caplog.text
+
+
+def test_the_learning_rate_schedule_follows_the_step_without_torchs_warning():
+    """A warm-up with an optimiser that does not step (the discriminator in its warm-up epochs): every
+    learning rate follows lr_factor of the step, and PyTorch's "lr_scheduler.step() before optimizer.step()"
+    warning has no cause left."""
+    import warnings
+
+    from monai_diffusion.runtime import Precision
+    from monai_diffusion.training.loop import Optimization, lr_factor
+
+    nets = {name: torch.nn.Linear(2, 1) for name in ("g", "d")}
+    optimizers = {name: torch.optim.Adam(net.parameters(), lr=0.01) for name, net in nets.items()}
+    optimization = Optimization(optimizers, Precision(False, torch.device("cpu")), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimization.schedule(lambda step: lr_factor(step, 4, "cosine", 10, 0.1))
+        for step in range(10):
+            for name, optimizer in optimizers.items():
+                assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * lr_factor(step, 4, "cosine", 10, 0.1))
+            optimization.backward(nets["g"](torch.ones(1, 2)).sum(), "g", {})
+            optimization.step()
+
+
+def test_tiles_record_their_method_and_say_a_fallback(caplog):
+    from generative.networks.nets import AutoencoderKL
+    from monai_diffusion.config.tiles import tiling_record
+
+    kwargs = dict(spatial_dims=3, num_channels=(4, 4), attention_levels=(False, False), latent_channels=1,
+                  num_res_blocks=1, norm_num_groups=2)
+    with caplog.at_level(logging.WARNING, logger="monai_diffusion"):
+        assert tiling_record(AutoencoderKL(**kwargs), None, 0.5, "sampling") is None
+        exact = tiling_record(AutoencoderKL(**kwargs), 8, 0.25, "sampling")
+        assert caplog.text == ""
+        blended = tiling_record(AutoencoderKL(**kwargs, use_convtranspose=True), [8, 8, 16], 0.25, "sampling")
+    assert exact == {"tile_size": 8, "tile_overlap": 0.25, "method": "exact", "fallback": None}
+    assert blended["method"] == "blend" and blended["tile_size"] == [8, 8, 16] and blended["fallback"]
+    assert "use_convtranspose: true" in caplog.text and "method 'blend'" in caplog.text
+
+
+def test_patches_of_a_volume_without_foreground_are_said_once(caplog):
+    from monai_diffusion.data.patches import ForegroundPatchesd
+
+    crop = ForegroundPatchesd("image", (4, 4, 4), 2, 0.25, 0.05).set_random_state(0)
+    with caplog.at_level(logging.WARNING, logger="monai_diffusion"):
+        crop({"image": torch.rand(1, 8, 8, 8), "path": "bright.nii.gz"})
+        assert caplog.text == ""
+        for _ in range(2):
+            assert len(crop({"image": torch.zeros(1, 8, 8, 8), "path": "air.nii.gz"})) == 2
+    assert caplog.text.count("air.nii.gz: no voxel above data.foreground_threshold = 0.05") == 1
+
+
+def test_one_generated_volume_gives_a_reason_for_no_diversity_and_no_fid():
+    from monai_diffusion.evaluation.sample_quality import _diversity_note, feature_distances
+
+    volume = torch.rand(1, 16, 16, 16)
+    assert _diversity_note([volume], "--samples") == "1 volume(s) in --samples; pairwise MS-SSIM needs at least 2"
+    assert _diversity_note([volume, volume], "--samples") is None
+    distances = feature_distances(torch.rand(1, 8, dtype=torch.float64), torch.rand(5, 8, dtype=torch.float64))
+    assert all(math.isnan(v) for v in distances.values())  # returned at once: no matrix square root of NaN

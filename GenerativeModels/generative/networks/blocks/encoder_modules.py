@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
+from generative._dropin import ArgumentError
+
 __all__ = ["SpatialRescaler"]
 
 _METHODS = ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area")
@@ -35,7 +37,8 @@ class SpatialRescaler(nn.Module):
 
     Raises:
         ValueError: for a negative ``n_stages``, an unknown ``method``, ``size`` with ``n_stages != 1``,
-            or both ``size`` and ``multiplier``.
+            or both ``size`` and ``multiplier``. The first two are also ``AssertionError`` s
+            (:class:`generative._dropin.ArgumentError`), as 0.2.3 asserted them.
     """
 
     def __init__(
@@ -51,9 +54,9 @@ class SpatialRescaler(nn.Module):
     ) -> None:
         super().__init__()
         if n_stages < 0:
-            raise ValueError(f"n_stages = {n_stages}: expected an integer >= 0")
+            raise ArgumentError(f"n_stages = {n_stages}: expected an integer >= 0")
         if method not in _METHODS:
-            raise ValueError(f"method = {method!r}: expected one of {', '.join(_METHODS)}")
+            raise ArgumentError(f"method = {method!r}: expected one of {', '.join(_METHODS)}")
         if size is not None and n_stages != 1:
             raise ValueError(f"size = {size!r} needs n_stages = 1, got n_stages = {n_stages}")
         if size is not None and multiplier is not None:

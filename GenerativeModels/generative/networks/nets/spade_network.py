@@ -14,6 +14,22 @@ from generative._dropin import resolve_alias
 __all__ = ["SPADENet"]
 
 
+def _check_shapes(spatial_dims: int, input_shape: Sequence[int], channels: Sequence[int]) -> None:
+    """ValueError (as 0.2.3 raises) for arguments the network cannot be built from: the latent's reshape
+    needs one ``input_shape`` entry per spatial dimension, each divisible by 2 ** (number of levels)."""
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or not all(
+            isinstance(c, int) and c > 0 for c in channels):
+        raise ValueError(f"num_channels = {channels!r}: expected a sequence of channel counts, e.g. [16, 32, 64, 128]")
+    if not isinstance(input_shape, Sequence) or len(input_shape) != spatial_dims:
+        raise ValueError(f"input_shape = {input_shape!r}: expected {spatial_dims} sizes, one per spatial dimension "
+                         f"(spatial_dims = {spatial_dims})")
+    factor = 2 ** len(channels)
+    uneven = [size for size in input_shape if size % factor]
+    if uneven:
+        raise ValueError(f"input_shape = {list(input_shape)}: every size must be divisible by 2 ** len(num_channels) "
+                         f"= {factor} (not {uneven})")
+
+
 class SPADENet(_core.SPADENet):
     """MONAI core's SPADE network (VAE/GAN image synthesis from label maps) with 0.2.3's ``num_channels``.
 
@@ -59,6 +75,7 @@ class SPADENet(_core.SPADENet):
         channels: Sequence[int] | None = None,
     ) -> None:
         channels = resolve_alias(type(self).__name__, "num_channels", num_channels, "channels", channels)
+        _check_shapes(spatial_dims, input_shape, channels)
         super().__init__(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, label_nc=label_nc,
             input_shape=input_shape, channels=list(channels), z_dim=z_dim, is_vae=is_vae,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
@@ -26,7 +26,8 @@ from monai_diffusion.atomic import atomic_write
 from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.data import build_datasets, model_input
-from monai_diffusion.data.datasets import item_covariates
+from monai_diffusion.data.datasets import default_workers, item_covariates
+from monai_diffusion.data.loaders import node_processes
 from monai_diffusion.metrics import latent_std
 from monai_diffusion.runtime import Runtime
 
@@ -63,17 +64,33 @@ def shard_indices(count: int, runtime: Runtime, pad: bool = True) -> list[int]:
     return indices[runtime.rank :: runtime.world_size]
 
 
+class _Images(Dataset):
+    """The images of ``dataset[indices]``, for a DataLoader."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        return self.dataset[self.indices[position]]["image"]
+
+
 def encode_latents(
     autoencoder: AutoencoderKL, dataset: Dataset, indices: list[int], batch_size: int, device: torch.device, desc: str,
-    tile_size: list[int] | None = None, tile_overlap: float = 0.5,
+    tile_size: list[int] | None = None, tile_overlap: float = 0.5, num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``dataset[indices]`` once; returns ``(z_mu, z_sigma)`` on the CPU, each NxCx[LATENT DIMS]
-    (empty tensors when ``indices`` is empty). ``tile_size``: encode each whole volume by tiles."""
+    (empty tensors when ``indices`` is empty). ``tile_size``: encode each whole volume by tiles.
+    ``num_workers``: DataLoader workers that load and preprocess the next volumes while one batch is encoded
+    (in order: the same latents as with 0, which loads in this process)."""
     mus, sigmas = [], []
     spatial_dims = autoencoder.spatial_dims
+    loader = DataLoader(_Images(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=torch.stack, pin_memory=device.type == "cuda")
     with torch.no_grad():
-        for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
-            images = torch.stack([dataset[i]["image"] for i in indices[start : start + batch_size]])
+        for images in tqdm(loader, desc=desc, leave=False):
             z_mu, z_sigma = autoencoder.encode(model_input(images, spatial_dims).to(device).float(),
                                                tile_size=tile_size, tile_overlap=tile_overlap)
             mus.append(z_mu.float().cpu())
@@ -152,7 +169,8 @@ def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL,
                            0.0, True, conditioning)
     started = time.perf_counter()
     batch = config.autoencoder.training.batch_size
-    tiles = {"tile_size": config.inference_tile, "tile_overlap": config.autoencoder.tile_overlap}
+    tiles = {"tile_size": config.inference_tile, "tile_overlap": config.autoencoder.tile_overlap,
+             "num_workers": default_workers(config.data.num_workers, node_processes(runtime), runtime.device.type)}
     train_mu, train_sigma = encode_latents(autoencoder, train_ds, train_idx, batch, runtime.device,
                                            "encoding training set", **tiles)
     val_mu, val_sigma = encode_latents(autoencoder, val_ds, val_idx, batch, runtime.device,

@@ -21,10 +21,13 @@ What runs:
   ``cache_memory_gb: 0``, i.e. the preprocessed-file cache used when the volumes do not fit in memory, and
   ``after, 4 patches/volume``: ``patches_per_volume: 4``.
 
-Each run iterates the training loader for ``--epochs`` epochs (a fresh shuffle each) and times every batch.
-Printed per run: the time to build the loaders (for ``after``: filling the memory cache), the first epoch's
-patches per second (cold: for the file cache, preparing and writing each volume) and the later epochs'
-(steady state), all wall clock on this machine.
+Each run iterates the training loader for ``--epochs-*`` epochs (a fresh shuffle each). Printed per run:
+the time to build the loaders (for ``after``: filling the memory cache), the first epoch's patches per
+second (cold: for the file cache, preparing and writing each volume) and the later epochs' (steady state),
+wall clock; the CPU seconds per patch of the later epochs (the loading process and its workers, from
+``/proc``); and from those, the patches per second of this machine's cores when idle (each worker on a core
+of its own). This machine is shared: the wall-clock rates depend on its load (the 1-minute load average
+at the end of each run is printed), the CPU seconds much less.
 
 The GPU side is an assumption, not a measurement: issue #19 puts an H100's Example 4 training step at
 0.1-0.3 s. Taking the fast end, 0.1 s per 256x256x128 patch (``batch_size`` 1 x ``patches_per_volume`` 1 per
@@ -104,12 +107,27 @@ def measure(spec: dict) -> dict:
     epochs = []
     for epoch in range(spec["epochs"]):
         sampler.set_epoch(epoch)
-        started, patches = time.perf_counter(), 0
+        pids = [os.getpid(), *(w.pid for w in getattr(getattr(train, "_iterator", None), "_workers", []))]
+        started, cpu, patches = time.perf_counter(), cpu_seconds(pids), 0
         for batch in train:
             patches += int(batch["image"].shape[0])
-        epochs.append((patches, time.perf_counter() - started))
+        pids = [os.getpid(), *(w.pid for w in getattr(getattr(train, "_iterator", None), "_workers", []))]
+        epochs.append((patches, time.perf_counter() - started, cpu_seconds(pids) - cpu))
     return {"build_seconds": build_seconds, "epochs": epochs, "workers": train.num_workers,
-            "volumes": len(datasets[0])}
+            "volumes": len(datasets[0]), "load": os.getloadavg()[0]}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (Linux ``/proc``; workers started during an epoch
+    count from their start)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def run(label: str, pythonpath: str, config: Path, epochs: int) -> dict:
@@ -132,18 +150,20 @@ def write_config(path: Path, scans: Path, **data) -> Path:
     return path
 
 
-def table(rows: list[tuple[str, dict]]) -> list[str]:
+def table(rows: list[tuple[str, dict]], cores: int) -> list[str]:
     need = 1 / STEP_SECONDS
-    lines = ["| code | workers | training volumes | build loaders (s) | epoch 1 patches/s (cold) | "
-             "later epochs patches/s | vs the GPU's {:.0f} patches/s |".format(need),
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| code | workers | training volumes | build loaders (s) | epoch 1 patches/s (cold) | later epochs "
+             "patches/s (wall) | later epochs CPU s per patch | patches/s of {} idle cores | load average | vs the "
+             "GPU's {:.0f} patches/s (wall; idle cores) |".format(cores, need), "|---" * 10 + "|"]
     for label, r in rows:
         first = r["epochs"][0][0] / r["epochs"][0][1]
         rest = r["epochs"][1:] or r["epochs"]
-        later = sum(p for p, _ in rest) / sum(s for _, s in rest)
-        verdict = "keeps up" if later >= need else f"GPU idle {1 - later / need:.0%} of the time"
+        patches = sum(p for p, _, _ in rest)
+        later, cpu = patches / sum(s for _, s, _ in rest), sum(c for _, _, c in rest) / patches
+        idle = min(cores, max(1, r["workers"])) / cpu  # each loading process on a core of its own
+        verdict = "; ".join("keeps up" if rate >= need else f"GPU idle {1 - rate / need:.0%}" for rate in (later, idle))
         lines.append(f"| {label} | {r['workers']} | {r['volumes']} | {r['build_seconds']:.1f} | {first:.2f} | "
-                     f"{later:.2f} | {verdict} |")
+                     f"{later:.2f} | {cpu:.3f} | {idle:.1f} | {r['load']:.1f} | {verdict} |")
     return lines
 
 
@@ -188,7 +208,7 @@ def main() -> None:
              f"{patch} patches", "",
              f"Command: `nice -n 10 python benchmarks/loader.py` (machine: {platform.machine()}, "
              f"{len(os.sched_getaffinity(0))} cores available, shared with other work while it ran).", "",
-             *table(rows), "",
+             *table(rows, len(os.sched_getaffinity(0))), "",
              f"GPU side (an assumption, not measured): an H100 training step of {STEP_SECONDS} s per 256 x 256 x 128 "
              f"patch (issue #19's 0.1-0.3 s for Example 4, at its fast end), i.e. {1 / STEP_SECONDS:.0f} patches/s. "
              f"Epoch 1 of `before` and of the file cache includes loading and preprocessing each volume; the memory "

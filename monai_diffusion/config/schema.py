@@ -86,13 +86,24 @@ class DataConfig:
         intensity_percentiles: lower and upper percentiles mapped to 0 and 1 (clipped), per channel.
         intensity_window: a fixed window instead of the percentiles, e.g. CT Hounsfield units
             [-1000, 1000]: ``a_min`` and ``a_max`` are mapped to 0 and 1 (clipped); null: percentiles.
-        cache: keep the preprocessed volumes in memory (MONAI CacheDataset; under DDP each process
-            caches its own share).
-        num_workers: DataLoader worker processes (0 loads in the main process).
+        cache: ``auto``: training loads and preprocesses each volume once and keeps it, in memory when the
+            training volumes fit ``cache_memory_gb``, else as preprocessed files in ``cache_dir`` (random
+            patches and augmentation still run afresh on every read); ``true``: every volume is preprocessed
+            into memory when the datasets are built (MONAI CacheDataset; under DDP each process caches its
+            own share), also for validation; ``false``: every read loads the file again.
+        cache_memory_gb: the memory (GB) the ``auto`` cache may hold, over all processes of a node; null:
+            a quarter of this machine's memory; 0: always preprocessed files.
+        cache_dir: folder of the ``auto`` cache's preprocessed files, kept between runs (one file per
+            volume, keyed by its path, size, modification time and the preprocessing settings); null:
+            ``$XDG_CACHE_HOME/monai_diffusion/volumes`` (``~/.cache/...``).
+        num_workers: DataLoader worker processes (0 loads in the main process); null: on a GPU, the
+            available CPU cores, at most 8 (divided among the processes of a node under DDP); on the CPU, 0
+            (the training step itself uses every core).
         patch_size: train the autoencoder on random patches of this size (H, W, D) cut from the whole
             volumes, each axis a multiple of that axis's total downsampling factor; validation, latents and
             samples stay whole volumes (run by tiles). null: train on whole volumes.
-        patches_per_volume: patches cut from each volume a training batch reads.
+        patches_per_volume: patches cut from each volume a training batch reads (each volume read gives
+            this many patches, so a batch holds ``batch_size`` x this many).
         patch_random_fraction: share of patches centred anywhere; the others are centred on foreground
             (voxels above ``foreground_threshold``), so few patches are air.
         foreground_threshold: intensity (after scaling to [0, 1]) above which a voxel is foreground.
@@ -110,8 +121,10 @@ class DataConfig:
     spacing: Union[tuple[float, float, float], None] = bounded(None, gt=0, le=1000)
     intensity_percentiles: tuple[float, float] = bounded(factory=lambda: (0.5, 99.5), ge=0, le=100)
     intensity_window: Union[tuple[float, float], None] = None
-    cache: bool = False
-    num_workers: int = bounded(0, ge=0)
+    cache: Union[bool, Literal["auto"]] = "auto"
+    cache_memory_gb: Union[float, None] = bounded(None, ge=0)
+    cache_dir: Union[str, None] = None
+    num_workers: Union[int, None] = bounded(None, ge=0)
     patch_size: Union[tuple[int, int, int], None] = bounded(None, ge=1)
     patches_per_volume: int = bounded(4, ge=1)
     patch_random_fraction: float = bounded(0.25, ge=0, le=1)

@@ -1,7 +1,8 @@
 """The data pipeline: phantoms (``phantoms``), NIfTI files and their split (``files``), MONAI transforms
-(``transforms``), datasets and loaders (``datasets``) and NIfTI writing (``nifti``)."""
+(``transforms``), datasets (``datasets``), patches (``patches``), the volume cache (``cache``), the training
+loaders (``loaders``) and NIfTI writing (``nifti``)."""
 
-from monai_diffusion.data.datasets import build_datasets, build_file_dataset, make_loader, model_input
+from monai_diffusion.data.datasets import build_datasets, build_file_dataset, default_workers, make_loader, model_input
 from monai_diffusion.data.files import find_nifti_files, split_files
 from monai_diffusion.data.keys import AFFINE_KEY, IMAGE_KEY, PATH_KEY
 from monai_diffusion.data.nifti import save_nifti
@@ -25,6 +26,7 @@ __all__ = [
     "build_datasets",
     "build_file_dataset",
     "make_loader",
+    "default_workers",
     "model_input",
     "save_nifti",
 ]

@@ -9,6 +9,7 @@ Every item is a dictionary of plain tensors (never MONAI ``MetaTensor``), so ``d
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,31 @@ from monai_diffusion.data.transforms import build_nifti_transforms, check_header
 from monai_diffusion.errors import ConfigError, DataError
 from monai_diffusion.profiling import physical_memory_bytes
 
-__all__ = ["build_datasets", "build_file_dataset", "make_loader", "model_input"]
+__all__ = ["build_datasets", "build_file_dataset", "make_loader", "model_input", "default_workers", "MAX_WORKERS"]
+
+MAX_WORKERS = 8  # data.num_workers: null uses the available cores, at most this many DataLoader workers
+
+
+def default_workers(configured: int | None, processes: int = 1, device: str = "cuda") -> int:
+    """DataLoader workers: ``configured`` (``data.num_workers``) when set; else, feeding an accelerator
+    (``device`` not ``cpu``), the CPU cores this process may use, shared among the ``processes`` training
+    processes of a node, at most :data:`MAX_WORKERS`; on the CPU, 0 (the training step uses every core
+    itself, and worker processes would only compete with it)."""
+    if configured is not None:
+        return int(configured)
+    if device == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores // max(1, processes), MAX_WORKERS))
 
 
 def _nifti_dataset(files: Sequence[Path | dict[str, Any]], transform: Compose, cfg: DataConfig) -> MonaiDataset:
     """Files (or datalist items: ``image`` and covariates) through ``transform``; the covariates pass through."""
     items = [{**f, PATH_KEY: str(f[IMAGE_KEY])} if isinstance(f, dict) else {IMAGE_KEY: str(f), PATH_KEY: str(f)}
              for f in files]
-    if cfg.cache:
-        return CacheDataset(items, transform, num_workers=max(1, cfg.num_workers), progress=False)
+    if cfg.cache is True:  # items are never changed in place, so they are handed out without a copy
+        return CacheDataset(items, transform, num_workers=max(1, default_workers(cfg.num_workers)), progress=False,
+                            copy_cache=False)
     return MonaiDataset(items, transform)
 
 
@@ -100,7 +117,7 @@ def build_datasets(
         cfg: Data config.
         seed: Seed for phantom generation / file split.
         in_channels: Channels of every volume.
-        shard: ``(rank, world_size)`` under DDP. With ``cfg.cache``, each process then caches only its own
+        shard: ``(rank, world_size)`` under DDP. With ``cfg.cache: true``, each process then caches only its own
             fixed share of the NIfTI files (MONAI's pattern: ``partition_dataset``, shuffled once with
             ``seed``; the training shares are padded to equal length, the validation shares are not),
             instead of every process caching the whole dataset.
@@ -149,7 +166,7 @@ def _datalist_split(cfg: DataConfig, seed: int, in_channels: int) -> tuple[list[
 
 def _build_nifti(cfg: DataConfig, train_files: list, val_files: list, seed: int, in_channels: int,
                  shard: tuple[int, int] | None) -> tuple[Dataset, Dataset]:
-    if cfg.cache and shard is not None and shard[1] > 1:
+    if cfg.cache is True and shard is not None and shard[1] > 1:
         rank, world = shard
         train_files = partition_dataset(train_files, num_partitions=world, shuffle=True, seed=seed,
                                         even_divisible=True)[rank]

@@ -1,10 +1,12 @@
 """Random patches and augmentation of the training volumes, drawn so that a resumed run draws the same ones.
 
 Patch training cuts ``data.patches_per_volume`` patches of ``data.patch_size`` from every whole
-preprocessed volume a batch reads (MONAI's ``RandWeightedCrop``): a share ``data.patch_random_fraction``
-of them centred anywhere, the rest centred on foreground voxels (above ``data.foreground_threshold``), so
-few patches are air. Augmentation (``data.augmentation``: MONAI's ``RandFlipd`` and ``RandAffined``) runs
-on the patches, or on the whole volumes when training on whole volumes.
+preprocessed volume a batch reads (drawn as MONAI's ``RandWeightedCrop`` draws them): a share
+``data.patch_random_fraction`` of them centred anywhere, the rest centred on foreground voxels (above
+``data.foreground_threshold``), so few patches are air. The weights behind those draws are computed once
+per volume (:class:`PatchWeightsd`, kept by the cache of ``cache.py``). Augmentation (``data.augmentation``:
+MONAI's ``RandFlipd`` and ``RandAffined``) runs on the patches, or on the whole volumes when training on
+whole volumes.
 
 The random state of these transforms is set, item by item, from ``(seed, epoch, index)``: the loader's
 sampler tags each index with its epoch (:class:`EpochTaggedSampler`), so the same patches come out in an
@@ -27,14 +29,20 @@ from monai.transforms import (
     RandAffined,
     RandFlipd,
     Randomizable,
-    RandWeightedCrop,
+    SpatialCrop,
 )
+from monai.transforms.utils_pytorch_numpy_unification import isfinite, searchsorted, unravel_index
+from monai.utils import convert_to_dst_type, fall_back_tuple
 from torch.utils.data import Dataset, Sampler
 
 from monai_diffusion.config.schema import DataConfig
 from monai_diffusion.data.keys import IMAGE_KEY
 
-__all__ = ["ForegroundPatchesd", "build_random_transform", "RandomizedVolumes", "EpochTaggedSampler"]
+__all__ = ["CDF_KEY", "ForegroundPatchesd", "PatchWeightsd", "build_patch_weights", "build_random_transform",
+           "RandomizedVolumes", "EpochTaggedSampler"]
+
+
+CDF_KEY = "patch_cdf"  # an item's cumulative patch-centre weights, computed once per volume (see ForegroundPatchesd)
 
 log = logging.getLogger("monai_diffusion")
 
@@ -42,20 +50,21 @@ log = logging.getLogger("monai_diffusion")
 class ForegroundPatchesd(Randomizable, MapTransform):
     """``num_samples`` patches of ``spatial_size`` from ``data[key]`` (CxHxWxD): a share ``random_fraction``
     centred anywhere, the others on voxels whose channel mean exceeds ``threshold``. Returns a list of dicts
-    (the other keys are shared, not copied)."""
+    (the other keys are shared, not copied).
+
+    The centres are drawn as MONAI's ``RandWeightedCrop`` draws them (the same patches for the same random
+    state), from the cumulative weights over the voxels where a whole patch fits. Those depend on the volume
+    alone: an item that carries them under ``CDF_KEY`` (see :class:`PatchWeightsd`, run once per volume
+    before the cache) is cut without looking at its weights again; otherwise they are computed here.
+    """
 
     def __init__(self, key: str, spatial_size: tuple[int, ...], num_samples: int, random_fraction: float,
                  threshold: float) -> None:
         MapTransform.__init__(self, key)
         self.random_fraction, self.threshold = random_fraction, threshold
-        self.cropper = RandWeightedCrop(spatial_size=spatial_size, num_samples=num_samples)
+        self.spatial_size, self.num_samples = tuple(int(s) for s in spatial_size), int(num_samples)
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.cropper.set_random_state(state=self.R)
-        return self
-
-    def randomize(self, data: Any = None) -> None:  # the cropper draws the centres
+    def randomize(self, data: Any = None) -> None:  # the centres are drawn in __call__
         pass
 
     def _say_no_foreground(self, name: str) -> None:
@@ -75,13 +84,73 @@ class ForegroundPatchesd(Randomizable, MapTransform):
             return torch.full_like(foreground, 1.0 / foreground.numel())
         return uniform + (1.0 - self.random_fraction) * foreground / foreground.sum()
 
+    def _window(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The patch size (clipped to ``shape``) and the first valid centre of each axis."""
+        size = np.asarray(fall_back_tuple(self.spatial_size, shape), dtype=int)
+        return size, np.minimum(size, np.asarray(shape, dtype=int)) // 2
+
+    def _valid(self, shape: tuple[int, ...]) -> tuple[slice, ...]:
+        """The centres where a whole patch fits (the middle voxel on axes no longer than the patch)."""
+        size, _ = self._window(shape)
+        return tuple(slice(w // 2, m - w + w // 2) if m > w else slice(m // 2, m // 2 + 1)
+                     for w, m in zip(size.tolist(), shape))
+
+    def cumulative_weights(self, image: torch.Tensor, name: str = "a training volume") -> torch.Tensor:
+        """The cumulative sum (1-D, float32) of the centre weights of ``image`` (CxHxWxD) over the valid
+        centres, in C order: all that drawing centres needs, so it is computed once per volume (whose ``name``
+        a warning gives when it has no foreground)."""
+        image = torch.as_tensor(image)
+        if self.random_fraction < 1 and not bool((image.float().mean(0) > self.threshold).any()):
+            self._say_no_foreground(name)
+        weights = self.weights(image)
+        return torch.cumsum(weights[self._valid(tuple(weights.shape))].reshape(-1), 0)
+
+    def centres(self, shape: tuple[int, ...], cdf: torch.Tensor) -> list[torch.Tensor]:
+        """``num_samples`` patch centres in a volume of spatial ``shape``, drawn with ``self.R`` from ``cdf``."""
+        valid = tuple(len(range(*s.indices(m))) for s, m in zip(self._valid(shape), shape))
+        total = cdf[-1]
+        if not total or not isfinite(total) or total < 0:  # nothing to favour: uniform
+            index = self.R.randint(0, len(cdf), size=self.num_samples)
+        else:
+            draws = self.R.random(self.num_samples)
+            index = searchsorted(cdf, convert_to_dst_type(draws, cdf, dtype=draws.dtype)[0] * total, right=True)
+        index = convert_to_dst_type(index, cdf, dtype=torch.int)[0]
+        offset = convert_to_dst_type(self._window(shape)[1], cdf)[0]
+        return [unravel_index(i, valid) + offset for i in index]
+
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        rest = {k: v for k, v in data.items() if k != CDF_KEY}
         image = data[self.keys[0]]
-        weights = self.weights(torch.as_tensor(image))
-        if self.random_fraction < 1 and not bool((torch.as_tensor(image).float().mean(0) > self.threshold).any()):
-            self._say_no_foreground(str(data.get("path", "a training volume")))
-        patches = self.cropper(image, weight_map=weights[None])
-        return [{**data, self.keys[0]: patch} for patch in patches]
+        cdf = data.get(CDF_KEY)
+        if cdf is None:
+            cdf = self.cumulative_weights(image, str(data.get("path", "a training volume")))
+        shape = tuple(int(s) for s in image.shape[1:])
+        size = tuple(self._window(shape)[0].tolist())
+        patches = [SpatialCrop(roi_center=centre, roi_size=size)(image) for centre in self.centres(shape, cdf)]
+        return [{**rest, self.keys[0]: patch} for patch in patches]
+
+
+class PatchWeightsd(MapTransform):
+    """Store the cumulative patch-centre weights of ``data[key]`` under ``CDF_KEY`` (deterministic: it runs
+    once per volume, before the cache, so :class:`ForegroundPatchesd` does not recompute them per item)."""
+
+    def __init__(self, key: str, patches: ForegroundPatchesd) -> None:
+        super().__init__(key)
+        self.patches = patches
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        name = str(data.get("path", "a training volume"))
+        return {**data, CDF_KEY: self.patches.cumulative_weights(data[self.keys[0]], name)}
+
+
+def _patches(cfg: DataConfig) -> ForegroundPatchesd:
+    return ForegroundPatchesd(IMAGE_KEY, tuple(cfg.patch_size), cfg.patches_per_volume, cfg.patch_random_fraction,
+                              cfg.foreground_threshold)
+
+
+def build_patch_weights(cfg: DataConfig) -> PatchWeightsd | None:
+    """The once-per-volume part of patch cutting (None when ``cfg`` trains on whole volumes)."""
+    return None if cfg.patch_size is None else PatchWeightsd(IMAGE_KEY, _patches(cfg))
 
 
 def build_random_transform(cfg: DataConfig) -> Compose | None:
@@ -89,8 +158,7 @@ def build_random_transform(cfg: DataConfig) -> Compose | None:
     neither is configured."""
     transforms: list[Any] = []
     if cfg.patch_size is not None:
-        transforms.append(ForegroundPatchesd(IMAGE_KEY, tuple(cfg.patch_size), cfg.patches_per_volume,
-                                             cfg.patch_random_fraction, cfg.foreground_threshold))
+        transforms.append(_patches(cfg))
     aug = cfg.augmentation
     if aug.flip_prob > 0:
         transforms += [RandFlipd(IMAGE_KEY, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]

@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.config.tiles import TileSettings, resolve_tiles
 from monai_diffusion.data import build_datasets, model_input
-from monai_diffusion.data.datasets import item_covariates
+from monai_diffusion.data.datasets import default_workers, item_covariates
+from monai_diffusion.data.loaders import node_processes
 from monai_diffusion.evaluation.metrics import latent_std
 from monai_diffusion.generation.conditioning import Conditioning, Conditions
 from monai_diffusion.runs.atomic import atomic_write
@@ -65,19 +66,34 @@ def shard_indices(count: int, runtime: Runtime, pad: bool = True) -> list[int]:
     return indices[runtime.rank :: runtime.world_size]
 
 
+class _Images(Dataset):
+    """The images of ``dataset[indices]``, for a DataLoader."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        return self.dataset[self.indices[position]]["image"]
+
+
 def encode_latents(
     autoencoder: AutoencoderKL, dataset: Dataset, indices: list[int], batch_size: int, device: torch.device, desc: str,
-    tiles: TileSettings | None = None,
+    tiles: TileSettings | None = None, num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``dataset[indices]`` once; returns ``(z_mu, z_sigma)`` on the CPU, each NxCx[LATENT DIMS]
     (empty tensors when ``indices`` is empty). ``tiles``: encode each whole volume by tiles (see
-    ``config.tiles.resolve_tiles``)."""
+    ``config.tiles.resolve_tiles``). ``num_workers``: DataLoader workers that load and preprocess the next
+    volumes while one batch is encoded (in order: the same latents as with 0, which loads in this process)."""
     inferer = tiles.inferer() if tiles is not None else None
     mus, sigmas = [], []
     spatial_dims = autoencoder.spatial_dims
+    loader = DataLoader(_Images(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=torch.stack, pin_memory=device.type == "cuda")
     with torch.no_grad():
-        for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
-            images = torch.stack([dataset[i]["image"] for i in indices[start : start + batch_size]])
+        for images in tqdm(loader, desc=desc, leave=False):
             images = model_input(images, spatial_dims).to(device).float()
             z_mu, z_sigma = autoencoder.encode(images) if inferer is None else inferer.encode(autoencoder, images)
             mus.append(z_mu.float().cpu())
@@ -159,10 +175,11 @@ def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL,
     started = time.perf_counter()
     batch = config.autoencoder.training.batch_size
     tiles = resolve_tiles(config)
+    workers = default_workers(config.data.num_workers, node_processes(runtime), runtime.device.type)
     train_mu, train_sigma = encode_latents(autoencoder, train_ds, train_idx, batch, runtime.device,
-                                           "encoding training set", tiles)
+                                           "encoding training set", tiles, workers)
     val_mu, val_sigma = encode_latents(autoencoder, val_ds, val_idx, batch, runtime.device,
-                                       "encoding validation set", tiles)
+                                       "encoding validation set", tiles, workers)
     seconds = time.perf_counter() - started
     affine = torch.as_tensor(train_ds[0].get("affine", torch.eye(4)), dtype=torch.float64)
     if tr.cache_latents_on_disk:

@@ -25,13 +25,13 @@ from monai_diffusion.config import Config, config_to_dict
 from monai_diffusion.config.schema import AutoencoderTrainingConfig
 from monai_diffusion.config.tiles import resolve_tiles
 from monai_diffusion.data import build_datasets, model_input
-from monai_diffusion.data.patches import RandomizedVolumes, build_random_transform
+from monai_diffusion.data.loaders import training_loaders
 from monai_diffusion.errors import RunError
 from monai_diffusion.evaluation.metrics import ReconstructionMetrics
 from monai_diffusion.evaluation.perceptual import MedicalNetPerceptualLoss
 from monai_diffusion.pretrained.init_from import autoencoder_start
 from monai_diffusion.runtime import Precision, Runtime
-from monai_diffusion.training.loop import LoopState, Optimization, Task, build_loaders
+from monai_diffusion.training.loop import LoopState, Optimization, Task
 from monai_diffusion.training.runner import Loaders, differences, flatten, run_stage
 from monai_diffusion.visualize import volume_grid
 
@@ -215,13 +215,8 @@ class AutoencoderStage:
     def build(self, config: Config, runtime: Runtime, precision: Precision, run_dir: Path,
               saved: dict[str, Any] | None) -> tuple[AutoencoderTask, Loaders]:
         tr = config.autoencoder.training
-        train_ds, val_ds = self.datasets
-        random_part = build_random_transform(config.data)
-        if random_part is not None:  # patches and/or augmentation, drawn afresh every epoch
-            train_ds = RandomizedVolumes(train_ds, random_part, config.seed + runtime.rank)
-        presharded = runtime.distributed and config.data.cache and config.data.source == "nifti"
-        loaders = build_loaders(train_ds, val_ds, tr.batch_size, config.data.num_workers, config.seed, runtime,
-                                presharded)
+        loaders = training_loaders(config.data, self.datasets, tr.batch_size, config.seed, runtime,
+                                   config.autoencoder.in_channels)
         task = AutoencoderTask(config, runtime, precision)
         if saved is None and config.autoencoder.init_from:  # fine-tuning: its weights, all else fresh
             autoencoder_start(task.autoencoder, config.autoencoder.init_from)

@@ -17,13 +17,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.data import DistributedSampler as UnpaddedSampler
-from monai.data import list_data_collate
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from monai_diffusion.data import make_loader
-from monai_diffusion.data.patches import EpochTaggedSampler, RandomizedVolumes
+from monai_diffusion.data.loaders import batches_from, build_loaders  # build_loaders: re-exported
 from monai_diffusion.errors import ConfigError, TrainingError
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.keeper import CheckpointKeeper
@@ -133,34 +130,6 @@ class Task(Protocol):
     def after_optimizer_step(self) -> None:
         """Called after each optimiser step (e.g. an EMA update); default: nothing."""
         return None
-
-
-def build_loaders(
-    train_ds: Dataset, val_ds: Dataset, batch_size: int, num_workers: int, seed: int, runtime: Runtime,
-    presharded: bool = False,
-) -> tuple[DataLoader, DataLoader, Sampler]:
-    """Loaders with per-epoch deterministic shuffling; each rank gets its own shard under DDP.
-
-    The validation shards are not padded (every volume is validated exactly once, whatever the number of
-    processes). ``presharded``: the datasets already hold only this rank's share (cached data under DDP),
-    so each rank just shuffles its own.
-    """
-    pin = runtime.device.type == "cuda"
-    collate = None
-    if runtime.distributed and not presharded:
-        train_sampler: Sampler = DistributedSampler(train_ds, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
-        val_sampler: Sampler | None = UnpaddedSampler(val_ds, even_divisible=False, num_replicas=runtime.world_size,
-                                                      rank=runtime.rank, shuffle=False)
-    else:  # this process's data alone, reshuffled every epoch (set_epoch), the same order again on resume
-        train_sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=seed + runtime.rank)
-        val_sampler = None
-    if isinstance(train_ds, RandomizedVolumes):  # random patches / augmentation, seeded by (epoch, index)
-        train_sampler = EpochTaggedSampler(train_sampler, len(train_ds))
-        collate = list_data_collate if train_ds.patches else None  # a volume's patches join the batch
-    train = make_loader(train_ds, batch_size, False, num_workers, seed, sampler=train_sampler, pin_memory=pin,
-                        collate_fn=collate)
-    val = make_loader(val_ds, batch_size, False, num_workers, seed, sampler=val_sampler, pin_memory=pin)
-    return train, val, train_sampler
 
 
 def _check_validation(metrics: dict[str, float], monitor: str, epoch: int) -> None:
@@ -301,9 +270,7 @@ def _train_epoch(run: _Run, epoch: int) -> _Epoch:
     started, seen = time.perf_counter(), 0
     # the bar is closed (ending its line) on errors too, so an error message starts on a line of its own
     with progress as bar:
-        for index, batch in enumerate(train_loader):
-            if index < skip:
-                continue
+        for index, batch in batches_from(train_loader, skip):  # the skipped batches are not loaded
             if index >= run.batches_per_epoch:
                 break
             # 1. forward + backward of one micro-batch (gradients synchronised only at the window's end)

@@ -268,6 +268,8 @@ CASES = [
     ("truncated-nifti", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "truncated")), r"cut\.nii\.gz"),
     ("2d-image", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "flat")), r"slice\.nii\.gz: expected a 3D volume"),
     ("channels-mismatch", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "multichannel")), r"rgb\.nii\.gz: has 3 channel\(s\) .* but in_channels=1"),
+    ("cache-dir-not-writable", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "good"), "data.cache_memory_gb=0", f"data.cache_dir={w['a_file']}/cache"), r"data\.cache_dir: cannot create the cache folder .*a_file\.txt/cache .*set data\.cache_dir to a writable folder"),
+    ("cache-memory-negative", train_autoencoder_main, lambda w, o: _argv(o, "data.cache_memory_gb=-1"), r"data\.cache_memory_gb: expected a number >= 0, got -1"),
     ("nan-volume", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "nan"), "data.cache=true"), r"broken_nan\.nii\.gz: contains 1 non-finite voxels"),
     ("output-not-writable", train_autoencoder_main, lambda w, o: _argv(w["a_file"] / "runs"), r"output_dir: cannot write to .*a_file\.txt/runs/autoencoder"),
     ("resume-without-run", train_autoencoder_main, lambda w, o: _argv(o) + ["--resume"], r"--resume: no checkpoint at .*last\.pt; start without --resume"),

@@ -180,8 +180,8 @@ class ReverseProcess:
         t = self.timesteps[index]
         if self.sampler == "rflow":  # Euler along the velocity, from t to the next time (0 after the last)
             # written out: RFlowScheduler.step truncates the next time to an integer, so with the continuous
-            # (shifted) times every step overshoots by up to 1/T (on Gaussian data, tests/test_samplers.py, the
-            # sample mean drifts by 6 % at 200 steps)
+            # (shifted) times every step overshoots by up to 1/T, an error that grows with the number of steps
+            # (with the Gaussian oracle of tests/test_samplers.py, 200 steps missed the data's mean)
             following = self.timesteps[index + 1] if index + 1 < len(self.timesteps) else 0.0
             return latents + prediction * ((t - following) / self.scheduler.num_train_timesteps)
         if self.sampler == "dpm-solver++":

@@ -1,7 +1,7 @@
 """Quality against network evaluations: DDPM, DDIM, DPM-Solver++ and rectified flow on the conditional phantom
 benchmark (``benchmarks/conditional.py``: its phantoms, settings, training, classifier and scores).
 
-    nice -n 10 python benchmarks/sampling.py --output benchmarks/results/sampling/run   # ~20 min on 2 CPU cores
+    nice -n 10 python benchmarks/sampling.py --output /tmp/sampling   # ~30 min on 2 shared CPU cores
 
 One autoencoder; two conditional diffusion models on its latents with the same UNet and the same training
 budget: ``ddpm`` (noise prediction, ``diffusion.scheduler.type=ddpm``) and ``rflow`` (rectified flow). The ddpm
@@ -140,7 +140,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--size", type=int, default=16, help="phantom side (32 in conditional.py; 16 fits ~20 min)")
+    parser.add_argument("--size", type=int, default=16,
+                        help="phantom side (32 in conditional.py; 16 fits ~30 min on shared cores)")
     parser.add_argument("--ae-epochs", type=int, default=20)
     parser.add_argument("--diffusion-epochs", type=int, default=150)
     parser.add_argument("--samples-per-class", type=int, default=12)

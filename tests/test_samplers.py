@@ -197,3 +197,15 @@ def test_config_refuses_a_sampling_scheduler_that_does_not_suit_the_objective():
     with pytest.raises(ConfigError, match=r"diffusion\.sampling\.scheduler: ddim cannot sample a model trained with "
                                           r"diffusion\.scheduler\.type = rflow"):
         load_config(CONFIG, ["diffusion.scheduler.type=rflow", "diffusion.sampling.scheduler=ddim"], "diffusion")
+
+
+@pytest.mark.parametrize("objective, kind", PAIRS)
+def test_every_sampler_runs_with_the_model_on_another_device(objective, kind):
+    """The ``meta`` device stands in for a GPU: the schedulers' tables and times stay on the CPU, the latents
+    on the model's device, and nothing mixes them."""
+    from monai_diffusion.sampling import generate_volumes
+
+    config, unet, autoencoder = _tiny(objective)
+    volumes = generate_volumes(unet.to("meta"), autoencoder.to("meta"), config, 1.0, 2, 3, kind,
+                               torch.Generator().manual_seed(0))
+    assert volumes.device.type == "meta" and volumes.shape == (2, 1, 8, 8, 8)

@@ -69,9 +69,11 @@ def _args(output: Path, overrides: list[str]) -> list[str]:
 
 
 def train(output: Path, size: int, ae_epochs: int, diffusion_epochs: int, extra: tuple[str, ...] = (),
-          models: tuple[str, ...] = ("conditional", "unconditional")) -> None:
+          models: tuple[str, ...] = ("conditional", "unconditional"),
+          model_overrides: dict[str, tuple[str, ...]] | None = None) -> None:
     """One autoencoder, then the diffusion ``models`` on its latents (runs that exist are kept); ``extra``
-    overrides are added to every run's settings."""
+    overrides are added to every run's settings, ``model_overrides[name]`` to one model's. Every model but
+    ``unconditional`` is conditional."""
     conditional = settings(size, ae_epochs, diffusion_epochs, True) + list(extra)
     if not (output / "autoencoder" / "checkpoints" / "last.pt").exists():
         if train_autoencoder_main(_args(output, conditional)) != 0:
@@ -81,7 +83,8 @@ def train(output: Path, size: int, ae_epochs: int, diffusion_epochs: int, extra:
         if (run / "diffusion" / "checkpoints" / "last.pt").exists():
             continue
         run.mkdir(parents=True, exist_ok=True)
-        overrides = settings(size, ae_epochs, diffusion_epochs, name == "conditional") + list(extra)
+        overrides = (settings(size, ae_epochs, diffusion_epochs, name != "unconditional") + list(extra)
+                     + list((model_overrides or {}).get(name, ())))
         if train_diffusion_main(_args(run, overrides + [f"diffusion.autoencoder_run={output / 'autoencoder'}"])) != 0:
             raise SystemExit(f"the {name} diffusion model did not train")
 
@@ -113,14 +116,20 @@ def fit_stump(values: np.ndarray, positive: np.ndarray) -> float:
     return float(cuts[best[len(best) // 2]])
 
 
-def fit_classifier(autoencoder: torch.nn.Module, size: int, count: int = 64) -> dict[str, float]:
-    """The cavity threshold and the size calibration, on the autoencoder's reconstructions of real phantoms."""
-    real = SyntheticPhantomDataset(count, (size,) * 3, seed=1000, covariates=True)
+def reconstruct_phantoms(autoencoder: torch.nn.Module, size: int, count: int,
+                         seed: int = 1000) -> tuple[list[dict], list[np.ndarray]]:
+    """``count`` real phantoms (with covariates) and the autoencoder's reconstructions of them, clamped to [0, 1]."""
+    real = SyntheticPhantomDataset(count, (size,) * 3, seed=seed, covariates=True)
     items = [real[i] for i in range(len(real))]
     images = torch.stack([i["image"] for i in items])
     with torch.no_grad():
         reconstructions = torch.cat([autoencoder.reconstruct(images[i : i + 8]) for i in range(0, count, 8)])
-    arrays = [r[0].clamp(0, 1).numpy() for r in reconstructions]
+    return items, [r[0].clamp(0, 1).numpy() for r in reconstructions]
+
+
+def fit_classifier(autoencoder: torch.nn.Module, size: int, count: int = 64) -> dict[str, float]:
+    """The cavity threshold and the size calibration, on the autoencoder's reconstructions of real phantoms."""
+    items, arrays = reconstruct_phantoms(autoencoder, size, count)
     cavity = np.array([bool(i["cavity"]) for i in items])
     stats = np.array([central_mean(a) for a in arrays])
     threshold = fit_stump(stats, cavity)
@@ -132,22 +141,34 @@ def fit_classifier(autoencoder: torch.nn.Module, size: int, count: int = 64) -> 
             "size_r_on_reconstructions": float(np.corrcoef(sizes, scales)[0, 1])}
 
 
-def sample_and_score(bundle: DiffusionBundle, requests: list[tuple[int, float]], steps: int, guidance: float,
-                     threshold: float) -> dict[str, float]:
-    """Samples for ``requests`` (class, size) from a loaded diffusion run; class agreement and size Pearson r."""
+def sample_requests(bundle: DiffusionBundle, requests: list[tuple[int, float]], steps: int | None, guidance: float,
+                    kind: str = "ddim", seed: int = 0) -> list[np.ndarray]:
+    """Samples (clamped to [0, 1]) for ``requests`` (class, size) from a loaded diffusion run, with sampler ``kind``
+    (``steps`` network evaluations); ``seed`` offsets the generators' seeds."""
     volumes = []
     for start in range(0, len(requests), 8):
         chunk = requests[start : start + 8]
         conditions = (bundle.conditioning.encode([{"cavity": c, "size": s} for c, s in chunk])
                       if bundle.conditioning.active else None)
         volumes += list(generate_volumes(bundle.unet, bundle.autoencoder, bundle.config, bundle.scale_factor,
-                                         len(chunk), steps, "ddim", torch.Generator().manual_seed(start),
+                                         len(chunk), steps, kind, torch.Generator().manual_seed(seed + start),
                                          conditions=conditions, conditioning=bundle.conditioning,
                                          guidance_scale=guidance).clamp(0, 1))
-    arrays = [v[0].numpy() for v in volumes]
+    return [v[0].numpy() for v in volumes]
+
+
+def score(arrays: list[np.ndarray], requests: list[tuple[int, float]], threshold: float) -> dict[str, float]:
+    """Class agreement and size Pearson r of samples against their ``requests``."""
     agreement = float(np.mean([(central_mean(a) < threshold) == bool(c) for a, (c, _) in zip(arrays, requests)]))
     pearson = float(np.corrcoef([s for _, s in requests], [body_scale(a) for a in arrays])[0, 1])
     return {"class_agreement": agreement, "size_pearson_r": pearson}
+
+
+def sample_and_score(bundle: DiffusionBundle, requests: list[tuple[int, float]], steps: int, guidance: float,
+                     threshold: float) -> dict[str, float]:
+    """Samples for ``requests`` (class, size) from a loaded diffusion run (DDIM); class agreement and size
+    Pearson r."""
+    return score(sample_requests(bundle, requests, steps, guidance), requests, threshold)
 
 
 def requests_for(samples_per_class: int, seed: int = 0) -> list[tuple[int, float]]:

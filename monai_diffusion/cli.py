@@ -223,11 +223,12 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=_positive_int, default=1)
     parser.add_argument("--output", type=_path, required=True,
                         help="new or empty folder for sample_XXX.nii.gz and samples.png")
-    parser.add_argument("--scheduler", choices=["ddpm", "ddim"], default=None,
-                        help="default: diffusion.sampling.scheduler")
+    parser.add_argument("--scheduler", choices=["auto", "ddpm", "ddim", "dpm-solver++", "rflow"], default=None,
+                        help="the sampler (default: diffusion.sampling.scheduler; auto: the one that suits the run's "
+                             "training objective, see docs/sampling.md)")
     parser.add_argument("--steps", type=_positive_int, default=None,
-                        help="DDIM steps (default: diffusion.sampling.num_inference_steps; DDPM runs every "
-                             "training step)")
+                        help="network evaluations per sample (default: diffusion.sampling.num_inference_steps; "
+                             "ddpm: every training step)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: diffusion.sampling.batch_size")
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--tile-size", type=_positive_int, nargs="+", default=None, metavar="N",
@@ -253,13 +254,12 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
         config = load_cli_config(args, "diffusion")
         sampling = config.diffusion.sampling
         scheduler = args.scheduler or sampling.scheduler
-        steps = args.steps if args.steps is not None else sampling.num_inference_steps
-        if scheduler == "ddpm" and args.steps is not None:
-            raise ConfigError(f"--steps {args.steps}: DDPM always runs all diffusion.scheduler.num_train_timesteps = "
-                              f"{config.diffusion.scheduler.num_train_timesteps} steps; use --scheduler ddim for fewer")
+        steps = args.steps
+        if steps is None and scheduler != "ddpm":  # ddpm: all the run's training steps
+            steps = sampling.num_inference_steps
         if args.guidance_scale is not None and args.guidance_scale < 0:
             raise ConfigError(f"--guidance-scale: expected a number >= 0, got {args.guidance_scale}")
-        if steps > config.diffusion.scheduler.num_train_timesteps:
+        if steps is not None and steps > config.diffusion.scheduler.num_train_timesteps:
             raise ConfigError(f"--steps {steps}: exceeds diffusion.scheduler.num_train_timesteps = "
                               f"{config.diffusion.scheduler.num_train_timesteps}")
         if config.data.source == "nifti":  # the data the config trains on (sample_volumes checks the run's too)

@@ -258,6 +258,7 @@ def _validate_diffusion(config: Config) -> None:
     if not scheduler.beta_start < scheduler.beta_end:
         raise ConfigError(f"diffusion.scheduler.beta_start: {scheduler.beta_start} must be below "
                           f"diffusion.scheduler.beta_end = {scheduler.beta_end}")
+    _validate_sampler(df.scheduler, df.sampling.scheduler)
     for key, steps in (("diffusion.sampling.num_inference_steps", df.sampling.num_inference_steps),
                        ("diffusion.training.preview_inference_steps", tr.preview_inference_steps)):
         if steps > scheduler.num_train_timesteps:
@@ -275,6 +276,16 @@ def _validate_schedule(section: Any, key: str) -> None:
         raise ConfigError(f"{key}.warmup_steps: {section.warmup_steps} warm-up steps, but {key}.max_steps = "
                           f"{section.max_steps}: the learning rate would never reach its configured value; use "
                           f"fewer warm-up steps (e.g. {max(1, section.max_steps // 10)})")
+
+
+def _validate_sampler(scheduler: Any, sampler: str) -> None:
+    """``diffusion.sampling.scheduler`` must suit the training objective ``diffusion.scheduler.type``."""
+    from monai_diffusion.generation.schedulers import SAMPLERS
+
+    if sampler != "auto" and sampler not in SAMPLERS[scheduler.type]:
+        raise ConfigError(f"diffusion.sampling.scheduler: {sampler} cannot sample a model trained with "
+                          f"diffusion.scheduler.type = {scheduler.type}; use auto or one of "
+                          f"{', '.join(SAMPLERS[scheduler.type])}")
 
 
 PHANTOM_COVARIATES = ("cavity", "size")  # the phantoms' class and continuous covariate

@@ -322,21 +322,36 @@ class AutoencoderConfig:
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class SchedulerConfig:
-    """The DDPM noise schedule (the established 3D LDM recipe: 1000 steps, scaled linear betas).
+    """The training objective and its noise schedule: DDPM (the established 3D LDM recipe: 1000 steps, scaled
+    linear betas, noise prediction) or rectified flow (MAISI v2's: velocity prediction, MONAI core's
+    ``RFlowScheduler``). The run stores it, so ``sample.py`` needs no flag (see docs/sampling.md).
 
     Attributes:
-        num_train_timesteps: diffusion steps.
-        schedule: ``scaled_linear_beta``, ``linear_beta`` or ``cosine``.
-        beta_start: first beta.
-        beta_end: last beta.
-        clip_sample: clip predicted samples to [-1, 1] (off for latents, which are not bounded).
+        type: ``ddpm`` (the UNet predicts the noise; sampled with ddpm, ddim or dpm-solver++) or ``rflow``
+            (rectified flow: the UNet predicts the velocity ``x0 - noise`` on the straight path between them;
+            sampled with rflow, in far fewer steps).
+        num_train_timesteps: diffusion steps (rflow: the scale of its continuous time).
+        schedule: ``scaled_linear_beta``, ``linear_beta`` or ``cosine`` (ddpm only).
+        beta_start: first beta (ddpm only).
+        beta_end: last beta (ddpm only).
+        clip_sample: clip predicted samples to [-1, 1] (ddpm only; off for latents, which are not bounded).
+        sample_method: rflow's training times: ``logit-normal`` (more of them at mid noise, as MAISI v2 and
+            Stable Diffusion 3) or ``uniform``.
+        timestep_transform: rflow: shift the times with the latent size (more noise for latents larger than
+            ``transform_base_numel``, less for smaller ones), in training and sampling alike.
+        transform_base_numel: rflow: the latent voxel count (per channel) at which the shift is neutral
+            (MONAI's default 32 x 32 x 32).
     """
 
+    type: Literal["ddpm", "rflow"] = "ddpm"
     num_train_timesteps: int = bounded(1000, ge=2)
     schedule: Literal["scaled_linear_beta", "linear_beta", "cosine"] = "scaled_linear_beta"
     beta_start: float = bounded(0.0015, gt=0, lt=1)
     beta_end: float = bounded(0.0195, gt=0, lt=1)
     clip_sample: bool = False
+    sample_method: Literal["logit-normal", "uniform"] = "logit-normal"
+    timestep_transform: bool = True
+    transform_base_numel: int = bounded(32 * 32 * 32, ge=1)
 
 
 @dataclass
@@ -348,7 +363,7 @@ class DiffusionTrainingConfig(LoopConfig):
         val_interval: validate (loss + sample preview) every this many epochs.
         ema_decay: keep an exponential moving average of the UNet weights (null: off), e.g. 0.999.
         num_preview_samples: volumes generated for the preview PNG at each validation.
-        preview_inference_steps: DDIM steps for the preview samples.
+        preview_inference_steps: sampling steps for the preview samples (with the sampler that suits the run).
         scale_factor_batches: batches used to estimate the latent scale factor (1 / std).
         cache_latents_on_disk: also write the encoded latents to the run folder and reuse them on resume.
         latent_sample: what the UNet learns from the cached posterior of each volume: ``draw`` a fresh
@@ -371,14 +386,17 @@ class SamplingConfig:
     """Defaults for ``sample.py`` (each can be overridden on its command line).
 
     Attributes:
-        scheduler: ``ddpm`` (all training steps) or ``ddim`` (fewer steps).
-        num_inference_steps: steps for DDIM.
+        scheduler: the sampler: ``auto`` (the one that suits the run's ``diffusion.scheduler.type``: ``ddim`` for
+            ddpm runs, ``rflow`` for rflow runs), ``ddpm`` (ancestral, all training steps unless --steps),
+            ``ddim``, ``dpm-solver++`` (multistep DPM-Solver++ 2M, from diffusers: ``pip install
+            monai-diffusion[solvers]``) or ``rflow``; see docs/sampling.md.
+        num_inference_steps: network evaluations per sample (sampling steps; ddpm: all training steps).
         batch_size: volumes generated at once.
         guidance_scale: classifier-free guidance of a conditional model: 1 follows the conditions as trained,
             larger values follow them more strongly, 0 ignores them.
     """
 
-    scheduler: Literal["ddpm", "ddim"] = "ddim"
+    scheduler: Literal["auto", "ddpm", "ddim", "dpm-solver++", "rflow"] = "auto"
     num_inference_steps: int = bounded(50, ge=1)
     batch_size: int = bounded(1, ge=1)
     guidance_scale: float = bounded(1.0, ge=0)

@@ -16,16 +16,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm import tqdm
 
 from generative.networks.nets import AutoencoderKL
-from monai_diffusion.config import Config, SchedulerConfig
+from monai_diffusion.config import Config
 from monai_diffusion.config.tiles import resolve_tiles
 from monai_diffusion.data.datalist import read_csv_table
 from monai_diffusion.data.nifti import centre_slice_affine, save_nifti
 from monai_diffusion.errors import CheckpointError, ConfigError, RunError
 from monai_diffusion.generation.conditioning import Conditioning, Conditions
+from monai_diffusion.generation.schedulers import ReverseProcess, make_scheduler, resolve_sampler
 from monai_diffusion.runs.checkpoints import load_diffusion, resolve_checkpoint
 from monai_diffusion.runs.folders import check_new_folder, check_outside_data, claim_output_folder, existing_ancestor
 from monai_diffusion.runtime import Precision, fast_kernels, resolve_device
@@ -36,18 +36,6 @@ __all__ = ["make_scheduler", "sampling_generator", "generate_volumes", "sample_v
 log = logging.getLogger("monai_diffusion")
 
 MOSAIC_VOLUMES = 8  # samples shown in samples.png
-
-
-def make_scheduler(config: SchedulerConfig, kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
-    """MONAI core's DDPM (training, full sampling) or DDIM (few-step sampling) scheduler."""
-    cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
-    return cls(
-        num_train_timesteps=config.num_train_timesteps,
-        schedule=config.schedule,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        clip_sample=config.clip_sample,
-    )
 
 
 def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -63,8 +51,8 @@ def generate_volumes(
     config: Config,
     scale_factor: float,
     count: int,
-    steps: int,
-    kind: str = "ddim",
+    steps: int | None,
+    kind: str = "auto",
     generator: torch.Generator | None = None,
     verbose: bool = False,
     precision: Precision | None = None,
@@ -76,11 +64,11 @@ def generate_volumes(
     guidance_scale: float = 1.0,
     buffers: str | None = None,
 ) -> torch.Tensor:
-    """Sample ``count`` latents with MONAI core's DDPM/DDIM scheduler and decode them.
+    """Sample ``count`` latents with one of ``monai_diffusion.generation.schedulers``' samplers and decode them.
 
     The reverse process is written out here rather than run through ``LatentDiffusionInferer.sample``,
     because that method draws DDPM's per-step noise from the global RNG (it passes no generator), so a
-    seed would not fix the samples. The scheduler keeps its tables and timesteps on the CPU (indexing
+    seed would not fix the samples. The schedulers keep their tables and timesteps on the CPU (indexing
     CPU tables with device timesteps fails on a GPU); only the latents live on the model's device.
 
     Args:
@@ -89,8 +77,9 @@ def generate_volumes(
         config: the run config (scheduler, image size).
         scale_factor: the latents were multiplied by it in training.
         count: volumes to generate.
-        steps: DDIM steps (DDPM always runs every training step).
-        kind: ``ddim`` or ``ddpm``.
+        steps: network evaluations (sampling steps); None: all training steps for ``ddpm``, else 50.
+        kind: the sampler: ``auto`` (the one that suits ``config.diffusion.scheduler.type``), ``ddpm``, ``ddim``,
+            ``dpm-solver++`` or ``rflow`` (see :func:`~monai_diffusion.generation.schedulers.resolve_sampler`).
         generator: CPU generator of the initial noise (the same noise on every device).
         verbose: a progress bar over the steps.
         precision: autocast for the UNet and decoder (None: fp32).
@@ -110,14 +99,13 @@ def generate_volumes(
         Bx``out_channels``x[SPATIAL DIMS] volumes (float32) in the autoencoder's output range.
     """
     device = next(unet.parameters()).device
-    scheduler = make_scheduler(config.diffusion.scheduler, kind)
-    train_steps = config.diffusion.scheduler.num_train_timesteps
-    scheduler.set_timesteps(num_inference_steps=train_steps if kind == "ddpm" else steps)
+    kind, steps = resolve_sampler(config.diffusion.scheduler, kind, steps)
     latent_shape = autoencoder.latent_shape(tuple(config.data.image_size)[: config.autoencoder.spatial_dims])
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     latents = torch.randn((count, *latent_shape), generator=generator).to(device)
     if step_generator is None:
         step_generator = sampling_generator(int(torch.randint(0, 2**62, (1,), generator=generator)), device)
+    process = ReverseProcess(config.diffusion.scheduler, kind, steps, latent_shape, step_generator)
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     was_training = unet.training
     unet.eval()
@@ -126,15 +114,14 @@ def generate_volumes(
         conditions = (conditions.cat(conditioning.null(count)) if guided else conditions).to(device)
     kwargs = conditions.as_kwargs() if conditions is not None else {}
     with torch.no_grad(), autocast:
-        for t in tqdm(scheduler.timesteps, desc=f"{kind} sampling", disable=not verbose, leave=False):
+        for index in tqdm(range(len(process.timesteps)), desc=f"{kind} sampling", disable=not verbose, leave=False):
             inputs = torch.cat([latents, latents]) if guided else latents
-            t = int(t)  # a CPU value: the scheduler indexes its CPU tables with it, no device sync
-            timesteps = torch.full((len(inputs),), t, device=device, dtype=torch.long)
+            timesteps = process.model_timesteps(index, len(inputs), device)
             prediction = unet(inputs, timesteps=timesteps, **kwargs).float()
             if guided:
                 conditional, unconditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
-            latents, _ = scheduler.step(prediction, t, latents, generator=step_generator)
+            latents = process.step(prediction, index, latents)
         inferer = resolve_tiles(config, tile_size, tile_overlap, buffers).inferer()
         latents = latents / scale_factor
         volumes = inferer.decode(autoencoder, latents) if inferer is not None else autoencoder.decode(latents)
@@ -180,8 +167,8 @@ def sample_volumes(
     run: str | Path,
     num_samples: int,
     output: str | Path,
-    scheduler: str = "ddim",
-    steps: int = 50,
+    scheduler: str = "auto",
+    steps: int | None = None,
     seed: int = 0,
     batch_size: int = 1,
     device: str = "auto",
@@ -198,7 +185,9 @@ def sample_volumes(
         run: diffusion run folder or checkpoint.
         num_samples: volumes to generate (per condition set, for a conditional model).
         output: results folder.
-        scheduler, steps, seed, batch_size, device: as ``sample.py``'s options.
+        scheduler, steps, seed, batch_size, device: as ``sample.py``'s options (``auto``: the sampler that suits the
+            run's training objective; steps None: all training steps for ``ddpm``, else the run's
+            ``diffusion.sampling.num_inference_steps``).
         tile_size, tile_overlap: decode by tiles (default: as the trained config says, see :func:`generate_volumes`).
         conditions: condition sets (name -> value as text) of a conditional model; each sample's conditions are
             written beside it (``sample_XXX.json``) and into ``conditions.csv``.
@@ -219,11 +208,9 @@ def sample_volumes(
                               f"run folder") from None
     bundle = load_diffusion(path, torch_device)
     config, conditioning = bundle.config, bundle.conditioning
-    trained_steps = config.diffusion.scheduler.num_train_timesteps
-    if scheduler == "ddim" and steps > trained_steps:
-        raise ConfigError(f"--steps {steps} (or diffusion.sampling.num_inference_steps): exceeds the "
-                          f"num_train_timesteps = {trained_steps} the run {run} was trained with; use at most "
-                          f"{trained_steps} steps")
+    if steps is None and scheduler != "ddpm":
+        steps = config.diffusion.sampling.num_inference_steps
+    scheduler, steps = resolve_sampler(config.diffusion.scheduler, scheduler, steps, run)
     sets = _condition_sets(conditioning, conditions)
     scale = config.diffusion.sampling.guidance_scale if guidance_scale is None else guidance_scale
     _check_guidance(conditioning, scale, "--guidance-scale" if guidance_scale is not None else
@@ -249,7 +236,7 @@ def sample_volumes(
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         log.info("sampling volumes %d-%d of %d (%s, %d steps)", start + 1, start + len(chunk), len(jobs), scheduler,
-                 config.diffusion.scheduler.num_train_timesteps if scheduler == "ddpm" else steps)
+                 steps)
         batch_conditions = conditioning.encode(chunk) if conditioning.active else None
         batch = generate_volumes(bundle.unet, bundle.autoencoder, config, bundle.scale_factor, len(chunk), steps,
                                  scheduler, generator, verbose=True, precision=precision, tile_size=tile_size,
@@ -269,7 +256,7 @@ def sample_volumes(
                 rows.append({"file": name.name, **values})
             if len(shown) < MOSAIC_VOLUMES:
                 shown.append(volume)
-    settings = {"run": str(path), "scheduler": scheduler, "steps": trained_steps if scheduler == "ddpm" else steps,
+    settings = {"run": str(path), "scheduler": scheduler, "steps": steps,
                 "seed": seed, "guidance_scale": scale if conditioning.active else None, "volumes": len(names),
                 "tiling": tiles.summary(bundle.autoencoder, "sampling")}
     (output / "sampling.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")

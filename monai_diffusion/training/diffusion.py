@@ -26,7 +26,8 @@ from monai_diffusion.data.datasets import item_covariates
 from monai_diffusion.errors import CheckpointError, RunError
 from monai_diffusion.generation.conditioning import Conditioning, Conditions
 from monai_diffusion.generation.latents import LatentCache, cached_latents, compute_scale_factor, volumes_to_encode
-from monai_diffusion.generation.sampling import generate_volumes, make_scheduler
+from monai_diffusion.generation.sampling import generate_volumes
+from monai_diffusion.generation.schedulers import Objective
 from monai_diffusion.pretrained.init_from import unet_start
 from monai_diffusion.runs.checkpoints import build_unet, checkpoint_path, load_autoencoder, weights_fingerprint
 from monai_diffusion.runtime import Precision, Runtime
@@ -40,7 +41,7 @@ log = logging.getLogger("monai_diffusion")
 
 
 class DiffusionTask(Task):
-    """UNet + DDPM noise-prediction loss on cached, scaled latents.
+    """UNet + the objective's loss (DDPM noise prediction or rectified-flow velocity) on cached, scaled latents.
 
     Args:
         config: the resolved run config.
@@ -83,7 +84,7 @@ class DiffusionTask(Task):
             self.ema = torch.optim.swa_utils.AveragedModel(
                 self.unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tr.ema_decay)
             )
-        self.scheduler = make_scheduler(df.scheduler, "ddpm")
+        self.objective = Objective(df.scheduler)
         self._optimizers = {"unet": torch.optim.Adam(self.unet.parameters(), lr=tr.learning_rate)}
         self._validation_generator = torch.Generator().manual_seed(config.seed)
 
@@ -109,17 +110,17 @@ class DiffusionTask(Task):
 
     def _loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, model: nn.Module,
               conditions: Conditions) -> torch.Tensor:
-        """The noise-prediction loss (what MONAI's DiffusionInferer computes, written out because it passes no
-        class labels to the UNet)."""
-        noisy = self.scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
+        """The noise- or velocity-prediction loss (what MONAI's DiffusionInferer computes, written out because it
+        passes no class labels to the UNet)."""
+        noisy = self.objective.add_noise(latents, noise, timesteps)
         with self.precision.autocast():
             prediction = model(noisy, timesteps=timesteps, **conditions.as_kwargs())
-        return F.mse_loss(prediction.float(), noise.float())
+        return F.mse_loss(prediction.float(), self.objective.target(latents, noise).float())
 
     def training_step(self, batch: dict[str, Any], epoch: int, optimization: Optimization) -> dict[str, torch.Tensor]:
         latents = self._latents(batch)
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (len(latents),), device=latents.device)
+        timesteps = self.objective.sample_timesteps(latents)
         conditions = self.conditioning.drop(self._conditions(batch))  # some dropped: for classifier-free guidance
         loss = self._loss(latents, noise, timesteps, self.unet_train, conditions)
         logs = {"loss": loss.detach()}  # read by the loop once per logging interval
@@ -137,8 +138,8 @@ class DiffusionTask(Task):
         generator = self._validation_generator
         latents = self._latents(batch, generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (len(latents),), generator=generator)
-        loss = self._loss(latents, noise, timesteps.to(latents.device), self.sampling_model(), self._conditions(batch))
+        timesteps = self.objective.sample_timesteps(latents, generator)
+        loss = self._loss(latents, noise, timesteps, self.sampling_model(), self._conditions(batch))
         return {"loss": loss.detach() * len(latents), "count": torch.tensor(float(len(latents)))}
 
     def on_validation_start(self) -> None:
@@ -152,7 +153,7 @@ class DiffusionTask(Task):
         if conditions is not None:
             count = len(conditions)
         volumes = generate_volumes(self.sampling_model(), self.autoencoder, self.config, self.scale_factor, count,
-                                   self.training.preview_inference_steps, "ddim", generator, precision=self.precision,
+                                   self.training.preview_inference_steps, "auto", generator, precision=self.precision,
                                    conditions=conditions, conditioning=self.conditioning)
         return volume_grid([("samples", list(volumes.clamp(0, 1)))], spatial_dims=self.config.autoencoder.spatial_dims)
 

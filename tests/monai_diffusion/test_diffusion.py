@@ -108,10 +108,12 @@ def test_clear_errors(autoencoder_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(autoencoder_run, tmp_path):
+@pytest.mark.parametrize("objective", ["ddpm", "rflow"])
+def test_ddp_two_cpu_processes(autoencoder_run, tmp_path, objective):
     out = _fresh_output(autoencoder_run, tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(SCRIPTS / "train_diffusion.py"), *_args(out, "device=cpu")]
+           f"--master_port={free_port()}", str(SCRIPTS / "train_diffusion.py"),
+           *_args(out, "device=cpu", f"diffusion.scheduler.type={objective}")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "diffusion" / "summary.json").read_text())

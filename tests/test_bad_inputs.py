@@ -67,6 +67,32 @@ def _header_only(path: Path, shape: tuple[int, ...], data_bytes: int, gzipped: b
     path.write_bytes(gzip.compress(raw) if gzipped else raw)
 
 
+def _labelled_world(root: Path, volume) -> Path:
+    """Image/label datalists: three good pairs, then one row whose label map is wrong in one way each."""
+    root.mkdir()
+    classes = np.random.default_rng(1).integers(0, 3, size=(20, 18, 16)).astype(np.int16)
+    for index in range(4):
+        nib.save(nib.Nifti1Image(volume(), np.eye(4)), root / f"ok{index}.nii.gz")
+        nib.save(nib.Nifti1Image(classes, np.eye(4)), root / f"lab{index}.nii.gz")
+    moved = np.eye(4)
+    moved[0, 3] = 5.0
+    bad = {"short": (classes[..., :15], np.eye(4)), "moved": (classes, moved),
+           "half": (classes.astype(np.float32) + 0.5, np.eye(4)), "negative": (classes - 1, np.eye(4)),
+           "big": (classes + 5, np.eye(4))}
+    good = "image,label\n" + "".join(f"ok{i}.nii.gz,lab{i}.nii.gz\n" for i in range(3))
+    for name, (data, affine) in bad.items():
+        nib.save(nib.Nifti1Image(data, affine), root / f"{name}.nii.gz")
+        (root / f"{name}.csv").write_text(good + f"ok3.nii.gz,{name}.nii.gz\n")
+    (root / "missing.csv").write_text(good + "ok3.nii.gz,gone.nii.gz\n")
+    (root / "nolabel.csv").write_text("image\n" + "".join(f"ok{i}.nii.gz\n" for i in range(4)))
+    return root
+
+
+def _labelled(world, name: str) -> list[str]:
+    return ["data.source=nifti", f"data.paths={world['labelled'] / (name + '.csv')}", "data.num_classes=3",
+            "data.val_fraction=0.25"]
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """Files the cases point at, a trained tiny autoencoder and diffusion run, a run folder locked by a live
@@ -117,6 +143,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     _header_only(paths["huge_header"] / "claims.nii", (4000, 4000, 4000), 1000, gzipped=False)
     paths["huge_gz"] = folder("huge_gz", good)
     _header_only(paths["huge_gz"] / "claims.nii.gz", (4000, 4000, 4000), 1000, gzipped=True)
+    paths["labelled"] = _labelled_world(root / "labelled", volume)
     paths["cut_checkpoint"] = root / "cut.pt"
     paths["dup_yaml"] = root / "dup.yaml"
     paths["dup_yaml"].write_text("autoencoder:\n  latent_channels: 3\n  norm_num_groups: 4\n  latent_channels: 4\n")
@@ -297,6 +324,16 @@ CASES = [
     ("sample-empty-run", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(o), "--run", ""], r"--run: expected a path, got ''"),
     ("estimate-output-without-budget", estimate_memory_main, lambda w, o: _argv(o) + ["--output", str(o.parent / "x.yaml")], r"--output: only used with --budget"),
     ("budget-batch-size-does-not-fit", estimate_memory_main, lambda w, o: _argv(o) + ["--budget", "1MB", "--batch-size", "2", "--output", str(o.parent / "x.yaml")], r"--budget 1MB: no searched configuration fits \(.*; batch 2; mixed precision"),
+    # label maps (data.num_classes)
+    ("label-missing-file", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "missing")), r"missing\.csv, line 5: label '.*gone\.nii\.gz' does not exist"),
+    ("label-no-column", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "nolabel")), r"nolabel\.csv, line 2: no 'label' \(data\.num_classes is set"),
+    ("label-shape", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "short")), r"short\.nii\.gz: the label map's shape \(20, 18, 15\) differs from its image .*ok3\.nii\.gz's \(20, 18, 16\)"),
+    ("label-affine", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "moved")), r"moved\.nii\.gz: the label map's affine .* differs from its image .*ok3\.nii\.gz's"),
+    ("label-non-integer", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "half")), r"half\.nii\.gz: the label map holds non-integer values \(e\.g\. \d\.5\)"),
+    ("label-negative", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "negative")), r"negative\.nii\.gz: the label map holds negative values \(min -1\)"),
+    ("label-class-too-large", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "big")), r"big\.nii\.gz: the label map holds class 7, but data\.num_classes = 3 allows 0\.\.2"),
+    ("label-from-a-folder", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "good"), "data.num_classes=3"), r"data\.num_classes: label maps come from a datalist's 'label' column"),
+    ("label-phantom-classes", train_autoencoder_main, lambda w, o: _argv(o, "data.num_classes=3"), r"data\.num_classes: 3 is too few for the phantoms' label maps, which have 22 classes"),
     ("hard-linked-file", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "hard_linked")), r"data\.paths: only 1 NIfTI file"),
 ]
 READ_ONLY_CASES = {"sample-output-read-only", "eval-default-output-read-only", "budget-output-read-only"}

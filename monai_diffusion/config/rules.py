@@ -22,7 +22,7 @@ from generative.networks.nets.autoencoderkl import (
     total_downsample_factors,
 )
 from generative.networks.tiling import tile_layout
-from monai_diffusion.config.schema import Config, limits_of
+from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES, Config, limits_of
 from monai_diffusion.errors import ConfigError
 
 __all__ = ["STAGES", "validate", "check_limits", "discriminator_min_size", "autoencoder_totals", "latent_size",
@@ -146,6 +146,21 @@ def _validate_data(config: Config) -> None:
     if data.intensity_window is not None and not data.intensity_window[0] < data.intensity_window[1]:
         raise ConfigError(f"data.intensity_window: expected [a_min, a_max] with a_min < a_max, got "
                           f"{list(data.intensity_window)}; e.g. [-1000, 1000] for CT in Hounsfield units")
+    _validate_labels(config)
+
+
+def _validate_labels(config: Config) -> None:
+    data = config.data
+    if data.num_classes is None:
+        return
+    if data.source == "synthetic" and data.num_classes < PHANTOM_NUM_CLASSES:
+        raise ConfigError(f"data.num_classes: {data.num_classes} is too few for the phantoms' label maps, which "
+                          f"have {PHANTOM_NUM_CLASSES} classes (background, body shell, soft tissue, 18 organ parts, "
+                          f"cavity); set data.num_classes={PHANTOM_NUM_CLASSES}")
+    if data.source == "nifti" and not (isinstance(data.paths, str) and data.paths.lower().endswith((".json", ".csv"))):
+        raise ConfigError(f"data.num_classes: label maps come from a datalist's 'label' column; point data.paths at "
+                          f"a .json or .csv file with image and label columns (got {data.paths!r}), or set "
+                          f"data.num_classes: null")
 
 
 def _off_grid(sizes: tuple[int, ...], totals: tuple[int, ...]) -> str | None:

@@ -18,6 +18,7 @@ __all__ = [
     "limits_of",
     "AugmentationConfig",
     "DataConfig",
+    "PHANTOM_NUM_CLASSES",
     "PerceptualConfig",
     "DiscriminatorConfig",
     "LoopConfig",
@@ -99,6 +100,11 @@ class DataConfig:
         augmentation: see AugmentationConfig.
         phantom_covariates: synthetic phantoms with a class ``cavity`` (0/1: a dark cavity at the body's
             centre) and a continuous ``size`` (the body's scale), for conditional diffusion.
+        num_classes: classes of the label maps (background 0 included). Set, every volume comes with an
+            integer label map that follows it through the same spatial pipeline (nearest-neighbour): a
+            datalist's ``label`` column, or the phantoms' own (which need at least ``PHANTOM_NUM_CLASSES`` =
+            22: background, body shell, soft tissue, 18 organ parts, cavity); see docs/masks.md.
+            null: images only.
     """
 
     source: Literal["synthetic", "nifti"] = "synthetic"
@@ -118,6 +124,10 @@ class DataConfig:
     foreground_threshold: float = bounded(0.05, ge=0, lt=1)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     phantom_covariates: bool = False
+    num_classes: Union[int, None] = bounded(None, ge=2, le=32767)
+
+
+PHANTOM_NUM_CLASSES = 22  # classes of the phantoms' label maps (see monai_diffusion/data/phantoms.py)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Patch training cuts ``data.patches_per_volume`` patches of ``data.patch_size`` f
 preprocessed volume a batch reads (MONAI's ``RandWeightedCrop``): a share ``data.patch_random_fraction``
 of them centred anywhere, the rest centred on foreground voxels (above ``data.foreground_threshold``), so
 few patches are air. Augmentation (``data.augmentation``: MONAI's ``RandFlipd`` and ``RandAffined``) runs
-on the patches, or on the whole volumes when training on whole volumes.
+on the patches, or on the whole volumes when training on whole volumes. A label map (``data.num_classes``)
+gets the same patches, flips and affines as its image (nearest-neighbour), so the two stay voxel-aligned.
 
 The random state of these transforms is set, item by item, from ``(seed, epoch, index)``: the loader's
 sampler tags each index with its epoch (:class:`EpochTaggedSampler`), so the same patches come out in an
@@ -31,7 +32,7 @@ from monai.transforms import (
 from torch.utils.data import Dataset, Sampler
 
 from monai_diffusion.config.schema import DataConfig
-from monai_diffusion.data.keys import IMAGE_KEY
+from monai_diffusion.data.keys import IMAGE_KEY, LABEL_KEY
 
 __all__ = ["ForegroundPatchesd", "build_random_transform", "RandomizedVolumes", "EpochTaggedSampler"]
 
@@ -39,9 +40,10 @@ __all__ = ["ForegroundPatchesd", "build_random_transform", "RandomizedVolumes", 
 class ForegroundPatchesd(Randomizable, MapTransform):
     """``num_samples`` patches of ``spatial_size`` from ``data[key]`` (CxHxWxD): a share ``random_fraction``
     centred anywhere, the others on voxels whose channel mean exceeds ``threshold``. Returns a list of dicts
-    (the other keys are shared, not copied)."""
+    (the other keys are shared, not copied). With several keys, the centres are drawn from the first key's
+    volume and every key is cut at the same centres (e.g. an image and its label map)."""
 
-    def __init__(self, key: str, spatial_size: tuple[int, ...], num_samples: int, random_fraction: float,
+    def __init__(self, key: str | list[str], spatial_size: tuple[int, ...], num_samples: int, random_fraction: float,
                  threshold: float) -> None:
         MapTransform.__init__(self, key)
         self.random_fraction, self.threshold = random_fraction, threshold
@@ -65,27 +67,30 @@ class ForegroundPatchesd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
         image = data[self.keys[0]]
-        patches = self.cropper(image, weight_map=self.weights(torch.as_tensor(image))[None])
-        return [{**data, self.keys[0]: patch} for patch in patches]
+        self.cropper.randomize(self.weights(torch.as_tensor(image))[None])
+        cut = {key: self.cropper(data[key], randomize=False) for key in self.keys}
+        return [{**data, **{key: cut[key][i] for key in self.keys}} for i in range(len(cut[self.keys[0]]))]
 
 
 def build_random_transform(cfg: DataConfig) -> Compose | None:
     """The random part of the training pipeline: patches (``cfg.patch_size``) and augmentation; None when
     neither is configured."""
     transforms: list[Any] = []
+    keys = [IMAGE_KEY, LABEL_KEY] if cfg.num_classes is not None else [IMAGE_KEY]
     if cfg.patch_size is not None:
-        transforms.append(ForegroundPatchesd(IMAGE_KEY, tuple(cfg.patch_size), cfg.patches_per_volume,
+        transforms.append(ForegroundPatchesd(keys, tuple(cfg.patch_size), cfg.patches_per_volume,
                                              cfg.patch_random_fraction, cfg.foreground_threshold))
     aug = cfg.augmentation
     if aug.flip_prob > 0:
-        transforms += [RandFlipd(IMAGE_KEY, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
+        transforms += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
     if aug.affine_prob > 0:
         angle = math.radians(aug.rotate_degrees)
-        transforms.append(RandAffined(IMAGE_KEY, prob=aug.affine_prob, rotate_range=(angle,) * 3,
-                                      scale_range=(aug.scale_range,) * 3, mode="bilinear", padding_mode="border"))
+        transforms.append(RandAffined(keys, prob=aug.affine_prob, rotate_range=(angle,) * 3,
+                                      scale_range=(aug.scale_range,) * 3, mode=["bilinear", "nearest"][: len(keys)],
+                                      padding_mode="border"))
     if not transforms:
         return None
-    transforms.append(EnsureTyped(IMAGE_KEY, data_type="tensor", dtype=torch.float32, track_meta=False))
+    transforms.append(EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False))
     return Compose(transforms)
 
 

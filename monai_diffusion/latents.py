@@ -25,7 +25,7 @@ from generative.networks.nets import AutoencoderKL
 from monai_diffusion.atomic import atomic_write
 from monai_diffusion.conditioning import Conditioning, Conditions
 from monai_diffusion.config import Config, config_to_dict
-from monai_diffusion.data import build_datasets, model_input
+from monai_diffusion.data import LABEL_KEY, build_datasets, model_input
 from monai_diffusion.data.datasets import item_covariates
 from monai_diffusion.metrics import latent_std
 from monai_diffusion.runtime import Runtime
@@ -38,18 +38,22 @@ log = logging.getLogger("monai_diffusion")
 
 class LatentDataset(Dataset):
     """Cached latent distributions: items ``{"z_mu": Cx[LATENT DIMS], "z_sigma": Cx[LATENT DIMS]}``, plus
-    ``class_labels`` and/or ``context`` of a conditional model (see ``conditioning.Conditions``)."""
+    ``class_labels`` and/or ``context`` of a conditional model (see ``conditioning.Conditions``), plus ``label``
+    (1x[SPATIAL DIMS] int16, the volume's label map at image size) with ``data.num_classes``."""
 
-    def __init__(self, z_mu: torch.Tensor, z_sigma: torch.Tensor, conditions: Conditions | None = None) -> None:
-        self.z_mu, self.z_sigma = z_mu, z_sigma
+    def __init__(self, z_mu: torch.Tensor, z_sigma: torch.Tensor, conditions: Conditions | None = None,
+                 labels: torch.Tensor | None = None) -> None:
+        self.z_mu, self.z_sigma, self.labels = z_mu, z_sigma, labels
         self.conditions = conditions if conditions is not None else Conditions()
 
     def __len__(self) -> int:
         return len(self.z_mu)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"z_mu": self.z_mu[index], "z_sigma": self.z_sigma[index],
-                **self.conditions.index(index).as_kwargs()}
+        item = {"z_mu": self.z_mu[index], "z_sigma": self.z_sigma[index], **self.conditions.index(index).as_kwargs()}
+        if self.labels is not None:
+            item[LABEL_KEY] = self.labels[index]
+        return item
 
 
 def shard_indices(count: int, runtime: Runtime, pad: bool = True) -> list[int]:
@@ -65,15 +69,19 @@ def shard_indices(count: int, runtime: Runtime, pad: bool = True) -> list[int]:
 
 def encode_latents(
     autoencoder: AutoencoderKL, dataset: Dataset, indices: list[int], batch_size: int, device: torch.device, desc: str,
-    tile_size: list[int] | None = None, tile_overlap: float = 0.5,
+    tile_size: list[int] | None = None, tile_overlap: float = 0.5, labels: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``dataset[indices]`` once; returns ``(z_mu, z_sigma)`` on the CPU, each NxCx[LATENT DIMS]
-    (empty tensors when ``indices`` is empty). ``tile_size``: encode each whole volume by tiles."""
+    (empty tensors when ``indices`` is empty). ``tile_size``: encode each whole volume by tiles. ``labels``: a
+    list that receives each volume's label map (1x[SPATIAL DIMS] int16), read with its image."""
     mus, sigmas = [], []
     spatial_dims = autoencoder.spatial_dims
     with torch.no_grad():
         for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
-            images = torch.stack([dataset[i]["image"] for i in indices[start : start + batch_size]])
+            items = [dataset[i] for i in indices[start : start + batch_size]]
+            images = torch.stack([item["image"] for item in items])
+            if labels is not None:
+                labels += [model_input(item[LABEL_KEY][None], spatial_dims)[0].to(torch.int16) for item in items]
             z_mu, z_sigma = autoencoder.encode(model_input(images, spatial_dims).to(device).float(),
                                                tile_size=tile_size, tile_overlap=tile_overlap)
             mus.append(z_mu.float().cpu())
@@ -105,7 +113,7 @@ def _fingerprint(config: Config, source: Path, runtime: Runtime) -> str:
 _CACHED = ("train_mu", "train_sigma", "val_mu", "val_sigma", "affine")
 
 
-def _read_cache(path: Path, fingerprint: str) -> dict[str, Any] | None:
+def _read_cache(path: Path, fingerprint: str, labelled: bool = False) -> dict[str, Any] | None:
     """The cache file's contents when it is readable and made for ``fingerprint``; a damaged file is
     reported and ignored (the latents are then encoded again and the file rewritten)."""
     if not path.is_file():
@@ -118,7 +126,8 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, Any] | None:
         return None
     if not isinstance(cached, dict) or cached.get("fingerprint") != fingerprint:
         return None
-    if not all(isinstance(cached.get(key), torch.Tensor) for key in _CACHED):
+    keys = _CACHED + (("train_label", "val_label") if labelled else ())
+    if not all(isinstance(cached.get(key), torch.Tensor) for key in keys):
         log.warning("latent cache %s is incomplete; encoding the latents again", path)
         return None
     return cached
@@ -131,40 +140,65 @@ def volumes_to_encode(config: Config) -> tuple[Dataset, Dataset]:
     return build_datasets(data, seed=config.seed, in_channels=config.autoencoder.in_channels)
 
 
+def _stacked(labels: list[torch.Tensor] | None) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    return torch.stack(labels) if labels else torch.empty(0, dtype=torch.int16)
+
+
 def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL, source: Path, run_dir: Path,
-                   volumes: tuple[Dataset, Dataset]) -> LatentCache:
-    """Encode (or reload from ``latent_cache_rank<r>.pt``) this rank's share of ``volumes`` (training, validation)."""
-    tr, cond = config.diffusion.training, config.diffusion.conditioning
+                   volumes: tuple[Dataset, Dataset], conditioning: Conditioning | None = None,
+                   cache_on_disk: bool | None = None) -> LatentCache:
+    """Encode (or reload from ``latent_cache_rank<r>.pt``) this rank's share of ``volumes`` (training, validation),
+    with their label maps when ``data.num_classes`` is set.
+
+    Args:
+        conditioning: the fitted conditioning to encode the covariates with (the ControlNet stage: its diffusion
+            model's); None fits it on the training set.
+        cache_on_disk: write and reuse the cache file (None: ``diffusion.training.cache_latents_on_disk``).
+    """
+    cond = config.diffusion.conditioning
+    on_disk = config.diffusion.training.cache_latents_on_disk if cache_on_disk is None else cache_on_disk
     train_ds, val_ds = volumes
     train_idx, val_idx = shard_indices(len(train_ds), runtime), shard_indices(len(val_ds), runtime, pad=False)
     # the conditions come from the covariates alone (no image is read), fitted on the whole training set
     train_items = [item_covariates(train_ds, i) for i in range(len(train_ds))]
-    conditioning = Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, train_items)
+    if conditioning is None:
+        conditioning = Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, train_items)
     train_conditions = conditioning.encode([train_items[i] for i in train_idx])
     val_conditions = conditioning.encode([item_covariates(val_ds, i) for i in val_idx])
     fingerprint = _fingerprint(config, source, runtime)
     cache_file = run_dir / f"latent_cache_rank{runtime.rank}.pt"
-    cached = _read_cache(cache_file, fingerprint) if tr.cache_latents_on_disk else None
+    labelled = config.data.num_classes is not None
+    cached = _read_cache(cache_file, fingerprint, labelled) if on_disk else None
     if cached is not None:
         log.info("latent cache: reusing %s", cache_file)
-        return LatentCache(LatentDataset(cached["train_mu"], cached["train_sigma"], train_conditions),
-                           LatentDataset(cached["val_mu"], cached["val_sigma"], val_conditions), cached["affine"],
-                           0.0, True, conditioning)
+        return LatentCache(LatentDataset(cached["train_mu"], cached["train_sigma"], train_conditions,
+                                         cached.get("train_label")),
+                           LatentDataset(cached["val_mu"], cached["val_sigma"], val_conditions,
+                                         cached.get("val_label")),
+                           cached["affine"], 0.0, True, conditioning)
     started = time.perf_counter()
     batch = config.autoencoder.training.batch_size
     tiles = {"tile_size": config.inference_tile, "tile_overlap": config.autoencoder.tile_overlap}
+    train_labels: list[torch.Tensor] | None = [] if labelled else None
+    val_labels: list[torch.Tensor] | None = [] if labelled else None
     train_mu, train_sigma = encode_latents(autoencoder, train_ds, train_idx, batch, runtime.device,
-                                           "encoding training set", **tiles)
+                                           "encoding training set", labels=train_labels, **tiles)
     val_mu, val_sigma = encode_latents(autoencoder, val_ds, val_idx, batch, runtime.device,
-                                       "encoding validation set", **tiles)
+                                       "encoding validation set", labels=val_labels, **tiles)
     seconds = time.perf_counter() - started
     affine = torch.as_tensor(train_ds[0].get("affine", torch.eye(4)), dtype=torch.float64)
-    if tr.cache_latents_on_disk:
+    train_label, val_label = _stacked(train_labels), _stacked(val_labels)
+    if on_disk:
         payload = {"fingerprint": fingerprint, "train_mu": train_mu, "train_sigma": train_sigma,
                    "val_mu": val_mu, "val_sigma": val_sigma, "affine": affine}
+        if labelled:  # the label maps beside their latents
+            payload.update(train_label=train_label, val_label=val_label)
         atomic_write(cache_file, lambda handle: torch.save(payload, handle))  # a kill never leaves half a file
-    return LatentCache(LatentDataset(train_mu, train_sigma, train_conditions),
-                       LatentDataset(val_mu, val_sigma, val_conditions), affine, seconds, False, conditioning)
+    return LatentCache(LatentDataset(train_mu, train_sigma, train_conditions, train_label),
+                       LatentDataset(val_mu, val_sigma, val_conditions, val_label), affine, seconds, False,
+                       conditioning)
 
 
 def compute_scale_factor(dataset: LatentDataset, batches: int, batch_size: int, runtime: Runtime, seed: int) -> float:

@@ -20,8 +20,10 @@ from monai_diffusion.cli import (
     compare_factors_main,
     estimate_memory_main,
     evaluate_autoencoder_main,
+    evaluate_samples_main,
     sample_main,
     train_autoencoder_main,
+    train_controlnet_main,
     train_diffusion_main,
 )
 from monai_diffusion.runs import RunLock
@@ -39,6 +41,10 @@ TINY = [
 # the trained diffusion run of the world: 20 diffusion steps (the cases' config keeps the default 1000)
 DIFFUSION = ["diffusion.training.n_epochs=1", "diffusion.scheduler.num_train_timesteps=20",
              "diffusion.training.preview_inference_steps=2", "diffusion.sampling.num_inference_steps=2"]
+
+# the ControlNet of the world, on the phantoms' label maps
+CONTROLNET = ["data.num_classes=22", "controlnet.training.n_epochs=1", "controlnet.training.preview_inference_steps=2",
+              "controlnet.conditioning_channels=4"]
 
 
 def _read_only(path: Path) -> bool:
@@ -85,6 +91,8 @@ def _labelled_world(root: Path, volume) -> Path:
         (root / f"{name}.csv").write_text(good + f"ok3.nii.gz,{name}.nii.gz\n")
     (root / "missing.csv").write_text(good + "ok3.nii.gz,gone.nii.gz\n")
     (root / "nolabel.csv").write_text("image\n" + "".join(f"ok{i}.nii.gz\n" for i in range(4)))
+    nib.save(nib.Nifti1Image(classes + 28, np.eye(4)), root / "class30.nii.gz")  # above the phantoms' 22 classes
+    nib.save(nib.Nifti1Image(classes.astype(np.float32) + 0.25, np.eye(4)), root / "fraction.nii.gz")
     return root
 
 
@@ -150,6 +158,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     paths["trained"] = root / "trained"
     assert train_autoencoder_main(_argv(paths["trained"])) == 0
     assert train_diffusion_main(_argv(paths["trained"], *DIFFUSION)) == 0
+    assert train_controlnet_main(_argv(paths["trained"], *DIFFUSION, *CONTROLNET)) == 0
     whole = (paths["trained"] / "diffusion" / "checkpoints" / "last.pt").read_bytes()
     paths["cut_checkpoint"].write_bytes(whole[: len(whole) // 2])
     # a run folder a live training holds (this process, through another open file: flock refuses it too)
@@ -334,6 +343,18 @@ CASES = [
     ("label-class-too-large", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "big")), r"big\.nii\.gz: the label map holds class 7, but data\.num_classes = 3 allows 0\.\.2"),
     ("label-from-a-folder", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "good"), "data.num_classes=3"), r"data\.num_classes: label maps come from a datalist's 'label' column"),
     ("label-phantom-classes", train_autoencoder_main, lambda w, o: _argv(o, "data.num_classes=3"), r"data\.num_classes: 3 is too few for the phantoms' label maps, which have 22 classes"),
+    # the ControlNet stage, sampling from masks and measuring the pairs
+    ("controlnet-without-classes", train_controlnet_main, lambda w, o: _argv(o, *DIFFUSION), r"data\.num_classes: the ControlNet stage learns to follow label maps; set data\.num_classes"),
+    ("controlnet-without-diffusion", train_controlnet_main, lambda w, o: _argv(o, *DIFFUSION, *CONTROLNET), r"controlnet\.diffusion_run: .*diffusion: no such run folder.*train the diffusion model first"),
+    ("controlnet-mismatched-diffusion", train_controlnet_main, lambda w, o: _argv(o, *DIFFUSION, *CONTROLNET, f"controlnet.diffusion_run={w['trained'] / 'diffusion'}", "diffusion.num_channels=[16]"), r"controlnet\.diffusion_run: the diffusion model in .* does not match .* \(channels: \[8\] -> \[16\]\)"),
+    ("sample-mask-missing", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--mask", str(w["root"] / "nowhere.nii.gz")], r"--mask: label map '.*nowhere\.nii\.gz' does not exist"),
+    ("sample-mask-not-nifti", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--mask", str(w["a_file"])], r"--mask: '.*a_file\.txt' is not a NIfTI file"),
+    ("sample-mask-class-too-large", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--mask", str(w["labelled"] / "class30.nii.gz")], r"class30\.nii\.gz: the label map holds class 30, but data\.num_classes = 22"),
+    ("sample-mask-non-integer", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--mask", str(w["labelled"] / "fraction.nii.gz")], r"fraction\.nii\.gz: the label map holds non-integer values"),
+    ("sample-masks-without-label", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--masks", str(w["labelled"] / "nolabel.csv")], r"--masks: .*nolabel\.csv needs a 'label' entry in every row"),
+    ("sample-mask-diffusion-run", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--run", str(w["trained"] / "diffusion"), "--mask", str(w["labelled"] / "lab0.nii.gz")], r"--run: .*diffusion/checkpoints/best\.pt is not a ControlNet checkpoint"),
+    ("sample-conditioning-scale-alone", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION) + ["--output", str(o), "--conditioning-scale", "2"], r"--conditioning-scale: only used with --mask or --masks"),
+    ("eval-masks-not-pairs", evaluate_samples_main, lambda w, o: ["--masks", "--samples", str(w["good"]), "--output", str(o)], r"--samples: .*good has no datalist\.json; point it at the folder sample\.py --mask wrote"),
     ("hard-linked-file", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "hard_linked")), r"data\.paths: only 1 NIfTI file"),
 ]
 READ_ONLY_CASES = {"sample-output-read-only", "eval-default-output-read-only", "budget-output-read-only"}

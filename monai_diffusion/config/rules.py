@@ -3,6 +3,7 @@
 * ``autoencoder`` (autoencoder training, memory estimation, evaluation, the factor study): the top-level
   keys, ``data`` and ``autoencoder``.
 * ``diffusion`` (diffusion training, sampling): all of those and ``diffusion``.
+* ``controlnet`` (ControlNet training, sampling from masks): all of those and ``controlnet``.
 
 A stage never checks a section it does not use, so an autoencoder run is not refused for a diffusion UNet
 reason. Every error is a :class:`ConfigError` whose one-line message names the key, the value, what is
@@ -28,7 +29,7 @@ from monai_diffusion.errors import ConfigError
 __all__ = ["STAGES", "validate", "check_limits", "discriminator_min_size", "autoencoder_totals", "latent_size",
            "training_size", "check_tiles"]
 
-STAGES = ("autoencoder", "diffusion")
+STAGES = ("autoencoder", "diffusion", "controlnet")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,11 +340,23 @@ def validate(config: Config, stage: str = "autoencoder") -> Config:
     """Check ``config`` for ``stage`` (see the module docstring); returns it, raises ConfigError."""
     if stage not in STAGES:
         raise ValueError(f"stage = {stage!r}: expected one of {STAGES}")
-    sections = ("data", "autoencoder") + (("diffusion",) if stage == "diffusion" else ())
+    sections = ("data", "autoencoder") + STAGES[1: STAGES.index(stage) + 1]
     _check_sections(config, sections)
     _validate_top(config)
     _validate_data(config)
     _validate_autoencoder(config)
-    if stage == "diffusion":
+    if stage in ("diffusion", "controlnet"):
         _validate_diffusion(config)
+    if stage == "controlnet":
+        _validate_controlnet(config)
     return config
+
+
+def _validate_controlnet(config: Config) -> None:
+    if config.data.num_classes is None:
+        raise ConfigError("data.num_classes: the ControlNet stage learns to follow label maps; set data.num_classes "
+                          "(the phantoms: 22; a datalist: its label column's classes, background included)")
+    tr, steps = config.controlnet.training, config.diffusion.scheduler.num_train_timesteps
+    if tr.preview_inference_steps > steps:
+        raise ConfigError(f"controlnet.training.preview_inference_steps: {tr.preview_inference_steps} exceeds "
+                          f"diffusion.scheduler.num_train_timesteps = {steps}; use at most that many steps")

@@ -50,6 +50,7 @@ class DiffusionTask:
     """
 
     monitor = "val/loss"
+    trained = "unet"  # the optimiser the loss steps
 
     def __init__(
         self,
@@ -115,9 +116,9 @@ class DiffusionTask:
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (len(latents),), device=latents.device)
         conditions = self.conditioning.drop(self._conditions(batch))  # some dropped: for classifier-free guidance
-        loss = self._loss(latents, noise, timesteps, self.unet_train, conditions)
+        loss = self._loss(latents, noise, timesteps, self._model(batch, True), conditions)
         logs = {"loss": float(loss.detach())}
-        optimization.backward(loss, "unet", logs)
+        optimization.backward(loss, self.trained, logs)
         return logs
 
     def after_optimizer_step(self) -> None:
@@ -127,12 +128,18 @@ class DiffusionTask:
     def sampling_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.unet
 
+    def _model(self, batch: dict[str, Any], training: bool) -> nn.Module:
+        """The network the loss runs: the (DDP) UNet in training, the sampling weights in validation (the
+        ControlNet stage returns the UNet steered by the batch's label maps)."""
+        return self.unet_train if training else self.sampling_model()
+
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         generator = self._validation_generator
         latents = self._latents(batch, generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (len(latents),), generator=generator)
-        loss = self._loss(latents, noise, timesteps.to(latents.device), self.sampling_model(), self._conditions(batch))
+        loss = self._loss(latents, noise, timesteps.to(latents.device), self._model(batch, False),
+                          self._conditions(batch))
         return {"loss": loss.detach() * len(latents), "count": torch.tensor(float(len(latents)))}
 
     def on_validation_start(self) -> None:

@@ -85,7 +85,9 @@ class MaskControlNet(nn.Module):
 
     def one_hot(self, label: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """B x 1 x [SPATIAL DIMS] integer classes -> B x num_classes x [SPATIAL DIMS] (pooled as planned)."""
-        onehot = F.one_hot(label[:, 0].long(), self.num_classes).movedim(-1, 1).to(dtype)
+        # scattered into the target dtype: no int64 one-hot of num_classes x the volume on the way
+        onehot = torch.zeros((label.shape[0], self.num_classes, *label.shape[2:]), dtype=dtype, device=label.device)
+        onehot.scatter_(1, label.long(), 1.0)
         if any(k > 1 for k in self.pool_kernel):
             pool = F.avg_pool3d if onehot.dim() == 5 else F.avg_pool2d
             onehot = pool(onehot, kernel_size=self.pool_kernel)

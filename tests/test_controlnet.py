@@ -3,11 +3,15 @@ covariates reaching the ControlNet, the UNet staying frozen, and the label maps 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from monai_diffusion.controlnet import ControlledUNet, build_controlnet, embedding_plan
+
+ROOT = Path(__file__).resolve().parents[1]
 
 UNET = dict(spatial_dims=3, in_channels=3, out_channels=3, num_res_blocks=1, channels=[8, 8],
             attention_levels=[False, True], num_head_channels=[0, 8], norm_num_groups=4)
@@ -101,3 +105,24 @@ def test_only_the_controlnet_learns():
         optimizer.zero_grad()
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
     assert any(p.abs().sum() > 0 for n, p in controlnet.named_parameters() if "controlnet_mid_block" in n)
+
+
+def test_memory_estimate_of_the_controlnet_step_and_the_pipeline():
+    """The fake-tensor count of a ControlNet training step against the profiler's peak of a real one (CPU),
+    and the pipeline estimate lists the stage's phases when the data has label maps."""
+    from monai_diffusion.config import load_config
+    from monai_diffusion.controlnet_memory import estimate_controlnet, measure_controlnet_step
+    from monai_diffusion.memory import estimate_pipeline
+
+    config = load_config(ROOT / "monai_diffusion" / "config" / "quickstart.yaml",
+                         ["data.num_classes=22", "data.image_size=[16, 16, 16]", "controlnet.training.batch_size=2",
+                          "autoencoder.discriminator.num_layers_d=1"],
+                         stage="controlnet")
+    estimate = estimate_controlnet(config, target="cpu")
+    measured, _ = measure_controlnet_step(config, torch.device("cpu"), repeats=1)
+    assert 0.7 < estimate.total / measured < 1.5, (estimate.total, measured)
+    names = [phase.name for phase in estimate_pipeline(config, target="cpu")]
+    assert names[-2:] == ["ControlNet training step", "sampling with ControlNet"]
+    plain = load_config(ROOT / "monai_diffusion" / "config" / "quickstart.yaml", ["data.image_size=[16, 16, 16]", "autoencoder.discriminator.num_layers_d=1"],
+                        stage="diffusion")
+    assert "ControlNet training step" not in [phase.name for phase in estimate_pipeline(plain, target="cpu")]

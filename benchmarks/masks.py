@@ -3,7 +3,7 @@ cavity), the three stages trained on them (autoencoder, unconditional latent dif
 maps), then volumes generated from the label maps of held-out phantoms (shapes never seen in training) and
 segmented.
 
-    nice -n 10 python benchmarks/masks.py --output benchmarks/results/masks   # about 20 minutes on 2 CPU cores
+    nice -n 10 python benchmarks/masks.py --output runs/masks   # 40 minutes on a shared 2-core CPU; results.md/json
 
 * Segmenter: ``IntensitySegmenter`` (per-class Gaussian of intensity and local mean) fitted on real phantoms;
   its Dice on other real phantoms against their own label maps is the ceiling.

@@ -127,6 +127,9 @@ class ControlledUNet(nn.Module):
         super().__init__()
         self.unet, self.controlnet = unet, controlnet
         self.label, self.conditioning_scale = label, float(conditioning_scale)
+        # the wrapper's mode is the ControlNet's, so a sampler that restores "the mode it found" leaves the frozen
+        # UNet and a sampling ControlNet in eval mode
+        self.training = bool(controlnet.training)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:

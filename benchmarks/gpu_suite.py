@@ -9,7 +9,8 @@ autoencoder training step (generator and discriminator losses, Adam, the config'
 checkpointing) is run and measured: peak memory (``torch.cuda.max_memory_allocated`` on a GPU, the
 profiler's peak on a CPU, plus the weights and Adam state) and median step time, beside the estimator's
 count for the same step. Then the whole-volume inference of the 16 GB config of Example 4: a tiled encode
-and a tiled decode, peak and time. A row that does not fit the device is reported as out of memory.
+and a tiled decode, peak and time; and one ControlNet training step on its latents (22 label
+classes). A row that does not fit the device is reported as out of memory.
 The table goes to stdout and to ``--output`` (markdown).
 """
 
@@ -112,6 +113,33 @@ def inference(device: torch.device, tiny: bool) -> list[str]:
     return out
 
 
+CONTROLNET_CLASSES = 22  # label classes of the ControlNet step entry (the phantoms' label maps)
+
+
+def controlnet_step(device: torch.device, tiny: bool) -> list[str]:
+    """One ControlNet training step (frozen UNet, one-hot label maps at image size) on the whole-volume latents of
+    the 16 GB config of Example 4, measured beside the estimator's count (monai_diffusion.memory.controlnet)."""
+    from monai_diffusion.memory.controlnet import estimate_controlnet, measure_controlnet_step
+
+    path = EXAMPLES / "example4_512x512x128_16gb.yaml"
+    extra = [f"data.num_classes={CONTROLNET_CLASSES}", "controlnet.training.batch_size=1"]
+    if tiny:  # a one-level UNet for the two-voxel latents
+        extra += tiny_overrides(path) + ["diffusion.num_channels=[8]", "diffusion.attention_levels=[false]",
+                                         "diffusion.num_head_channels=[8]", "diffusion.norm_num_groups=4"]
+    config = load_config(path, extra, stage="controlnet")
+    target = "cuda" if device.type == "cuda" else "cpu"
+    estimate = estimate_controlnet(config, target=target).total
+    volume = "x".join(map(str, config.data.image_size))
+    label = f"| ControlNet step | {volume} | {CONTROLNET_CLASSES} | {estimate / 2**20:.0f} |"
+    try:
+        peak, seconds = measure_controlnet_step(config, device)
+        row = f"{label} {peak / 2**20:.0f} | {seconds * 1000:.0f} |"
+    except torch.OutOfMemoryError:
+        row = f"{label} out of memory | |"
+    print(row, flush=True)
+    return [row]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
@@ -131,6 +159,10 @@ def main() -> None:
               "| phase | volume | tile | peak MiB | time s |", "|---|---|---|---:|---:|"]
     print("\n".join(header), flush=True)
     lines += header + inference(device, args.tiny)
+    header = ["", "## ControlNet training step of example4_512x512x128_16gb (whole latents, random weights)", "",
+              "| phase | volume | classes | estimate MiB | measured MiB | step ms |", "|---|---|---:|---:|---:|---:|"]
+    print("\n".join(header), flush=True)
+    lines += header + controlnet_step(device, args.tiny)
     kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "the profiler's peak"
     lines += ["", f"Measured peaks: {kind} above the start, plus the weights and Adam state for training steps. "
               f"MiB = 2^20 bytes. {time.perf_counter() - started:.0f} s in all."]

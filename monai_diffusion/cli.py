@@ -215,6 +215,19 @@ def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
     return run_main(body, parser, argv)
 
 
+def train_controlnet_main(argv: Sequence[str] | None = None) -> int:
+    """``train_controlnet.py`` / ``ldm-train-controlnet``."""
+    parser = _parser("Train a ControlNet that makes the trained diffusion UNet follow label maps (stage 3).")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+
+    def body(args: argparse.Namespace) -> None:
+        from monai_diffusion.training.controlnet import train_controlnet
+
+        train_controlnet(load_cli_config(args, "controlnet"), resume=args.resume)
+
+    return run_main(body, parser, argv)
+
+
 def sample_main(argv: Sequence[str] | None = None) -> int:
     """``sample.py`` / ``ldm-sample``."""
     parser = _parser("Generate volumes with a trained latent diffusion model (NIfTI + PNG mosaic).")
@@ -247,11 +260,21 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
                         help="a CSV of condition sets: a header with the covariate names, one row per set")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance (default: diffusion.sampling.guidance_scale; 1 = as trained)")
+    parser.add_argument("--mask", action="append", type=_path, default=None, metavar="LABEL.nii.gz",
+                        help="generate volumes that follow this label map with a trained ControlNet (repeatable; "
+                             "--num-samples per mask); writes imagesTr/, labelsTr/ and datalist.json")
+    parser.add_argument("--masks", type=_path, default=None, metavar="DATALIST",
+                        help="label maps from a .csv with a 'label' column or a .json datalist")
+    parser.add_argument("--conditioning-scale", type=float, default=None,
+                        help="strength of the ControlNet's steering (default: controlnet.conditioning_scale)")
 
     def body(args: argparse.Namespace) -> None:
         from monai_diffusion.generation.sampling import expand_conditions, sample_volumes
 
-        config = load_cli_config(args, "diffusion")
+        with_masks = bool(args.mask or args.masks)
+        if args.conditioning_scale is not None and not with_masks:
+            raise ConfigError("--conditioning-scale: only used with --mask or --masks")
+        config = load_cli_config(args, "controlnet" if with_masks else "diffusion")
         sampling = config.diffusion.sampling
         scheduler = args.scheduler or sampling.scheduler
         steps = args.steps
@@ -266,6 +289,9 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
             from monai_diffusion.runs.folders import check_outside_data
 
             check_outside_data(Path(args.output), config.data.paths, "--output")
+        if with_masks:
+            _sample_masks(args, config, scheduler, steps)
+            return
         sample_volumes(
             run=args.run or config.diffusion_dir,
             num_samples=args.num_samples,
@@ -283,6 +309,29 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
         )
 
     return run_main(body, parser, argv)
+
+
+def _sample_masks(args: argparse.Namespace, config: Config, scheduler: str, steps: int) -> None:
+    from monai_diffusion.generation.mask_sampling import read_mask_list, sample_from_masks
+    from monai_diffusion.generation.sampling import expand_conditions
+
+    masks = list(args.mask or []) + (read_mask_list(args.masks) if args.masks else [])
+    sample_from_masks(
+        run=args.run or config.controlnet_dir,
+        masks=masks,
+        num_samples=args.num_samples,
+        output=args.output,
+        scheduler=scheduler,
+        steps=steps,
+        seed=args.seed,
+        batch_size=args.batch_size if args.batch_size is not None else config.diffusion.sampling.batch_size,
+        device=config.device,
+        tile_size=_tile_size(args.tile_size),
+        tile_overlap=args.tile_overlap,
+        conditions=expand_conditions(args.condition, args.conditions_csv),
+        guidance_scale=args.guidance_scale,
+        conditioning_scale=args.conditioning_scale,
+    )
 
 
 def estimate_memory_main(argv: Sequence[str] | None = None) -> int:
@@ -406,8 +455,17 @@ def evaluate_samples_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser("Compare generated volumes with real ones: FID and MMD of MedicalNet features, diversity "
                      "(pairwise MS-SSIM) and copies of training volumes (nearest neighbour by SSIM).",
                      with_config=False)
-    parser.add_argument("--run", required=True, help="the diffusion run folder (or checkpoint) that made the samples")
+    parser.add_argument("--run", default=None, help="the diffusion run folder (or checkpoint) that made the samples")
     parser.add_argument("--samples", required=True, help="folder of generated NIfTI volumes (sample.py's --output)")
+    parser.add_argument("--masks", action="store_true",
+                        help="--samples holds image/label pairs (sample.py --mask): report the Dice per class between "
+                             "a segmentation of each image and its mask")
+    parser.add_argument("--segmenter", default="phantom",
+                        help="with --masks: a TorchScript segmentation network, or 'phantom' (an intensity segmenter "
+                             "fitted on real phantoms; its Dice on real phantoms is reported as the ceiling)")
+    parser.add_argument("--unconditional", default=None,
+                        help="with --masks: unconditional samples of the same run (sample.py without --mask), scored "
+                             "against the same masks as the chance level")
     parser.add_argument("--real", nargs="+", default=None, metavar="PATH",
                         help="real NIfTI volumes (folder, glob or files; default: the run's validation set)")
     parser.add_argument("--train", nargs="+", default=None, metavar="PATH",
@@ -425,6 +483,13 @@ def evaluate_samples_main(argv: Sequence[str] | None = None) -> int:
 
         if not 0 < args.copy_threshold <= 1:
             raise ConfigError(f"--copy-threshold: expected a number in (0, 1], got {args.copy_threshold}")
+        if args.masks:
+            from monai_diffusion.evaluation.mask_metrics import evaluate_masks, format_mask_summary
+
+            print(format_mask_summary(evaluate_masks(args.samples, args.segmenter, args.unconditional, args.output)))
+            return
+        if args.run is None:
+            raise ConfigError("--run: required (the diffusion run that made the samples), unless --masks")
 
         def paths(values: list[str] | None) -> str | list[str] | None:
             return values[0] if values and len(values) == 1 else values

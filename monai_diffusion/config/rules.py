@@ -5,6 +5,7 @@
 * ``diffusion`` (diffusion training, sampling): the top-level keys, ``data``, the autoencoder's network
   (stage 2 encodes and decodes with it, but trains no discriminator and no perceptual loss) and
   ``diffusion``.
+* ``controlnet`` (ControlNet training, sampling from masks): those of ``diffusion`` and ``controlnet``.
 
 A stage never checks a section it does not use, so an autoencoder run is not refused for a diffusion UNet
 reason. Every error is a :class:`ConfigError` whose one-line message names the key, the value, what is
@@ -26,13 +27,13 @@ from monai_diffusion.config.geometry import (
     training_size,
     valid_sizes_near,
 )
-from monai_diffusion.config.schema import Config, limits_of
+from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES, Config, limits_of
 from monai_diffusion.errors import ConfigError
 
 __all__ = ["STAGES", "validate", "check_limits", "discriminator_min_size", "autoencoder_totals", "latent_size",
            "training_size", "check_tiles"]  # the geometry helpers live in config/geometry.py, re-exported here
 
-STAGES = ("autoencoder", "diffusion")
+STAGES = ("autoencoder", "diffusion", "controlnet")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,6 +124,21 @@ def _validate_data(config: Config) -> None:
     if data.intensity_window is not None and not data.intensity_window[0] < data.intensity_window[1]:
         raise ConfigError(f"data.intensity_window: expected [a_min, a_max] with a_min < a_max, got "
                           f"{list(data.intensity_window)}; e.g. [-1000, 1000] for CT in Hounsfield units")
+    _validate_labels(config)
+
+
+def _validate_labels(config: Config) -> None:
+    data = config.data
+    if data.num_classes is None:
+        return
+    if data.source == "synthetic" and data.num_classes < PHANTOM_NUM_CLASSES:
+        raise ConfigError(f"data.num_classes: {data.num_classes} is too few for the phantoms' label maps, which "
+                          f"have {PHANTOM_NUM_CLASSES} classes (background, body shell, soft tissue, 18 organ parts, "
+                          f"cavity); set data.num_classes={PHANTOM_NUM_CLASSES}")
+    if data.source == "nifti" and not (isinstance(data.paths, str) and data.paths.lower().endswith((".json", ".csv"))):
+        raise ConfigError(f"data.num_classes: label maps come from a datalist's 'label' column; point data.paths at "
+                          f"a .json or .csv file with image and label columns (got {data.paths!r}), or set "
+                          f"data.num_classes: null")
 
 
 def _validate_patches_and_tiles(config: Config, totals: tuple[int, ...]) -> None:
@@ -318,7 +334,7 @@ def validate(config: Config, stage: str = "autoencoder") -> Config:
     """Check ``config`` for ``stage`` (see the module docstring); returns it, raises ConfigError."""
     if stage not in STAGES:
         raise ValueError(f"stage = {stage!r}: expected one of {STAGES}")
-    sections = ("data", "autoencoder") + (("diffusion",) if stage == "diffusion" else ())
+    sections = ("data", "autoencoder") + STAGES[1: STAGES.index(stage) + 1]
     _check_sections(config, sections)
     _validate_top(config)
     _validate_data(config)
@@ -329,4 +345,16 @@ def validate(config: Config, stage: str = "autoencoder") -> Config:
     else:
         _validate_diffusion(config)
         _validate_schedule(config.diffusion.training, "diffusion.training")
+    if stage == "controlnet":
+        _validate_controlnet(config)
     return config
+
+
+def _validate_controlnet(config: Config) -> None:
+    if config.data.num_classes is None:
+        raise ConfigError("data.num_classes: the ControlNet stage learns to follow label maps; set data.num_classes "
+                          "(the phantoms: 22; a datalist: its label column's classes, background included)")
+    tr, steps = config.controlnet.training, config.diffusion.scheduler.num_train_timesteps
+    if tr.preview_inference_steps > steps:
+        raise ConfigError(f"controlnet.training.preview_inference_steps: {tr.preview_inference_steps} exceeds "
+                          f"diffusion.scheduler.num_train_timesteps = {steps}; use at most that many steps")

@@ -18,6 +18,7 @@ __all__ = [
     "limits_of",
     "AugmentationConfig",
     "DataConfig",
+    "PHANTOM_NUM_CLASSES",
     "PerceptualConfig",
     "DiscriminatorConfig",
     "LoopConfig",
@@ -25,6 +26,8 @@ __all__ = [
     "AutoencoderConfig",
     "SchedulerConfig",
     "DiffusionTrainingConfig",
+    "ControlNetTrainingConfig",
+    "ControlNetConfig",
     "SamplingConfig",
     "ConditioningConfig",
     "DiffusionConfig",
@@ -110,6 +113,11 @@ class DataConfig:
         augmentation: see AugmentationConfig.
         phantom_covariates: synthetic phantoms with a class ``cavity`` (0/1: a dark cavity at the body's
             centre) and a continuous ``size`` (the body's scale), for conditional diffusion.
+        num_classes: classes of the label maps (background 0 included). Set, every volume comes with an
+            integer label map that follows it through the same spatial pipeline (nearest-neighbour): a
+            datalist's ``label`` column, or the phantoms' own (which need at least ``PHANTOM_NUM_CLASSES`` =
+            22: background, body shell, soft tissue, 18 organ parts, cavity); see docs/masks.md.
+            null: images only.
     """
 
     source: Literal["synthetic", "nifti"] = "synthetic"
@@ -131,6 +139,10 @@ class DataConfig:
     foreground_threshold: float = bounded(0.05, ge=0, lt=1)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     phantom_covariates: bool = False
+    num_classes: Union[int, None] = bounded(None, ge=2, le=32767)
+
+
+PHANTOM_NUM_CLASSES = 22  # classes of the phantoms' label maps (see monai_diffusion/data/phantoms.py)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,6 +482,38 @@ class DiffusionConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
+# stage 3: a ControlNet on label maps
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class ControlNetTrainingConfig(DiffusionTrainingConfig):
+    """How the ControlNet is trained (the frozen diffusion UNet's loss, the same knobs as its training)."""
+
+    n_epochs: int = bounded(100, ge=1)
+
+
+@dataclass
+class ControlNetConfig:
+    """Stage 3: MONAI core's ControlNet, initialised from the trained diffusion UNet (which stays frozen), that
+    makes the UNet follow a label map (``data.num_classes``); see docs/masks.md.
+
+    Attributes:
+        diffusion_run: diffusion run folder or checkpoint (null: ``<output_dir>/diffusion``).
+        conditioning_channels: channels of the conditioning embedding's first block; the one-hot label map
+            (``data.num_classes`` channels, image size) is brought to the latent grid by stride-2 blocks that
+            double them, one per factor 2 of the autoencoder's total downsampling (an odd rest of a factor is
+            averaged away first).
+        conditioning_scale: how strongly the ControlNet's residuals steer the UNet when sampling (1: as
+            trained; ``sample.py --conditioning-scale``).
+        training: see ControlNetTrainingConfig.
+    """
+
+    diffusion_run: Union[str, None] = None
+    conditioning_channels: int = bounded(16, ge=1)
+    conditioning_scale: float = bounded(1.0, ge=0)
+    training: ControlNetTrainingConfig = field(default_factory=ControlNetTrainingConfig)
+
+
+# ----------------------------------------------------------------------------------------------------
 # the whole run
 # ----------------------------------------------------------------------------------------------------
 @dataclass
@@ -484,6 +528,7 @@ class Config:
         data: see DataConfig.
         autoencoder: see AutoencoderConfig.
         diffusion: see DiffusionConfig.
+        controlnet: see ControlNetConfig.
     """
 
     seed: int = bounded(42, ge=0)
@@ -492,6 +537,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
 
     @property
     def autoencoder_dir(self) -> Path:
@@ -502,6 +548,16 @@ class Config:
     def diffusion_dir(self) -> Path:
         """Run folder of the diffusion stage."""
         return Path(self.output_dir) / "diffusion"
+
+    @property
+    def controlnet_dir(self) -> Path:
+        """Run folder of the ControlNet stage."""
+        return Path(self.output_dir) / "controlnet"
+
+    @property
+    def diffusion_source(self) -> Path:
+        """Where the ControlNet stage reads the trained diffusion model from."""
+        return Path(self.controlnet.diffusion_run) if self.controlnet.diffusion_run else self.diffusion_dir
 
     @property
     def inference_tile(self) -> Union[list[int], None]:

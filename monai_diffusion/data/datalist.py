@@ -5,6 +5,9 @@ JSON (read with MONAI's ``load_decathlon_datalist``)::
     {"training": [{"image": "scans/a.nii.gz", "age": 63, "sex": "F"}, ...],
      "validation": [{"image": "scans/b.nii.gz", "age": 71, "sex": "M"}, ...]}
 
+A ``label`` entry (column) names the volume's integer label map (a NIfTI file of the image's shape and
+affine), used when ``data.num_classes`` is set (see docs/masks.md).
+
 CSV: an ``image`` column and one column per covariate; an optional ``split`` column (``training`` /
 ``validation``, also ``train`` / ``val``) gives the split. Paths are relative to the file. Without a split in
 the file, ``data.val_fraction`` of the volumes are held out, as for folders.
@@ -21,6 +24,7 @@ from typing import Any
 from monai.data import load_decathlon_datalist
 
 from monai_diffusion.data.files import is_nifti
+from monai_diffusion.data.keys import LABEL_KEY
 from monai_diffusion.errors import DataError
 
 __all__ = ["DATALIST_SUFFIXES", "ROW_KEY", "is_datalist", "read_datalist", "read_csv_table"]
@@ -35,15 +39,28 @@ def is_datalist(paths: Any) -> bool:
     return isinstance(paths, (str, os.PathLike)) and str(paths).lower().endswith(DATALIST_SUFFIXES)
 
 
-def _check_image(path: str, where: str) -> str:
+def _check_image(path: str, where: str, kind: str = "image") -> str:
     if not is_nifti(path):
-        raise DataError(f"{where}: image '{path}' is not a NIfTI file; expected a .nii or .nii.gz file")
+        raise DataError(f"{where}: {kind} '{path}' is not a NIfTI file; expected a .nii or .nii.gz file")
     if not Path(path).is_file():
-        raise DataError(f"{where}: image '{path}' does not exist; fix the path (relative to the datalist's folder)")
+        raise DataError(f"{where}: {kind} '{path}' does not exist; fix the path (relative to the datalist's folder)")
     return path
 
 
-def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def _check_label(item: dict[str, Any], labels: bool) -> None:
+    """A row's label file: required (and checked) when ``labels``; otherwise left as a covariate-free entry."""
+    where = f"data.paths: {item[ROW_KEY]}"
+    value = str(item.get(LABEL_KEY) or "").strip()
+    if not value:
+        if labels:
+            raise DataError(f"{where}: no 'label' (data.num_classes is set, so every image needs its label map); "
+                            f"add a label column/key or set data.num_classes: null")
+        item.pop(LABEL_KEY, None)
+        return
+    item[LABEL_KEY] = _check_image(value, where, "label") if labels else value
+
+
+def _read_json(path: Path, labels: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     try:
         keys = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -69,6 +86,7 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] |
         for row, item in enumerate(items):
             item[ROW_KEY] = f"{path}, {key}[{row}]"
             _check_image(str(item["image"]), f"data.paths: {item[ROW_KEY]}")
+            _check_label(item, labels)
         parts.append([dict(item) for item in items])
     return parts[0], parts[1]
 
@@ -110,7 +128,7 @@ def read_csv_table(path: Path, key: str,
     return header, rows
 
 
-def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def _read_csv(path: Path, labels: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     header, rows = read_csv_table(path, "data.paths")
     if "image" not in header:
         raise DataError(f"data.paths: {path} needs a header with an 'image' column (and one column per covariate); "
@@ -121,9 +139,12 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | 
         image = (row.get("image") or "").strip()
         if not image:
             raise DataError(f"{where}: empty 'image'")
-        item: dict[str, Any] = {k: v for k, v in row.items() if k not in ("image", "split")}
+        item: dict[str, Any] = {k: v for k, v in row.items() if k not in ("image", "split", LABEL_KEY)}
         item["image"] = _check_image(str(path.parent / image), where)
         item[ROW_KEY] = f"{path}, line {line}"
+        label = (row.get(LABEL_KEY) or "").strip()
+        item[LABEL_KEY] = str(path.parent / label) if label else ""
+        _check_label(item, labels)
         split = _SPLITS.get((row.get("split") or "").strip().lower()) if has_split else "training"
         if split is None:
             raise DataError(f"{where}: split {row.get('split')!r} is not training/train or validation/val")
@@ -133,10 +154,16 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | 
     return training, (validation if has_split else None)
 
 
-def read_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def read_datalist(path: str | os.PathLike,
+                  labels: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """``(training items, validation items or None)``: dicts with an absolute ``image`` path and the covariates
-    as given (numbers from JSON; strings from CSV, converted where the covariate is declared continuous)."""
+    as given (numbers from JSON; strings from CSV, converted where the covariate is declared continuous).
+
+    Args:
+        path: the ``.json`` or ``.csv`` datalist.
+        labels: every row must name an existing label map (``label``), kept as an absolute path.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"data.paths: datalist {path} does not exist")
-    return _read_json(path) if path.suffix.lower() == ".json" else _read_csv(path)
+    return _read_json(path, labels) if path.suffix.lower() == ".json" else _read_csv(path, labels)

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from monai_diffusion.config.schema import DataConfig
 from monai_diffusion.data.datalist import ROW_KEY, is_datalist, read_datalist
 from monai_diffusion.data.files import file_identity, find_nifti_files, split_files
-from monai_diffusion.data.keys import IMAGE_KEY, PATH_KEY
+from monai_diffusion.data.keys import IMAGE_KEY, LABEL_KEY, PATH_KEY
 from monai_diffusion.data.phantoms import SyntheticPhantomDataset
-from monai_diffusion.data.transforms import build_nifti_transforms, check_header
+from monai_diffusion.data.transforms import build_nifti_transforms, check_header, check_label_header
 from monai_diffusion.errors import ConfigError, DataError
 from monai_diffusion.profiling import physical_memory_bytes
 
@@ -64,6 +64,7 @@ def item_covariates(dataset: Dataset, index: int) -> dict[str, Any]:
         return dataset.covariates(index)
     item = dict(dataset.data[index])
     item.pop(IMAGE_KEY, None)
+    item.pop(LABEL_KEY, None)
     return item
 
 
@@ -131,8 +132,11 @@ def build_datasets(
     """
     _check_volume_fits(cfg, in_channels)
     if cfg.source == "synthetic":
-        train = SyntheticPhantomDataset(cfg.num_train, cfg.image_size, seed, in_channels, cfg.phantom_covariates)
-        val = SyntheticPhantomDataset(cfg.num_val, cfg.image_size, seed + 1, in_channels, cfg.phantom_covariates)
+        labels = cfg.num_classes is not None
+        train = SyntheticPhantomDataset(cfg.num_train, cfg.image_size, seed, in_channels, cfg.phantom_covariates,
+                                        labels)
+        val = SyntheticPhantomDataset(cfg.num_val, cfg.image_size, seed + 1, in_channels, cfg.phantom_covariates,
+                                      labels)
         return train, val
     if is_datalist(cfg.paths):
         train_files, val_files = _datalist_split(cfg, seed, in_channels)
@@ -147,11 +151,13 @@ def build_datasets(
 def _datalist_split(cfg: DataConfig, seed: int, in_channels: int) -> tuple[list[dict], list[dict]]:
     """A datalist's items, each file once, split as the file says (no file in both sets), else by
     ``val_fraction`` like files in a folder."""
-    training, validation = read_datalist(cfg.paths)
+    training, validation = read_datalist(cfg.paths, labels=cfg.num_classes is not None)
     by_file = {file_identity(Path(item[IMAGE_KEY])): item for item in reversed(training)}  # the first row wins
     training = [item for item in training if by_file.get(file_identity(Path(item[IMAGE_KEY]))) is item]
     for item in training + (validation or []):
         check_header(Path(item[IMAGE_KEY]), in_channels, cfg.spacing)
+        if cfg.num_classes is not None:
+            check_label_header(Path(item[LABEL_KEY]), Path(item[IMAGE_KEY]))
     if validation is None:
         paths = {item[IMAGE_KEY]: item for item in training}
         train_paths, val_paths = split_files([Path(p) for p in paths], cfg.val_fraction, seed)

@@ -6,7 +6,8 @@ preprocessed volume a batch reads (drawn as MONAI's ``RandWeightedCrop`` draws t
 ``data.foreground_threshold``), so few patches are air. The weights behind those draws are computed once
 per volume (:class:`PatchWeightsd`, kept by the cache of ``cache.py``). Augmentation (``data.augmentation``:
 MONAI's ``RandFlipd`` and ``RandAffined``) runs on the patches, or on the whole volumes when training on
-whole volumes.
+whole volumes. A label map (``data.num_classes``) gets the same patches, flips and affines as its image
+(nearest-neighbour), so the two stay voxel-aligned.
 
 The random state of these transforms is set, item by item, from ``(seed, epoch, index)``: the loader's
 sampler tags each index with its epoch (:class:`EpochTaggedSampler`), so the same patches come out in an
@@ -36,7 +37,7 @@ from monai.utils import convert_to_dst_type, fall_back_tuple
 from torch.utils.data import Dataset, Sampler
 
 from monai_diffusion.config.schema import DataConfig
-from monai_diffusion.data.keys import IMAGE_KEY
+from monai_diffusion.data.keys import IMAGE_KEY, LABEL_KEY
 
 __all__ = ["CDF_KEY", "ForegroundPatchesd", "PatchWeightsd", "build_patch_weights", "build_random_transform",
            "RandomizedVolumes", "EpochTaggedSampler"]
@@ -50,7 +51,8 @@ log = logging.getLogger("monai_diffusion")
 class ForegroundPatchesd(Randomizable, MapTransform):
     """``num_samples`` patches of ``spatial_size`` from ``data[key]`` (CxHxWxD): a share ``random_fraction``
     centred anywhere, the others on voxels whose channel mean exceeds ``threshold``. Returns a list of dicts
-    (the other keys are shared, not copied).
+    (the other keys are shared, not copied). With several keys, the centres are drawn from the first key's
+    volume and every key is cut at the same centres (e.g. an image and its label map).
 
     The centres are drawn as MONAI's ``RandWeightedCrop`` draws them (the same patches for the same random
     state), from the cumulative weights over the voxels where a whole patch fits. Those depend on the volume
@@ -58,7 +60,7 @@ class ForegroundPatchesd(Randomizable, MapTransform):
     before the cache) is cut without looking at its weights again; otherwise they are computed here.
     """
 
-    def __init__(self, key: str, spatial_size: tuple[int, ...], num_samples: int, random_fraction: float,
+    def __init__(self, key: str | list[str], spatial_size: tuple[int, ...], num_samples: int, random_fraction: float,
                  threshold: float) -> None:
         MapTransform.__init__(self, key)
         self.random_fraction, self.threshold = random_fraction, threshold
@@ -126,8 +128,8 @@ class ForegroundPatchesd(Randomizable, MapTransform):
             cdf = self.cumulative_weights(image, str(data.get("path", "a training volume")))
         shape = tuple(int(s) for s in image.shape[1:])
         size = tuple(self._window(shape)[0].tolist())
-        patches = [SpatialCrop(roi_center=centre, roi_size=size)(image) for centre in self.centres(shape, cdf)]
-        return [{**rest, self.keys[0]: patch} for patch in patches]
+        crops = [SpatialCrop(roi_center=centre, roi_size=size) for centre in self.centres(shape, cdf)]
+        return [{**rest, **{key: crop(data[key]) for key in self.keys}} for crop in crops]
 
 
 class PatchWeightsd(MapTransform):
@@ -143,8 +145,8 @@ class PatchWeightsd(MapTransform):
         return {**data, CDF_KEY: self.patches.cumulative_weights(data[self.keys[0]], name)}
 
 
-def _patches(cfg: DataConfig) -> ForegroundPatchesd:
-    return ForegroundPatchesd(IMAGE_KEY, tuple(cfg.patch_size), cfg.patches_per_volume, cfg.patch_random_fraction,
+def _patches(cfg: DataConfig, keys: Any = IMAGE_KEY) -> ForegroundPatchesd:
+    return ForegroundPatchesd(keys, tuple(cfg.patch_size), cfg.patches_per_volume, cfg.patch_random_fraction,
                               cfg.foreground_threshold)
 
 
@@ -157,18 +159,20 @@ def build_random_transform(cfg: DataConfig) -> Compose | None:
     """The random part of the training pipeline: patches (``cfg.patch_size``) and augmentation; None when
     neither is configured."""
     transforms: list[Any] = []
+    keys = [IMAGE_KEY, LABEL_KEY] if cfg.num_classes is not None else [IMAGE_KEY]
     if cfg.patch_size is not None:
-        transforms.append(_patches(cfg))
+        transforms.append(_patches(cfg, keys))
     aug = cfg.augmentation
     if aug.flip_prob > 0:
-        transforms += [RandFlipd(IMAGE_KEY, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
+        transforms += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
     if aug.affine_prob > 0:
         angle = math.radians(aug.rotate_degrees)
-        transforms.append(RandAffined(IMAGE_KEY, prob=aug.affine_prob, rotate_range=(angle,) * 3,
-                                      scale_range=(aug.scale_range,) * 3, mode="bilinear", padding_mode="border"))
+        transforms.append(RandAffined(keys, prob=aug.affine_prob, rotate_range=(angle,) * 3,
+                                      scale_range=(aug.scale_range,) * 3, mode=["bilinear", "nearest"][: len(keys)],
+                                      padding_mode="border"))
     if not transforms:
         return None
-    transforms.append(EnsureTyped(IMAGE_KEY, data_type="tensor", dtype=torch.float32, track_meta=False))
+    transforms.append(EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False))
     return Compose(transforms)
 
 

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from monai_diffusion.data.keys import AFFINE_KEY, IMAGE_KEY, PATH_KEY
+from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES
+from monai_diffusion.data.keys import AFFINE_KEY, IMAGE_KEY, LABEL_KEY, PATH_KEY
 from monai_diffusion.errors import DataError
 
-__all__ = ["make_phantom", "SyntheticPhantomDataset", "seeded_rng"]
+__all__ = ["make_phantom", "make_labelled_phantom", "label_classes", "SyntheticPhantomDataset", "seeded_rng"]
 
 
 def seeded_rng(*seeds: int) -> np.random.Generator:
@@ -156,9 +157,19 @@ def _intensities(num_labels: int, rng: np.random.Generator) -> np.ndarray:
     return lut
 
 
+def label_classes(labels: np.ndarray, num_labels: int, cavity: bool) -> np.ndarray:
+    """The phantom's label map in the fixed classes of ``PHANTOM_NUM_CLASSES``: 0 background, 1 body shell,
+    2 soft tissue, 3-20 the organs and their nested parts (in the order drawn), 21 the cavity; int16."""
+    classes = labels.astype(np.int16)
+    if cavity:
+        classes[labels == num_labels - 1] = PHANTOM_NUM_CLASSES - 1
+    return classes
+
+
 def _phantom_channels(shape: tuple[int, ...], seed: int, num_channels: int, body_scale: float = 1.0,
-                      cavity: bool = False) -> np.ndarray:
-    """Render ``num_channels`` contrasts of one phantom, shape (num_channels, *shape), float32 in [0, 1]."""
+                      cavity: bool = False, with_labels: bool = False) -> Any:
+    """Render ``num_channels`` contrasts of one phantom, shape (num_channels, *shape), float32 in [0, 1]; with
+    ``with_labels`` also its label map (see :func:`label_classes`)."""
     if len(shape) not in (2, 3) or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
         raise DataError(f"phantom shape: expected 2 or 3 positive integers, got {tuple(shape)!r}")
     shape = tuple(int(n) for n in shape)
@@ -175,6 +186,8 @@ def _phantom_channels(shape: tuple[int, ...], seed: int, num_channels: int, body
         image = lut[labels] * (1.0 + 0.15 * texture)
         image += 0.01 * chan_rng.standard_normal(shape, dtype=np.float32)
         np.clip(np.where(inside, image, np.float32(0.0)), 0.0, 1.0, out=out[channel])
+    if with_labels:
+        return out, label_classes(labels, num_labels, cavity)
     return out
 
 
@@ -201,6 +214,14 @@ def make_phantom(shape: tuple[int, ...], seed: int, body_scale: float = 1.0, cav
     return _phantom_channels(tuple(shape), seed, 1, body_scale, cavity)[0]
 
 
+def make_labelled_phantom(shape: tuple[int, ...], seed: int, body_scale: float = 1.0,
+                          cavity: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`make_phantom` and its label map: (image float32, classes int16), both of ``shape``; the image is
+    the one :func:`make_phantom` returns for the same arguments."""
+    image, classes = _phantom_channels(tuple(shape), seed, 1, body_scale, cavity, with_labels=True)
+    return image[0], classes
+
+
 SIZE_RANGE = (0.6, 1.0)  # body scales of phantoms with covariates
 
 
@@ -211,11 +232,12 @@ class SyntheticPhantomDataset(Dataset):
     "affine": identity DoubleTensor (4, 4)}``. Extra channels show the same anatomy
     with different (deterministic) tissue contrasts. With ``covariates``, items also carry a class
     ``cavity`` (0/1, alternating: 1 = a dark cavity at the body's centre) and a continuous ``size`` (the
-    body's scale, drawn in ``SIZE_RANGE``), for conditional models.
+    body's scale, drawn in ``SIZE_RANGE``), for conditional models. With ``labels``, items also carry
+    ``"label"``: the label map, FloatTensor (1, H, W, D) of integer classes (see :func:`label_classes`).
     """
 
     def __init__(self, num: int, shape: tuple[int, int, int], seed: int, in_channels: int = 1,
-                 covariates: bool = False) -> None:
+                 covariates: bool = False, labels: bool = False) -> None:
         """Create the dataset.
 
         Args:
@@ -224,6 +246,7 @@ class SyntheticPhantomDataset(Dataset):
             seed: Base seed.
             in_channels: Channels per volume (>= 1).
             covariates: phantoms with a ``cavity`` class and a ``size`` factor.
+            labels: items carry their label maps.
 
         Raises:
             DataError: On a bad argument.
@@ -233,6 +256,7 @@ class SyntheticPhantomDataset(Dataset):
                              f"expected num >= 0, three positive sizes and in_channels >= 1")
         self.num, self.shape = int(num), tuple(int(s) for s in shape)
         self.seed, self.in_channels, self.with_covariates = int(seed), int(in_channels), covariates
+        self.with_labels = labels
 
     def __len__(self) -> int:
         return self.num
@@ -252,6 +276,11 @@ class SyntheticPhantomDataset(Dataset):
         index = int(index) % self.num
         seed = self.seed * 100003 + index
         extra = self.covariates(index)
-        volume = _phantom_channels(self.shape, seed, self.in_channels, extra.get("size", 1.0),
-                                   bool(extra.get("cavity", False)))
+        rendered = _phantom_channels(self.shape, seed, self.in_channels, extra.get("size", 1.0),
+                                     bool(extra.get("cavity", False)), with_labels=self.with_labels)
+        if self.with_labels:
+            volume, classes = rendered
+            extra[LABEL_KEY] = torch.from_numpy(classes[None].astype(np.float32))
+        else:
+            volume = rendered
         return {IMAGE_KEY: torch.from_numpy(volume), AFFINE_KEY: torch.eye(4, dtype=torch.float64), **extra}

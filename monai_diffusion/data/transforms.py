@@ -40,11 +40,14 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from monai_diffusion.config.schema import DataConfig
-from monai_diffusion.data.keys import AFFINE_KEY, IMAGE_KEY, PATH_KEY
+from monai_diffusion.data.keys import AFFINE_KEY, IMAGE_KEY, LABEL_KEY, PATH_KEY
 from monai_diffusion.errors import DataError, VolumeError
 from monai_diffusion.profiling import physical_memory_bytes
 
-__all__ = ["LoadCheckedd", "KeepAffined", "CheckedCompose", "build_nifti_transforms", "check_header"]
+__all__ = ["LoadCheckedd", "LoadLabeld", "KeepAffined", "CheckedCompose", "build_nifti_transforms", "check_header",
+           "check_label_header", "check_label_values"]
+
+_AFFINE_TOLERANCE_MM = 1e-3  # label and image affines agree to this (headers store them as float32)
 
 # Exceptions nibabel raises for unreadable files: ImageFileError (empty file, header cut short, not gzip),
 # EOFError (gzip stream cut short), OSError (raw .nii with too few bytes; gzip.BadGzipFile), zlib.error
@@ -210,6 +213,81 @@ class LoadCheckedd(MapTransform):
         return d
 
 
+def _misaligned(name: str, image_name: str, what: str, label_value: Any, image_value: Any) -> DataError:
+    return DataError(f"{name}: the label map's {what} {label_value} differs from its image {image_name}'s "
+                     f"{image_value}; a label map must lie on its image's voxel grid: resample it onto the image "
+                     f"(nearest neighbour) or fix the datalist row")
+
+
+def check_label_header(path: Path, image_path: Path) -> None:
+    """Header-only check that the label map ``path`` is readable, one channel, and has the shape and affine of
+    its image ``image_path`` (DataError naming the label file)."""
+    name = str(path)
+    try:
+        label, image = nib.load(name), nib.load(str(image_path))
+        label_shape, image_shape = tuple(int(n) for n in label.shape), tuple(int(n) for n in image.shape)
+        label_affine, image_affine = np.asarray(label.affine, float), np.asarray(image.affine, float)
+    except _READ_ERRORS as exc:
+        raise _read_error(name, exc) from exc
+    if label_shape[:3] != image_shape[:3] or (len(label_shape) > 3 and math.prod(label_shape[3:]) != 1):
+        raise _misaligned(name, str(image_path), "shape", label_shape, image_shape[:3])
+    if not np.allclose(label_affine, image_affine, rtol=0, atol=_AFFINE_TOLERANCE_MM):
+        raise _misaligned(name, str(image_path), "affine", np.round(label_affine, 3).tolist(),
+                          np.round(image_affine, 3).tolist())
+
+
+def check_label_values(name: str, label: torch.Tensor, num_classes: int) -> None:
+    """Refuse a label map with non-integer, non-finite or negative values, or a class >= ``num_classes``."""
+    values = label.detach()
+    if values.is_floating_point():
+        if not bool(torch.isfinite(values).all()):
+            raise DataError(f"{name}: the label map holds non-finite values; a label map holds integer classes")
+        fractional = values != torch.round(values)
+        if bool(fractional.any()):
+            raise DataError(f"{name}: the label map holds non-integer values (e.g. {float(values[fractional][0]):g}); "
+                            f"a label map holds integer classes 0..{num_classes - 1}: save it as an integer "
+                            f"segmentation")
+    if values.numel() == 0:
+        return
+    low, high = float(values.min()), float(values.max())
+    if low < 0:
+        raise DataError(f"{name}: the label map holds negative values (min {low:g}); classes are 0 (background) "
+                        f"to data.num_classes - 1 = {num_classes - 1}")
+    if high >= num_classes:
+        raise DataError(f"{name}: the label map holds class {high:g}, but data.num_classes = {num_classes} allows "
+                        f"0..{num_classes - 1}; set data.num_classes to at least {int(high) + 1}")
+
+
+class LoadLabeld(MapTransform):
+    """Load the label map ``data[label_key]`` (after the image was loaded by :class:`LoadCheckedd`) and check it:
+    one channel, the image's shape and affine, integer classes in ``[0, num_classes)``. The result is a float32
+    MetaTensor (1, H, W, D), so MONAI's spatial transforms treat it like the image (with nearest-neighbour
+    interpolation)."""
+
+    def __init__(self, num_classes: int, label_key: str = LABEL_KEY, image_key: str = IMAGE_KEY) -> None:
+        super().__init__(label_key)
+        self.num_classes, self.image_key = int(num_classes), image_key
+        self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=None)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        name, image_name = str(d[self.keys[0]]), str(d.get(PATH_KEY, "the image"))
+        try:
+            label = self.loader(name)
+        except Exception as exc:  # noqa: BLE001 - MONAI re-raises reader failures as RuntimeError
+            raise _read_error(name, exc) from exc
+        image = d[self.image_key]
+        if label.shape[0] != 1 or tuple(label.shape[1:]) != tuple(image.shape[1:]):
+            raise _misaligned(name, image_name, "shape", tuple(label.shape[1:]), tuple(image.shape[1:]))
+        label_affine, image_affine = np.asarray(label.affine, float), np.asarray(image.affine, float)
+        if not np.allclose(label_affine, image_affine, rtol=0, atol=_AFFINE_TOLERANCE_MM):
+            raise _misaligned(name, image_name, "affine", np.round(label_affine, 3).tolist(),
+                              np.round(image_affine, 3).tolist())
+        check_label_values(name, label, self.num_classes)
+        d[self.keys[0]] = label.to(torch.float32)
+        return d
+
+
 class KeepAffined(MapTransform):
     """Store the (4, 4) affine of ``data[key]`` (a MetaTensor) as a plain float64 tensor."""
 
@@ -284,11 +362,12 @@ class CheckedCompose(Compose):
 
 
 def build_nifti_transforms(cfg: DataConfig, in_channels: int = 1) -> CheckedCompose:
-    """Build the deterministic NIfTI preprocessing pipeline on key "image".
+    """Build the deterministic NIfTI preprocessing pipeline on key "image" (and "label" with
+    ``cfg.num_classes``).
 
-    Load + validate -> RAS orientation -> optional resampling to ``cfg.spacing`` (bilinear) -> scaling to
-    [0, 1] (``cfg.intensity_window``, else percentiles per channel; clipped) -> pad/crop to ``cfg.image_size``
-    -> keep the affine -> plain float32 tensor.
+    Load + validate -> RAS orientation -> optional resampling to ``cfg.spacing`` (bilinear; the label map
+    nearest-neighbour) -> scaling to [0, 1] (``cfg.intensity_window``, else percentiles per channel; clipped;
+    the image only) -> pad/crop to ``cfg.image_size`` -> keep the affine -> plain tensors.
 
     Args:
         cfg: Data config.
@@ -296,15 +375,18 @@ def build_nifti_transforms(cfg: DataConfig, in_channels: int = 1) -> CheckedComp
 
     Returns:
         A CheckedCompose (raises DataError unwrapped) mapping ``{"image": path, ...}``
-        to ``{"image": FloatTensor (C, H, W, D), "affine": DoubleTensor (4, 4), ...}``.
+        to ``{"image": FloatTensor (C, H, W, D), "affine": DoubleTensor (4, 4), ...}`` (and ``"label"``:
+        FloatTensor (1, H, W, D) of integer classes, voxel-aligned with the image).
     """
     lower, upper = cfg.intensity_percentiles
-    transforms: list[Any] = [
-        LoadCheckedd(IMAGE_KEY, in_channels=in_channels),
-        Orientationd(IMAGE_KEY, axcodes="RAS", labels=None),
-    ]
+    labelled = cfg.num_classes is not None
+    keys = [IMAGE_KEY, LABEL_KEY] if labelled else [IMAGE_KEY]
+    transforms: list[Any] = [LoadCheckedd(IMAGE_KEY, in_channels=in_channels)]
+    if labelled:
+        transforms.append(LoadLabeld(cfg.num_classes))
+    transforms.append(Orientationd(keys, axcodes="RAS", labels=None))
     if cfg.spacing is not None:
-        transforms.append(Spacingd(IMAGE_KEY, pixdim=cfg.spacing, mode="bilinear"))
+        transforms.append(Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"][: len(keys)]))
     if cfg.intensity_window is not None:  # e.g. CT: fixed Hounsfield units
         a_min, a_max = cfg.intensity_window
         transforms.append(ScaleIntensityRanged(IMAGE_KEY, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True))
@@ -313,8 +395,8 @@ def build_nifti_transforms(cfg: DataConfig, in_channels: int = 1) -> CheckedComp
             IMAGE_KEY, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
         ))
     transforms += [
-        ResizeWithPadOrCropd(IMAGE_KEY, spatial_size=cfg.image_size),
+        ResizeWithPadOrCropd(keys, spatial_size=cfg.image_size),
         KeepAffined(IMAGE_KEY, AFFINE_KEY),
-        EnsureTyped(IMAGE_KEY, data_type="tensor", dtype=torch.float32, track_meta=False),
+        EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False),
     ]
     return CheckedCompose(transforms)

@@ -118,7 +118,9 @@ def estimate_pipeline(config: Config, target: str = "cuda", world_size: int | No
     3. the latent cache of the diffusion stage: a batch of whole volumes encoded (fp32, as ``latents.py`` does);
     4. the diffusion training step on whole-volume latents (:func:`estimate_diffusion`);
     5. sampling: the UNet's denoising step (twice the batch under guidance) and the decode of the generated
-       latents (under the diffusion stage's mixed precision), with the UNet still on the device.
+       latents (under the diffusion stage's mixed precision), with the UNet still on the device;
+    6. with ``data.num_classes``: the ControlNet training step and sampling with it
+       (``monai_diffusion.memory.controlnet``).
 
     Validation and the latent cache take ``autoencoder.training.batch_size`` volumes at once, sampling
     ``diffusion.sampling.batch_size``. ``world_size``: as :func:`estimate_autoencoder`'s.
@@ -170,4 +172,8 @@ def estimate_pipeline(config: Config, target: str = "cuda", world_size: int | No
                                                                   batch=samples)
     phases.append(PhaseEstimate("sampling: decode", f"{volume} x {samples}, {how_s}",
                                 ae_params + unet_params + sample_decode, host_s))
+    if config.data.num_classes is not None:  # label maps: the ControlNet stage and sampling from masks
+        from monai_diffusion.memory.controlnet import controlnet_phases
+
+        phases += controlnet_phases(config, target, autoencoder_bytes=ae_params)
     return phases

@@ -54,6 +54,7 @@ class DiffusionTask(Task):
     """
 
     monitor = "val/loss"
+    trained = "unet"  # the optimiser the loss steps
 
     def __init__(
         self,
@@ -122,9 +123,9 @@ class DiffusionTask(Task):
         noise = torch.randn_like(latents)
         timesteps = self.objective.sample_timesteps(latents)
         conditions = self.conditioning.drop(self._conditions(batch))  # some dropped: for classifier-free guidance
-        loss = self._loss(latents, noise, timesteps, self.unet_train, conditions)
+        loss = self._loss(latents, noise, timesteps, self._model(batch, True), conditions)
         logs = {"loss": loss.detach()}  # read by the loop once per logging interval
-        optimization.backward(loss, "unet", logs)
+        optimization.backward(loss, self.trained, logs)
         return logs
 
     def after_optimizer_step(self) -> None:
@@ -134,12 +135,17 @@ class DiffusionTask(Task):
     def sampling_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.unet
 
+    def _model(self, batch: dict[str, Any], training: bool) -> nn.Module:
+        """The network the loss runs: the (DDP) UNet in training, the sampling weights in validation (the
+        ControlNet stage returns the UNet steered by the batch's label maps)."""
+        return self.unet_train if training else self.sampling_model()
+
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         generator = self._validation_generator
         latents = self._latents(batch, generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         timesteps = self.objective.sample_timesteps(latents, generator)
-        loss = self._loss(latents, noise, timesteps, self.sampling_model(), self._conditions(batch))
+        loss = self._loss(latents, noise, timesteps, self._model(batch, False), self._conditions(batch))
         return {"loss": loss.detach() * len(latents), "count": torch.tensor(float(len(latents)))}
 
     def on_validation_start(self) -> None:

@@ -25,6 +25,7 @@ from monai_diffusion.cli import (
     import_weights_main,
     sample_main,
     train_autoencoder_main,
+    train_controlnet_main,
     train_diffusion_main,
 )
 from monai_diffusion.runs.folders import OutputLock, RunLock
@@ -42,6 +43,10 @@ TINY = [
 # the trained diffusion run of the world: 20 diffusion steps (the cases' config keeps the default 1000)
 DIFFUSION = ["diffusion.training.n_epochs=1", "diffusion.scheduler.num_train_timesteps=20",
              "diffusion.training.preview_inference_steps=2", "diffusion.sampling.num_inference_steps=2"]
+
+# the ControlNet of the world, on the phantoms' label maps
+CONTROLNET = ["data.num_classes=22", "controlnet.training.n_epochs=1", "controlnet.training.preview_inference_steps=2",
+              "controlnet.conditioning_channels=4"]
 
 
 def _read_only(path: Path) -> bool:
@@ -68,6 +73,34 @@ def _header_only(path: Path, shape: tuple[int, ...], data_bytes: int, gzipped: b
     header["vox_offset"] = 352
     raw = header.binaryblock + b"\0" * 4 + b"\0" * data_bytes
     path.write_bytes(gzip.compress(raw) if gzipped else raw)
+
+
+def _labelled_world(root: Path, volume) -> Path:
+    """Image/label datalists: three good pairs, then one row whose label map is wrong in one way each."""
+    root.mkdir()
+    classes = np.random.default_rng(1).integers(0, 3, size=(20, 18, 16)).astype(np.int16)
+    for index in range(4):
+        nib.save(nib.Nifti1Image(volume(), np.eye(4)), root / f"ok{index}.nii.gz")
+        nib.save(nib.Nifti1Image(classes, np.eye(4)), root / f"lab{index}.nii.gz")
+    moved = np.eye(4)
+    moved[0, 3] = 5.0
+    bad = {"short": (classes[..., :15], np.eye(4)), "moved": (classes, moved),
+           "half": (classes.astype(np.float32) + 0.5, np.eye(4)), "negative": (classes - 1, np.eye(4)),
+           "big": (classes + 5, np.eye(4))}
+    good = "image,label\n" + "".join(f"ok{i}.nii.gz,lab{i}.nii.gz\n" for i in range(3))
+    for name, (data, affine) in bad.items():
+        nib.save(nib.Nifti1Image(data, affine), root / f"{name}.nii.gz")
+        (root / f"{name}.csv").write_text(good + f"ok3.nii.gz,{name}.nii.gz\n")
+    (root / "missing.csv").write_text(good + "ok3.nii.gz,gone.nii.gz\n")
+    (root / "nolabel.csv").write_text("image\n" + "".join(f"ok{i}.nii.gz\n" for i in range(4)))
+    nib.save(nib.Nifti1Image(classes + 28, np.eye(4)), root / "class30.nii.gz")  # above the phantoms' 22 classes
+    nib.save(nib.Nifti1Image(classes.astype(np.float32) + 0.25, np.eye(4)), root / "fraction.nii.gz")
+    return root
+
+
+def _labelled(world, name: str) -> list[str]:
+    return ["data.source=nifti", f"data.paths={world['labelled'] / (name + '.csv')}", "data.num_classes=3",
+            "data.val_fraction=0.25"]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +153,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     _header_only(paths["huge_header"] / "claims.nii", (4000, 4000, 4000), 1000, gzipped=False)
     paths["huge_gz"] = folder("huge_gz", good)
     _header_only(paths["huge_gz"] / "claims.nii.gz", (4000, 4000, 4000), 1000, gzipped=True)
+    paths["labelled"] = _labelled_world(root / "labelled", volume)
     paths["cut_checkpoint"] = root / "cut.pt"
     paths["dup_yaml"] = root / "dup.yaml"
     paths["dup_yaml"].write_text("autoencoder:\n  latent_channels: 3\n  norm_num_groups: 4\n  latent_channels: 4\n")
@@ -131,6 +165,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     paths["trained"] = root / "trained"
     assert train_autoencoder_main(_argv(paths["trained"])) == 0
     assert train_diffusion_main(_argv(paths["trained"], *DIFFUSION)) == 0
+    assert train_controlnet_main(_argv(paths["trained"], *DIFFUSION, *CONTROLNET)) == 0
     whole = (paths["trained"] / "diffusion" / "checkpoints" / "last.pt").read_bytes()
     paths["cut_checkpoint"].write_bytes(whole[: len(whole) // 2])
     # a run folder a live training holds (this process, through another open file: flock refuses it too)
@@ -407,6 +442,28 @@ CASES = [
     ("init-from-missing", train_autoencoder_main, lambda w, o: _argv(o, f"autoencoder.init_from={w['root'] / 'nothing'}"), r"autoencoder\.init_from: .*nothing: no such run folder or checkpoint file; point autoencoder\.init_from at a run folder"),
     ("init-from-other-architecture", train_autoencoder_main, lambda w, o: _argv(o, f"autoencoder.init_from={w['trained'] / 'autoencoder'}", "autoencoder.latent_channels=4"), r"autoencoder\.init_from: .*holds another architecture than the config's autoencoder section \(latent_channels: 3 -> 4\)"),
     ("init-from-autoencoder-as-unet", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, f"diffusion.autoencoder_run={w['trained'] / 'autoencoder'}", f"diffusion.init_from={w['trained'] / 'autoencoder'}"), r"diffusion\.init_from: .*is not a diffusion checkpoint"),
+    # label maps (data.num_classes)
+    ("label-missing-file", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "missing")), r"missing\.csv, line 5: label '.*gone\.nii\.gz' does not exist"),
+    ("label-no-column", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "nolabel")), r"nolabel\.csv, line 2: no 'label' \(data\.num_classes is set"),
+    ("label-shape", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "short")), r"short\.nii\.gz: the label map's shape \(20, 18, 15\) differs from its image .*ok3\.nii\.gz's \(20, 18, 16\)"),
+    ("label-affine", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "moved")), r"moved\.nii\.gz: the label map's affine .* differs from its image .*ok3\.nii\.gz's"),
+    ("label-non-integer", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "half")), r"half\.nii\.gz: the label map holds non-integer values \(e\.g\. \d\.5\)"),
+    ("label-negative", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "negative")), r"negative\.nii\.gz: the label map holds negative values \(min -1\)"),
+    ("label-class-too-large", train_autoencoder_main, lambda w, o: _argv(o, *_labelled(w, "big")), r"big\.nii\.gz: the label map holds class 7, but data\.num_classes = 3 allows 0\.\.2"),
+    ("label-from-a-folder", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "good"), "data.num_classes=3"), r"data\.num_classes: label maps come from a datalist's 'label' column"),
+    ("label-phantom-classes", train_autoencoder_main, lambda w, o: _argv(o, "data.num_classes=3"), r"data\.num_classes: 3 is too few for the phantoms' label maps, which have 22 classes"),
+    # the ControlNet stage, sampling from masks and measuring the pairs
+    ("controlnet-without-classes", train_controlnet_main, lambda w, o: _argv(o, *DIFFUSION), r"data\.num_classes: the ControlNet stage learns to follow label maps; set data\.num_classes"),
+    ("controlnet-without-diffusion", train_controlnet_main, lambda w, o: _argv(o, *DIFFUSION, *CONTROLNET), r"controlnet\.diffusion_run: .*diffusion: no such run folder.*train the diffusion model first"),
+    ("controlnet-mismatched-diffusion", train_controlnet_main, lambda w, o: _argv(o, *DIFFUSION, *CONTROLNET, f"controlnet.diffusion_run={w['trained'] / 'diffusion'}", "diffusion.num_channels=[16]"), r"controlnet\.diffusion_run: the diffusion model in .* does not match .* \(channels: \[8\] -> \[16\]\)"),
+    ("sample-mask-missing", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--mask", str(w["root"] / "nowhere.nii.gz")], r"--mask: label map '.*nowhere\.nii\.gz' does not exist"),
+    ("sample-mask-not-nifti", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--mask", str(w["a_file"])], r"--mask: '.*a_file\.txt' is not a NIfTI file"),
+    ("sample-mask-class-too-large", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--mask", str(w["labelled"] / "class30.nii.gz")], r"class30\.nii\.gz: the label map holds class 30, but data\.num_classes = 22"),
+    ("sample-mask-non-integer", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--mask", str(w["labelled"] / "fraction.nii.gz")], r"fraction\.nii\.gz: the label map holds non-integer values"),
+    ("sample-masks-without-label", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--masks", str(w["labelled"] / "nolabel.csv")], r"--masks: .*nolabel\.csv needs a 'label' entry in every row"),
+    ("sample-mask-diffusion-run", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION, *CONTROLNET) + ["--output", str(o), "--run", str(w["trained"] / "diffusion"), "--mask", str(w["labelled"] / "lab0.nii.gz")], r"--run: .*diffusion/checkpoints/best\.pt is not a ControlNet checkpoint"),
+    ("sample-conditioning-scale-alone", sample_main, lambda w, o: _argv(w["trained"], *DIFFUSION) + ["--output", str(o), "--conditioning-scale", "2"], r"--conditioning-scale: only used with --mask or --masks"),
+    ("eval-masks-not-pairs", evaluate_samples_main, lambda w, o: ["--masks", "--samples", str(w["good"]), "--output", str(o)], r"--samples: .*good has no datalist\.json; point it at the folder sample\.py --mask wrote"),
     ("hard-linked-file", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "hard_linked")), r"data\.paths: only 1 NIfTI file"),
     # data safety: a results folder another command is writing is never shared (its lock is held)
     ("sample-output-in-use", sample_main, lambda w, o: _argv(w["trained"]) + ["--output", str(w["in_use"])], rf"--output: .*in_use is in use by another command \(PID {os.getpid()}\); wait for it"),

@@ -1,0 +1,164 @@
+"""Do generated volumes follow their masks? Labelled phantoms (bodies of varying size, organs, some with a
+cavity), the three stages trained on them (autoencoder, unconditional latent diffusion, ControlNet on the label
+maps), then volumes generated from the label maps of held-out phantoms (shapes never seen in training) and
+segmented.
+
+    nice -n 10 python benchmarks/masks.py --output runs/masks   # 40 minutes on a shared 2-core CPU; results.md/json
+
+* Segmenter: ``IntensitySegmenter`` (per-class Gaussian of intensity and local mean) fitted on real phantoms;
+  its Dice on other real phantoms against their own label maps is the ceiling.
+* With the ControlNet: Dice per class between the segmentation of each sample and the mask it followed. The
+  headline is the mean over ``body`` and the classes whose ceiling reaches 0.8 (the ones the segmenter can see;
+  the organs' intensities are random from phantom to phantom, so no intensity segmenter can name them).
+* Chance: the same diffusion model without the ControlNet (unconditional samples), against the same masks.
+
+Writes ``results.json`` and ``results.md`` (and the runs) into ``--output``; prints the same table. Existing runs
+in ``--output`` are reused (delete them to retrain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "GenerativeModels")]
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from monai_diffusion.cli import train_autoencoder_main, train_controlnet_main, train_diffusion_main  # noqa: E402
+from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES  # noqa: E402
+from monai_diffusion.data import LABEL_KEY, SyntheticPhantomDataset  # noqa: E402
+from monai_diffusion.evaluation.mask_metrics import BODY, evaluate_pairs, fit_phantom_segmenter  # noqa: E402
+from monai_diffusion.generation.mask_sampling import sample_from_masks  # noqa: E402
+from monai_diffusion.generation.sampling import sample_volumes  # noqa: E402
+
+CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
+SEEN = 0.8  # a class enters the headline when the segmenter's Dice on real phantoms reaches this
+MASK_SEED = 5000  # held-out phantoms (training uses seed 0, validation 1, the segmenter 7000 and 8000)
+
+
+def settings(size: int, steps: tuple[int, int, int], num_train: int) -> list[str]:
+    """Overrides of ldm_config.yaml: small networks that train in minutes on a CPU."""
+    ae, diffusion, controlnet = steps
+    return [
+        f"data.image_size=[{size}, {size}, {size}]", f"data.num_train={num_train}", "data.num_val=4",
+        "data.phantom_covariates=true", f"data.num_classes={PHANTOM_NUM_CLASSES}", "seed=0", "device=cpu",
+        "autoencoder.num_channels=[16, 32, 32]", "autoencoder.attention_levels=[false, false, false]",
+        "autoencoder.norm_num_groups=16", "autoencoder.training.batch_size=4", "autoencoder.training.n_epochs=1000",
+        f"autoencoder.training.max_steps={ae}", "autoencoder.training.learning_rate=5e-4",
+        "autoencoder.training.adversarial_warmup_epochs=1000", "autoencoder.training.val_interval=1000",
+        "diffusion.num_channels=[32, 64]", "diffusion.attention_levels=[false, true]",
+        "diffusion.num_head_channels=[0, 32]", "diffusion.training.batch_size=8", "diffusion.training.n_epochs=1000",
+        f"diffusion.training.max_steps={diffusion}", "diffusion.training.learning_rate=5e-4",
+        "diffusion.training.ema_decay=0.99", "diffusion.training.val_interval=1000",
+        "controlnet.training.batch_size=8", "controlnet.training.n_epochs=1000",
+        f"controlnet.training.max_steps={controlnet}", "controlnet.training.learning_rate=5e-4",
+        "controlnet.training.ema_decay=0.99", "controlnet.training.val_interval=1000",
+    ]
+
+
+def _argv(output: Path, overrides: list[str]) -> list[str]:
+    argv = ["--config", str(CONFIG), "--set", f"output_dir={output}"]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def _phantoms(num: int, size: int, seed: int) -> SyntheticPhantomDataset:
+    return SyntheticPhantomDataset(num, (size,) * 3, seed, covariates=True, labels=True)
+
+
+def _train(output: Path, overrides: list[str]) -> dict[str, float]:
+    seconds = {}
+    for name, main in (("autoencoder", train_autoencoder_main), ("diffusion", train_diffusion_main),
+                       ("controlnet", train_controlnet_main)):
+        started = time.perf_counter()
+        if not (output / name / "summary.json").is_file():
+            if main(_argv(output, overrides)) != 0:
+                raise SystemExit(f"training the {name} failed")
+        seconds[name] = round(time.perf_counter() - started, 1)
+    return seconds
+
+
+def _write_masks(folder: Path, num: int, size: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, item in enumerate(_phantoms(num, size, MASK_SEED)):
+        path = folder / f"mask_{index:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(item[LABEL_KEY][0].numpy().astype(np.int16), np.eye(4)), path)
+        paths.append(path)
+    return paths
+
+
+def _headline(dice: dict[str, float], organs: list[str]) -> float:
+    values = [dice[k] for k in [BODY, *organs] if k in dice and not math.isnan(dice[k])]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _table(result: dict) -> str:
+    keys = [k for k in result["ceiling"] if not math.isnan(result["ceiling"][k])]
+    lines = ["| Dice | " + " | ".join(("class " + k) if k != BODY else BODY for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for row in ("controlnet", "chance", "ceiling"):
+        values = result[row]
+        lines.append(f"| {row} | " + " | ".join("-" if math.isnan(values.get(k, math.nan)) else f"{values[k]:.3f}"
+                                                 for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "masks")
+    parser.add_argument("--size", type=int, default=24)
+    parser.add_argument("--num-train", type=int, default=48)
+    parser.add_argument("--steps", type=int, nargs=3, default=[500, 800, 600], metavar=("AE", "LDM", "CONTROLNET"))
+    parser.add_argument("--masks", type=int, default=8, help="held-out masks (one sample each)")
+    parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument("--conditioning-scale", type=float, default=1.0)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    output = args.output
+    overrides = settings(args.size, tuple(args.steps), args.num_train)
+    seconds = _train(output, overrides)
+    masks = _write_masks(output / "masks", args.masks, args.size)
+    pairs, unconditional = output / "pairs", output / "unconditional"
+    for folder in (pairs, unconditional):
+        if folder.exists():
+            for path in sorted(folder.rglob("*"), reverse=True):
+                path.unlink() if path.is_file() else path.rmdir()
+    started = time.perf_counter()
+    sample_from_masks(output / "controlnet", masks, 1, pairs, steps=args.sampling_steps, batch_size=4, device="cpu",
+                      conditioning_scale=args.conditioning_scale)
+    sample_volumes(output / "diffusion", len(masks), unconditional, steps=args.sampling_steps, batch_size=4,
+                   device="cpu")
+    seconds["sampling"] = round(time.perf_counter() - started, 1)
+    segmenter, ceiling = fit_phantom_segmenter((args.size,) * 3, PHANTOM_NUM_CLASSES)
+    measured = evaluate_pairs(pairs, segmenter, range(1, PHANTOM_NUM_CLASSES), unconditional)
+    # the headline averages the classes the segmenter can see on real phantoms (ceiling >= SEEN)
+    organs = [k for k in ceiling if k.isdigit() and not math.isnan(ceiling[k]) and ceiling[k] >= SEEN]
+    result = {"controlnet": measured["dice"], "chance": measured["chance"], "ceiling": ceiling,
+              "headline_classes": [BODY, *organs],
+              "headline": {row: _headline(result_row, organs) for row, result_row in
+                           (("controlnet", measured["dice"]), ("chance", measured["chance"]), ("ceiling", ceiling))},
+              "settings": {"size": args.size, "num_train": args.num_train, "steps": args.steps, "masks": args.masks,
+                           "sampling_steps": args.sampling_steps, "conditioning_scale": args.conditioning_scale},
+              "seconds": seconds, "segmenter": segmenter.state()}
+    (output / "results.json").write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
+    head = result["headline"]
+    text = (f"# Masks benchmark\n\n{args.masks} held-out masks at {args.size}^3, mean Dice over "
+            f"{result['headline_classes']}: ControlNet {head['controlnet']:.3f}, without it (chance) "
+            f"{head['chance']:.3f}, segmenter ceiling "
+            f"{head['ceiling']:.3f}\n\n{_table(result)}\n\nseconds: {seconds}\n")
+    (output / "results.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -88,52 +88,73 @@ def _shown(value: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    """``value`` as the schema type ``tp`` (a dataclass, union, scalar, Literal, list or tuple), or a ConfigError
+    naming ``path``."""
+    origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, path)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in sorted((a for a in args if a is not type(None)), key=_union_order):
-            try:
-                return _convert(value, option, path)
-            except ConfigError as err:
-                errors.append((option, err))
-        # a list given where a list is allowed, or a number of the right type out of range (inf, beyond 64
-        # bits): its own, more precise error names the bad element or the reason
-        for option, err in errors:
-            if isinstance(value, (list, tuple)) and typing.get_origin(option) in (list, tuple):
-                raise err
-            if option in (int, float) and _SCALARS[option][1](value) is not _MISMATCH:
-                raise err
-        raise ConfigError(f"{path}: expected {_describe(tp)}, got {_shown(value)}")
+        return _convert_union(value, tp, path)
     if tp in _SCALARS:
-        description, parse = _SCALARS[tp]
-        result = parse(value)
-        if result is _MISMATCH:
-            raise ConfigError(f"{path}: expected {description}, got {_shown(value)}")
-        if tp is float and not math.isfinite(result):
-            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
-        if tp is int and not -INT64 <= result < INT64:
-            raise ConfigError(f"{path}: {result} does not fit in a 64-bit integer")
-        return result
+        return _convert_scalar(value, tp, path)
     if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{path}: expected {_describe(tp)}, got {_shown(value)}{hint}")
+        return _convert_literal(value, tp, path)
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected {_describe(tp)}, got {_shown(value)}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{path}: expected {_describe(tp)}, got {len(value)} values {list(value)!r}")
-            return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        items = [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
-        return tuple(items) if origin is tuple else items
+        return _convert_sequence(value, tp, path)
     raise TypeError(f"unsupported schema type {tp!r} at {path}")
+
+
+def _convert_union(value: Any, tp: Any, path: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for option in sorted((a for a in args if a is not type(None)), key=_union_order):
+        try:
+            return _convert(value, option, path)
+        except ConfigError as err:
+            errors.append((option, err))
+    # a list given where a list is allowed, or a number of the right type out of range (inf, beyond 64
+    # bits): its own, more precise error names the bad element or the reason
+    for option, err in errors:
+        if isinstance(value, (list, tuple)) and typing.get_origin(option) in (list, tuple):
+            raise err
+        if option in (int, float) and _SCALARS[option][1](value) is not _MISMATCH:
+            raise err
+    raise ConfigError(f"{path}: expected {_describe(tp)}, got {_shown(value)}")
+
+
+def _convert_scalar(value: Any, tp: Any, path: str) -> Any:
+    description, parse = _SCALARS[tp]
+    result = parse(value)
+    if result is _MISMATCH:
+        raise ConfigError(f"{path}: expected {description}, got {_shown(value)}")
+    if tp is float and not math.isfinite(result):
+        raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+    if tp is int and not -INT64 <= result < INT64:
+        raise ConfigError(f"{path}: {result} does not fit in a 64-bit integer")
+    return result
+
+
+def _convert_literal(value: Any, tp: Any, path: str) -> Any:
+    args = typing.get_args(tp)
+    if value in args:
+        return value
+    close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{path}: expected {_describe(tp)}, got {_shown(value)}{hint}")
+
+
+def _convert_sequence(value: Any, tp: Any, path: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path}: expected {_describe(tp)}, got {_shown(value)}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {_describe(tp)}, got {len(value)} values {list(value)!r}")
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    items = [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    return tuple(items) if origin is tuple else items
 
 
 def _union_order(tp: Any) -> int:

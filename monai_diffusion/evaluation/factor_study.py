@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import json
 import logging
 import math
@@ -118,6 +119,15 @@ class VariantResult:
         return out
 
 
+
+def _cell(metrics: dict[str, dict[str, float]], key: str, digits: int) -> str:
+    """``mean ± std`` of ``metrics[key]`` for a table cell (``n/a`` when missing or NaN)."""
+    if key not in metrics or math.isnan(metrics[key]["mean"]):
+        return "n/a"
+    if not math.isfinite(metrics[key]["std"]):
+        return f"{metrics[key]['mean']:.{digits}f}"
+    return f"{metrics[key]['mean']:.{digits}f} ± {metrics[key]['std']:.{digits}f}"
+
 def _markdown(results: Sequence[VariantResult], device: str) -> str:
     lines = [
         "| factors | latent (C x spatial) | compression | parameters | memory / step MiB | time / step s "
@@ -126,13 +136,7 @@ def _markdown(results: Sequence[VariantResult], device: str) -> str:
     ]
     for r in results:
         m = r.metrics
-
-        def cell(key: str, digits: int) -> str:
-            if key not in m or math.isnan(m[key]["mean"]):
-                return "n/a"
-            if not math.isfinite(m[key]["std"]):
-                return f"{m[key]['mean']:.{digits}f}"
-            return f"{m[key]['mean']:.{digits}f} ± {m[key]['std']:.{digits}f}"
+        cell = functools.partial(_cell, m)
 
         lines.append(
             f"| {r.factors} | {r.latent_channels} x {'x'.join(map(str, r.latent_shape[1:]))} | {r.compression:.0f}x "

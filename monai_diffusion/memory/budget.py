@@ -132,9 +132,9 @@ def parse_budget(text: str) -> float:
     """``24GB``, ``24 GiB``, ``500MB`` or a plain number of bytes."""
     units = {"gib": 2**30, "gb": 1e9, "mib": 2**20, "mb": 1e6, "kib": 2**10, "kb": 1e3, "b": 1}
     cleaned = text.strip().lower().replace(" ", "")
-    for unit, size in units.items():
+    for unit in units:
         if cleaned.endswith(unit):
-            number = cleaned[: -len(unit)]
+            number, size = cleaned[: -len(unit)], units[unit]
             break
     else:
         number, size = cleaned, 1

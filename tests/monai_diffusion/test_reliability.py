@@ -404,7 +404,7 @@ def test_the_learning_rate_schedule_follows_the_step_without_torchs_warning():
         warnings.simplefilter("error")
         optimization.schedule(lambda step: lr_factor(step, 4, "cosine", 10, 0.1))
         for step in range(10):
-            for name, optimizer in optimizers.items():
+            for optimizer in optimizers.values():
                 assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * lr_factor(step, 4, "cosine", 10, 0.1))
             optimization.backward(nets["g"](torch.ones(1, 2)).sum(), "g", {})
             optimization.step()

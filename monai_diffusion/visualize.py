@@ -79,3 +79,8 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
     return path
+
+
+def label_preview(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Label maps B x 1 x [SPATIAL DIMS] as images in [0, 1] (class / (num_classes - 1)), for the previews."""
+    return label.float() / max(num_classes - 1, 1)

@@ -27,7 +27,7 @@ from monai_diffusion.config.geometry import (
     training_size,
     valid_sizes_near,
 )
-from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES, Config, limits_of
+from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES, SAMPLERS, Config, limits_of
 from monai_diffusion.errors import ConfigError
 
 __all__ = ["STAGES", "validate", "check_limits", "discriminator_min_size", "autoencoder_totals", "latent_size",
@@ -296,8 +296,6 @@ def _validate_schedule(section: Any, key: str) -> None:
 
 def _validate_sampler(scheduler: Any, sampler: str) -> None:
     """``diffusion.sampling.scheduler`` must suit the training objective ``diffusion.scheduler.type``."""
-    from monai_diffusion.generation.schedulers import SAMPLERS
-
     if sampler != "auto" and sampler not in SAMPLERS[scheduler.type]:
         raise ConfigError(f"diffusion.sampling.scheduler: {sampler} cannot sample a model trained with "
                           f"diffusion.scheduler.type = {scheduler.type}; use auto or one of "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 __all__ = [
+    "SAMPLERS",
     "bounded",
     "limits_of",
     "AugmentationConfig",
@@ -231,6 +232,10 @@ class AutoencoderConfig:
 # ----------------------------------------------------------------------------------------------------
 # stage 2: latent diffusion
 # ----------------------------------------------------------------------------------------------------
+# the samplers that suit each training objective (diffusion.scheduler.type), the first one the default
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "ddpm", "dpm-solver++"), "rflow": ("rflow",)}
+
+
 @dataclass
 class SchedulerConfig:
     """The training objective and its noise schedule: DDPM (the established 3D LDM recipe: 1000 steps, scaled

@@ -36,8 +36,7 @@ from monai_diffusion.generation.sampling import _check_disk_space, _condition_se
 from monai_diffusion.runs.checkpoints import resolve_checkpoint
 from monai_diffusion.runs.folders import check_new_folder, check_outside_data, make_output_folder
 from monai_diffusion.runtime import resolve_device
-from monai_diffusion.training.controlnet import label_preview
-from monai_diffusion.visualize import save_png, volume_grid
+from monai_diffusion.visualize import label_preview, save_png, volume_grid
 
 __all__ = ["read_mask_list", "load_mask", "sample_from_masks"]
 

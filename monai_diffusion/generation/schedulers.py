@@ -26,13 +26,12 @@ from typing import Any
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
-from monai_diffusion.config import SchedulerConfig
+from monai_diffusion.config.schema import SAMPLERS, SchedulerConfig
 from monai_diffusion.errors import ConfigError
 
 __all__ = ["SAMPLERS", "DEFAULT_SAMPLER", "Objective", "ReverseProcess", "make_scheduler", "resolve_sampler"]
 
 # the samplers that suit each training objective, the first one being the default
-SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "ddpm", "dpm-solver++"), "rflow": ("rflow",)}
 DEFAULT_SAMPLER = {objective: samplers[0] for objective, samplers in SAMPLERS.items()}
 _PREDICTS = {"ddpm": "noise prediction", "rflow": "velocity prediction"}
 

@@ -66,7 +66,7 @@ def _networks(config: Config) -> tuple[Any, Any, tuple[int, ...]]:
 def estimate_controlnet(config: Config, batch_size: int | None = None, target: str = "cuda") -> ControlNetEstimate:
     """Count one ControlNet training step of ``config`` (``data.num_classes`` set) on fake tensors."""
     from monai_diffusion.generation.controlnet import ControlledUNet
-    from monai_diffusion.memory import _autocast, count_saved
+    from monai_diffusion.memory.counting import _autocast, count_saved
 
     tr = config.controlnet.training
     batch = batch_size or tr.batch_size
@@ -100,7 +100,7 @@ def controlnet_phases(config: Config, target: str = "cuda", autoencoder_bytes: i
     from masks (``diffusion.sampling.batch_size`` masks; the autoencoder's ``autoencoder_bytes`` of weights stay on
     the device, as in the other sampling phases)."""
     from monai_diffusion.generation.controlnet import ControlledUNet
-    from monai_diffusion.memory import LiveBytes, PhaseEstimate, _autocast
+    from monai_diffusion.memory.counting import LiveBytes, PhaseEstimate, _autocast
 
     step = estimate_controlnet(config, target=target)
     df = config.diffusion

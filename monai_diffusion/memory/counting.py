@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = ["GB", "FRAGMENTATION", "WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "CUDA_RESERVED_BYTES", "with_margin",
            "margin_text", "format_bytes", "SavedTensors", "count_saved", "CUDA_FP32_OPS",
-           "CUDA_FP32_UNLESS_DTYPE_OPS", "CudaAutocastRules", "LiveBytes"]
+           "CUDA_FP32_UNLESS_DTYPE_OPS", "CudaAutocastRules", "LiveBytes", "PhaseEstimate"]
 
 GB = 1e9
 
@@ -220,3 +220,13 @@ class LiveBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.now)
             weakref.finalize(storage, self._freed, key)
         return out
+
+
+@dataclass
+class PhaseEstimate:
+    """One phase of the pipeline: what the device holds at its peak, and the host memory it needs."""
+
+    name: str
+    detail: str
+    device_bytes: int
+    host_bytes: int = 0

@@ -8,7 +8,6 @@ peak is that of the real sequence of blocks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from generative.networks.nets import AutoencoderKL
 from monai_diffusion.config import Config
 from monai_diffusion.config.geometry import training_size
 from monai_diffusion.config.tiles import resolve_tiles
-from monai_diffusion.memory.counting import LiveBytes, _autocast
+from monai_diffusion.memory.counting import LiveBytes, PhaseEstimate, _autocast
 from monai_diffusion.memory.estimates import estimate_autoencoder, estimate_diffusion
 
 __all__ = ["PhaseEstimate", "estimate_autoencoder_inference", "estimate_pipeline"]
@@ -37,16 +36,6 @@ def _host_buffers_uncounted(live: LiveBytes) -> Callable[[BufferRequest], torch.
             return request.allocate()
 
     return allocate
-
-
-@dataclass
-class PhaseEstimate:
-    """One phase of the pipeline: what the device holds at its peak, and the host memory it needs."""
-
-    name: str
-    detail: str
-    device_bytes: int
-    host_bytes: int = 0
 
 
 def _parameter_bytes(*modules: nn.Module) -> int:

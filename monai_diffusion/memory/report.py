@@ -11,6 +11,7 @@ from monai_diffusion.memory.counting import (
     FRAGMENTATION,
     GB,
     WORKSPACE_BYTES,
+    PhaseEstimate,
     format_bytes,
     margin_text,
     with_margin,
@@ -19,7 +20,6 @@ from monai_diffusion.memory.estimates import MemoryEstimate, estimate_autoencode
 
 if TYPE_CHECKING:
     from monai_diffusion.memory.budget import Candidate
-    from monai_diffusion.memory.pipeline import PhaseEstimate
 
 __all__ = ["report", "settings_table", "SHOWN_ROWS", "table_order", "candidates_table", "pipeline_report"]
 

@@ -29,16 +29,11 @@ from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.diffusion import DiffusionTask
 from monai_diffusion.training.loop import LoopState
 from monai_diffusion.training.runner import Loaders, differences, run_stage
-from monai_diffusion.visualize import volume_grid
+from monai_diffusion.visualize import label_preview, volume_grid
 
-__all__ = ["ControlNetTask", "ControlNetStage", "train_controlnet", "label_preview"]
+__all__ = ["ControlNetTask", "ControlNetStage", "train_controlnet"]
 
 log = logging.getLogger("monai_diffusion")
-
-
-def label_preview(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Label maps B x 1 x [SPATIAL DIMS] as images in [0, 1] (class / (num_classes - 1)), for the previews."""
-    return label.float() / max(num_classes - 1, 1)
 
 
 class ControlNetTask(DiffusionTask):

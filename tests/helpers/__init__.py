@@ -65,6 +65,21 @@ TINY_LDM = [
 ]
 
 
+# the conditional phantoms (a cavity class and a size covariate), both stages at 16^3
+PHANTOMS = [
+    "data.image_size=[16, 16, 16]", "data.num_train=6", "data.num_val=2", "data.phantom_covariates=true",
+    "autoencoder.num_channels=[8, 8, 8]", "autoencoder.attention_levels=[false, false, false]",
+    "autoencoder.norm_num_groups=4", "autoencoder.discriminator.num_layers_d=1",
+    "autoencoder.discriminator.num_channels=4", "autoencoder.training.batch_size=2", "autoencoder.training.n_epochs=1",
+    "diffusion.num_channels=[8, 8]", "diffusion.attention_levels=[false, true]", "diffusion.num_head_channels=[0, 8]",
+    "diffusion.norm_num_groups=4", "diffusion.scheduler.num_train_timesteps=20", "diffusion.training.batch_size=2",
+    "diffusion.training.n_epochs=2", "diffusion.training.val_interval=1", "diffusion.training.preview_inference_steps=2",
+    "diffusion.sampling.num_inference_steps=2", "diffusion.conditioning.categorical=[cavity]",
+    "diffusion.conditioning.continuous=[size]", "diffusion.conditioning.dropout=0.2",
+    "diffusion.training.cache_latents_on_disk=true",
+]
+
+
 def cli_args(config: Path | str, out: Path, *overrides: str) -> list[str]:
     """``--config C --set output_dir=OUT --set k=v ...``."""
     args = ["--config", str(config), "--set", f"output_dir={out}"]

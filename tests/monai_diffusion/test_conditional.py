@@ -19,7 +19,7 @@ from monai_diffusion.data.datasets import item_covariates
 from monai_diffusion.errors import DataError
 from monai_diffusion.generation.conditioning import Conditioning
 from monai_diffusion.runs.checkpoints import load_checkpoint, load_diffusion
-from tests.helpers import CONFIG, ROOT, cli_args, summary_of, write_scans
+from tests.helpers import CONFIG, PHANTOMS, ROOT, cli_args, summary_of, write_scans
 
 
 def _datalist(tmp_path, kind: str, rows: list[dict], validation: list[dict] | None = None):
@@ -95,18 +95,6 @@ def test_conditioning_fits_classes_and_statistics_and_names_bad_rows():
     assert 0.05 < share < 0.4  # about 20 % dropped
 
 
-PHANTOMS = [
-    "data.image_size=[16, 16, 16]", "data.num_train=6", "data.num_val=2", "data.phantom_covariates=true",
-    "autoencoder.num_channels=[8, 8, 8]", "autoencoder.attention_levels=[false, false, false]",
-    "autoencoder.norm_num_groups=4", "autoencoder.discriminator.num_layers_d=1",
-    "autoencoder.discriminator.num_channels=4", "autoencoder.training.batch_size=2", "autoencoder.training.n_epochs=1",
-    "diffusion.num_channels=[8, 8]", "diffusion.attention_levels=[false, true]", "diffusion.num_head_channels=[0, 8]",
-    "diffusion.norm_num_groups=4", "diffusion.scheduler.num_train_timesteps=20", "diffusion.training.batch_size=2",
-    "diffusion.training.n_epochs=2", "diffusion.training.val_interval=1", "diffusion.training.preview_inference_steps=2",
-    "diffusion.sampling.num_inference_steps=2", "diffusion.conditioning.categorical=[cavity]",
-    "diffusion.conditioning.continuous=[size]", "diffusion.conditioning.dropout=0.2",
-    "diffusion.training.cache_latents_on_disk=true",
-]
 
 
 def test_conditional_pipeline_through_the_command_lines(tmp_path, capsys):

@@ -381,7 +381,7 @@ def test_diffusion_training_step_with_ema_and_conditions_on_a_fake_gpu(fp16):
     import subprocess
     import sys
 
-    code = (f"import pytest; from tests.test_gpu_paths import _diffusion_step_on_a_fake_gpu as check; "
+    code = (f"import pytest; from tests.monai_diffusion.test_gpu_paths import _diffusion_step_on_a_fake_gpu as check; "
             f"check(pytest.MonkeyPatch(), {fp16})")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from monai_diffusion.runs.checkpoints import load_checkpoint
-from tests.test_resume import ENV, _assert_identical, _command, _kill_after_step, _run
+from tests.helpers.resume import ENV, _assert_identical, _command, _kill_after_step, _run
 
 RFLOW = ["--set", "autoencoder.training.n_epochs=1", "--set", "diffusion.scheduler.type=rflow",
          "--set", "diffusion.training.n_epochs=3", "--set", "diffusion.training.val_interval=3"]
@@ -55,8 +55,7 @@ def test_conditional_rflow_on_a_patch_trained_autoencoder_samples_with_guidance(
     import csv
 
     from monai_diffusion.cli import sample_main, train_autoencoder_main, train_diffusion_main
-    from tests.helpers import CONFIG, cli_args
-    from tests.test_conditional import PHANTOMS
+    from tests.helpers import CONFIG, PHANTOMS, cli_args
 
     args = cli_args(CONFIG, tmp_path, *PHANTOMS, "diffusion.scheduler.type=rflow", "data.patch_size=[8, 8, 8]",
                     "data.patches_per_volume=2", "autoencoder.tile_size=16")

@@ -28,6 +28,7 @@ from monai_diffusion.config.geometry import (
     valid_sizes_near,
 )
 from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES, SAMPLERS, Config, limits_of
+from monai_diffusion.data.keys import PHANTOM_COVARIATES
 from monai_diffusion.errors import ConfigError
 
 __all__ = ["STAGES", "validate", "check_limits", "discriminator_min_size", "autoencoder_totals", "latent_size",
@@ -302,7 +303,6 @@ def _validate_sampler(scheduler: Any, sampler: str) -> None:
                           f"{', '.join(SAMPLERS[scheduler.type])}")
 
 
-PHANTOM_COVARIATES = ("cavity", "size")  # the phantoms' class and continuous covariate
 
 
 def _validate_conditioning(config: Config) -> None:

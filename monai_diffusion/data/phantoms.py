@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES
-from monai_diffusion.data.keys import AFFINE_KEY, IMAGE_KEY, LABEL_KEY, PATH_KEY
+from monai_diffusion.data.keys import AFFINE_KEY, CAVITY_KEY, IMAGE_KEY, LABEL_KEY, PATH_KEY, SIZE_KEY
 from monai_diffusion.errors import DataError
 
 __all__ = ["make_phantom", "make_labelled_phantom", "label_classes", "SyntheticPhantomDataset", "seeded_rng"]
@@ -267,7 +267,7 @@ class SyntheticPhantomDataset(Dataset):
         extra: dict[str, Any] = {PATH_KEY: f"synthetic://{self.seed}/{index}"}
         if self.with_covariates:
             size = float(seeded_rng(self.seed * 100003 + index, 7).uniform(*SIZE_RANGE))
-            extra.update(cavity=index % 2, size=size)
+            extra.update({CAVITY_KEY: index % 2, SIZE_KEY: size})
         return extra
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -276,8 +276,8 @@ class SyntheticPhantomDataset(Dataset):
         index = int(index) % self.num
         seed = self.seed * 100003 + index
         extra = self.covariates(index)
-        rendered = _phantom_channels(self.shape, seed, self.in_channels, extra.get("size", 1.0),
-                                     bool(extra.get("cavity", False)), with_labels=self.with_labels)
+        rendered = _phantom_channels(self.shape, seed, self.in_channels, extra.get(SIZE_KEY, 1.0),
+                                     bool(extra.get(CAVITY_KEY, False)), with_labels=self.with_labels)
         if self.with_labels:
             volume, classes = rendered
             extra[LABEL_KEY] = torch.from_numpy(classes[None].astype(np.float32))

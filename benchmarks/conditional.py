@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from monai_diffusion.cli import train_autoencoder_main, train_diffusion_main  # noqa: E402
 from monai_diffusion.data import SyntheticPhantomDataset  # noqa: E402
-from monai_diffusion.generation.sampling import generate_volumes  # noqa: E402
+from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes  # noqa: E402
 from monai_diffusion.runs.checkpoints import DiffusionBundle, load_diffusion  # noqa: E402
 
 CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
@@ -150,10 +150,11 @@ def sample_requests(bundle: DiffusionBundle, requests: list[tuple[int, float]], 
         chunk = requests[start : start + 8]
         conditions = (bundle.conditioning.encode([{"cavity": c, "size": s} for c, s in chunk])
                       if bundle.conditioning.active else None)
-        volumes += list(generate_volumes(bundle.unet, bundle.autoencoder, bundle.config, bundle.scale_factor,
+        volumes += list(generate_volumes(bundle.unet, bundle.autoencoder, SamplingRequest(
+                                         bundle.config, bundle.scale_factor,
                                          len(chunk), steps, kind, torch.Generator().manual_seed(seed + start),
                                          conditions=conditions, conditioning=bundle.conditioning,
-                                         guidance_scale=guidance).clamp(0, 1))
+                                         guidance_scale=guidance)).clamp(0, 1))
     return [v[0].numpy() for v in volumes]
 
 

@@ -26,13 +26,13 @@ import torch
 from monai.transforms import Compose, LoadImaged, Orientationd, ResizeWithPadOrCropd, Spacingd
 
 from monai_diffusion.config import Config
-from monai_diffusion.config.rules import check_tiles
+from monai_diffusion.config.tiles import resolve_tiles
 from monai_diffusion.data.files import is_nifti
 from monai_diffusion.data.nifti import save_nifti
 from monai_diffusion.data.transforms import _READ_ERRORS, check_label_values
 from monai_diffusion.errors import CheckpointError, ConfigError, DataError, RunError
 from monai_diffusion.generation.controlnet import ControlNetBundle, load_controlnet
-from monai_diffusion.generation.sampling import _check_disk_space, _condition_sets, generate_volumes
+from monai_diffusion.generation.sampling import SamplingRequest, _check_disk_space, _condition_sets, generate_volumes
 from monai_diffusion.runs.checkpoints import resolve_checkpoint
 from monai_diffusion.runs.folders import check_new_folder, check_outside_data, make_output_folder
 from monai_diffusion.runtime import resolve_device
@@ -172,9 +172,8 @@ def sample_from_masks(
     if scheduler == "ddim" and steps > trained_steps:
         raise ConfigError(f"--steps {steps}: exceeds the num_train_timesteps = {trained_steps} the run {run} was "
                           f"trained with; use at most {trained_steps} steps")
-    check_tiles(tuple(config.data.image_size), tile_size,
-                tile_overlap if tile_overlap is not None else config.autoencoder.tile_overlap,
-                bundle.autoencoder.total_factors)
+    resolve_tiles(config, tile_size, tile_overlap, check=(tuple(config.data.image_size),
+                                                          bundle.autoencoder.total_factors))
     if config.data.source == "nifti":
         check_outside_data(output, config.data.paths, "--output")
     jobs = _jobs(masks, sets, num_samples)
@@ -200,10 +199,11 @@ def _generate(bundle: ControlNetBundle, output: Path, masks: list[Path],
         log.info("sampling volumes %d-%d of %d from masks (%s)", start + 1, start + len(chunk), len(jobs), scheduler)
         labels = torch.stack([loaded[index][0] for index, _ in chunk])
         batch_conditions = conditioning.encode([values for _, values in chunk]) if conditioning.active else None
-        volumes = generate_volumes(bundle.controlled(labels, conditioning_scale), bundle.autoencoder, config,
+        volumes = generate_volumes(bundle.controlled(labels, conditioning_scale), bundle.autoencoder, SamplingRequest(
+                                   config,
                                    bundle.scale_factor, len(chunk), steps, scheduler, generator, verbose=True,
                                    tile_size=tile_size, tile_overlap=tile_overlap, conditions=batch_conditions,
-                                   conditioning=conditioning, guidance_scale=guidance).cpu().clamp(0, 1)
+                                   conditioning=conditioning, guidance_scale=guidance)).cpu().clamp(0, 1)
         for volume, label, (index, values) in zip(volumes, labels, chunk):
             name = f"sample_{len(pairs):0{digits}d}.nii.gz"
             image_path, label_path = _write_pair(output, name, volume, label, loaded[index][1], len(pairs), len(jobs))

@@ -11,6 +11,7 @@ import logging
 import math
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from monai_diffusion.runs.folders import check_new_folder, check_outside_data, c
 from monai_diffusion.runtime import Precision, fast_kernels, resolve_device
 from monai_diffusion.visualize import save_png, volume_grid
 
-__all__ = ["make_scheduler", "sampling_generator", "generate_volumes", "sample_volumes", "expand_conditions"]
+__all__ = ["make_scheduler", "sampling_generator", "SamplingRequest", "generate_volumes", "sample_volumes",
+           "expand_conditions"]
 
 log = logging.getLogger("monai_diffusion")
 
@@ -45,35 +47,11 @@ def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=kind).manual_seed(seed)
 
 
-def generate_volumes(
-    unet: nn.Module,
-    autoencoder: AutoencoderKL,
-    config: Config,
-    scale_factor: float,
-    count: int,
-    steps: int | None,
-    kind: str = "auto",
-    generator: torch.Generator | None = None,
-    verbose: bool = False,
-    precision: Precision | None = None,
-    step_generator: torch.Generator | None = None,
-    tile_size: list[int] | None = None,
-    tile_overlap: float | None = None,
-    conditions: Conditions | None = None,
-    conditioning: Conditioning | None = None,
-    guidance_scale: float = 1.0,
-    buffers: str | None = None,
-) -> torch.Tensor:
-    """Sample ``count`` latents with one of ``monai_diffusion.generation.schedulers``' samplers and decode them.
+@dataclass
+class SamplingRequest:
+    """What :func:`generate_volumes` samples: how many volumes, with which sampler, seeds, conditions and tiles.
 
-    The reverse process is written out here rather than run through ``LatentDiffusionInferer.sample``,
-    because that method draws DDPM's per-step noise from the global RNG (it passes no generator), so a
-    seed would not fix the samples. The schedulers keep their tables and timesteps on the CPU (indexing
-    CPU tables with device timesteps fails on a GPU); only the latents live on the model's device.
-
-    Args:
-        unet: the diffusion UNet (its device is used).
-        autoencoder: decodes the latents.
+    Attributes:
         config: the run config (scheduler, image size).
         scale_factor: the latents were multiplied by it in training.
         count: volumes to generate.
@@ -94,19 +72,52 @@ def generate_volumes(
             conditional prediction alone.
         buffers: where exact tiling keeps its activations (default: ``autoencoder.tile_buffers``); the tile
             settings are resolved by ``config.tiles.resolve_tiles``.
+    """
+
+    config: Config
+    scale_factor: float
+    count: int
+    steps: int | None = None
+    kind: str = "auto"
+    generator: torch.Generator | None = None
+    verbose: bool = False
+    precision: Precision | None = None
+    step_generator: torch.Generator | None = None
+    tile_size: list[int] | None = None
+    tile_overlap: float | None = None
+    conditions: Conditions | None = None
+    conditioning: Conditioning | None = None
+    guidance_scale: float = 1.0
+    buffers: str | None = None
+
+
+def generate_volumes(unet: nn.Module, autoencoder: AutoencoderKL, request: SamplingRequest) -> torch.Tensor:
+    """Sample ``count`` latents with one of ``monai_diffusion.generation.schedulers``' samplers and decode them.
+
+    The reverse process is written out here rather than run through ``LatentDiffusionInferer.sample``,
+    because that method draws DDPM's per-step noise from the global RNG (it passes no generator), so a
+    seed would not fix the samples. The schedulers keep their tables and timesteps on the CPU (indexing
+    CPU tables with device timesteps fails on a GPU); only the latents live on the model's device.
+
+    Args:
+        unet: the diffusion UNet (its device is used).
+        autoencoder: decodes the latents.
+        request: what to sample (see :class:`SamplingRequest`).
 
     Returns:
         Bx``out_channels``x[SPATIAL DIMS] volumes (float32) in the autoencoder's output range.
     """
+    config, count, conditions, conditioning = request.config, request.count, request.conditions, request.conditioning
+    generator, step_generator, guidance_scale = request.generator, request.step_generator, request.guidance_scale
     device = next(unet.parameters()).device
-    kind, steps = resolve_sampler(config.diffusion.scheduler, kind, steps)
+    kind, steps = resolve_sampler(config.diffusion.scheduler, request.kind, request.steps)
     latent_shape = autoencoder.latent_shape(tuple(config.data.image_size)[: config.autoencoder.spatial_dims])
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     latents = torch.randn((count, *latent_shape), generator=generator).to(device)
     if step_generator is None:
         step_generator = sampling_generator(int(torch.randint(0, 2**62, (1,), generator=generator)), device)
     process = ReverseProcess(config.diffusion.scheduler, kind, steps, latent_shape, step_generator)
-    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
+    autocast = request.precision.autocast() if request.precision is not None else contextlib.nullcontext()
     was_training = unet.training
     unet.eval()
     guided = conditions is not None and conditioning is not None and guidance_scale != 1.0
@@ -114,7 +125,8 @@ def generate_volumes(
         conditions = (conditions.cat(conditioning.null(count)) if guided else conditions).to(device)
     kwargs = conditions.as_kwargs() if conditions is not None else {}
     with torch.no_grad(), autocast:
-        for index in tqdm(range(len(process.timesteps)), desc=f"{kind} sampling", disable=not verbose, leave=False):
+        for index in tqdm(range(len(process.timesteps)), desc=f"{kind} sampling", disable=not request.verbose,
+                          leave=False):
             inputs = torch.cat([latents, latents]) if guided else latents
             timesteps = process.model_timesteps(index, len(inputs), device)
             prediction = unet(inputs, timesteps=timesteps, **kwargs).float()
@@ -122,8 +134,8 @@ def generate_volumes(
                 conditional, unconditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = process.step(prediction, index, latents)
-        inferer = resolve_tiles(config, tile_size, tile_overlap, buffers).inferer()
-        latents = latents / scale_factor
+        inferer = resolve_tiles(config, request.tile_size, request.tile_overlap, request.buffers).inferer()
+        latents = latents / request.scale_factor
         volumes = inferer.decode(autoencoder, latents) if inferer is not None else autoencoder.decode(latents)
     unet.train(was_training)
     return volumes.float()
@@ -238,11 +250,12 @@ def sample_volumes(
         log.info("sampling volumes %d-%d of %d (%s, %d steps)", start + 1, start + len(chunk), len(jobs), scheduler,
                  steps)
         batch_conditions = conditioning.encode(chunk) if conditioning.active else None
-        batch = generate_volumes(bundle.unet, bundle.autoencoder, config, bundle.scale_factor, len(chunk), steps,
+        batch = generate_volumes(bundle.unet, bundle.autoencoder, SamplingRequest(
+                                 config, bundle.scale_factor, len(chunk), steps,
                                  scheduler, generator, verbose=True, precision=precision, tile_size=tile_size,
                                  tile_overlap=tile_overlap,
                                  conditions=batch_conditions, conditioning=conditioning,
-                                 guidance_scale=scale, buffers=buffers).cpu().clamp(0, 1)
+                                 guidance_scale=scale, buffers=buffers)).cpu().clamp(0, 1)
         for volume, values in zip(batch, chunk):
             name = output / f"sample_{len(names):0{digits}d}.nii.gz"
             try:

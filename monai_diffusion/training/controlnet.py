@@ -23,7 +23,7 @@ from monai_diffusion.data import LABEL_KEY, make_loader
 from monai_diffusion.errors import CheckpointError, RunError
 from monai_diffusion.generation.controlnet import ControlledUNet, build_controlnet
 from monai_diffusion.generation.latents import LatentCache, cached_latents, volumes_to_encode
-from monai_diffusion.generation.sampling import generate_volumes
+from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 from monai_diffusion.runs.checkpoints import DiffusionBundle, load_checkpoint, load_diffusion, resolve_checkpoint
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.diffusion import DiffusionTask
@@ -103,9 +103,9 @@ class ControlNetTask(DiffusionTask):
         conditions = self._conditions(batch).index(slice(0, count)) if self.conditioning.active else None
         model = ControlledUNet(self.unet, self.sampling_controlnet(), labels.to(self.runtime.device),
                                self.config.controlnet.conditioning_scale)
-        volumes = generate_volumes(model, self.autoencoder, self.config, self.scale_factor, count,
+        volumes = generate_volumes(model, self.autoencoder, SamplingRequest(self.config, self.scale_factor, count,
                                    self.training.preview_inference_steps, "ddim", generator, precision=self.precision,
-                                   conditions=conditions, conditioning=self.conditioning)
+                                   conditions=conditions, conditioning=self.conditioning))
         masks = label_preview(labels, self.config.data.num_classes)
         return volume_grid([("label maps", list(masks)), ("samples", list(volumes.cpu().clamp(0, 1)))],
                            spatial_dims=self.config.autoencoder.spatial_dims)

@@ -26,7 +26,7 @@ from monai_diffusion.data.datasets import item_covariates
 from monai_diffusion.errors import CheckpointError, RunError
 from monai_diffusion.generation.conditioning import Conditioning, Conditions
 from monai_diffusion.generation.latents import LatentCache, cached_latents, compute_scale_factor, volumes_to_encode
-from monai_diffusion.generation.sampling import generate_volumes
+from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 from monai_diffusion.generation.schedulers import Objective
 from monai_diffusion.pretrained.init_from import unet_start
 from monai_diffusion.runs.checkpoints import build_unet, checkpoint_path, load_autoencoder, weights_fingerprint
@@ -158,9 +158,10 @@ class DiffusionTask(Task):
         conditions = self._conditions(batch).index(slice(0, count)) if self.conditioning.active else None
         if conditions is not None:
             count = len(conditions)
-        volumes = generate_volumes(self.sampling_model(), self.autoencoder, self.config, self.scale_factor, count,
+        volumes = generate_volumes(self.sampling_model(), self.autoencoder, SamplingRequest(
+                                   self.config, self.scale_factor, count,
                                    self.training.preview_inference_steps, "auto", generator, precision=self.precision,
-                                   conditions=conditions, conditioning=self.conditioning)
+                                   conditions=conditions, conditioning=self.conditioning))
         return volume_grid([("samples", list(volumes.clamp(0, 1)))], spatial_dims=self.config.autoencoder.spatial_dims)
 
     def state_dict(self) -> dict[str, Any]:

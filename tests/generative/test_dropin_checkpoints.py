@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.dropin import FIXTURES, NETWORKS, build, generator, load, max_error
+from tests.helpers.dropin import NETWORKS, build, generator, load, max_error
 from tests.helpers.tolerance import accumulated_terms, assert_close_fp32
 
 
@@ -77,11 +77,11 @@ def test_monai_core_layout_loads_too() -> None:
 
 
 @pytest.mark.parametrize("name", generator.PICKLED)
-def test_023_pickled_model_unpickles_and_runs(name: str) -> None:
+def test_023_pickled_model_unpickles_and_runs(name: str, generative_023) -> None:
     ref = load(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's "source code changed" notes about 0.2.3's classes
-        model = torch.load(FIXTURES / f"{name}_pickled.pth", weights_only=False)
+        model = torch.load(generative_023 / f"{name}_pickled.pth", weights_only=False)
     assert type(model).__module__.startswith("generative.networks.nets.")
     assert not model.training
     torch.manual_seed(3)

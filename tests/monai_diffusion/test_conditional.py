@@ -133,7 +133,7 @@ def test_guidance_scale_changes_the_samples_and_one_is_plain_conditional():
     """With scale 1 the unconditional half does not matter; other scales mix it in."""
     from monai.networks.nets import DiffusionModelUNet
 
-    from monai_diffusion.generation.sampling import generate_volumes
+    from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
     from tests.helpers import OLD
 
     bundle = load_diffusion(OLD / "diffusion")  # its autoencoder and config (16^3 volumes, 3x4^3 latents)
@@ -148,16 +148,16 @@ def test_guidance_scale_changes_the_samples_and_one_is_plain_conditional():
     conditions = fitted.encode([{"c": "b"}])
 
     def sample(scale: float) -> torch.Tensor:
-        return generate_volumes(unet, bundle.autoencoder, bundle.config, 1.0, 1, 2, "ddim",
+        return generate_volumes(unet, bundle.autoencoder, SamplingRequest(bundle.config, 1.0, 1, 2, "ddim",
                                 torch.Generator().manual_seed(0), conditions=conditions, conditioning=fitted,
-                                guidance_scale=scale)
+                                guidance_scale=scale))
 
-    plain = generate_volumes(unet, bundle.autoencoder, bundle.config, 1.0, 1, 2, "ddim",
-                             torch.Generator().manual_seed(0), conditions=conditions)
+    plain = generate_volumes(unet, bundle.autoencoder, SamplingRequest(bundle.config, 1.0, 1, 2, "ddim",
+                             torch.Generator().manual_seed(0), conditions=conditions))
     torch.testing.assert_close(sample(1.0), plain)
     assert not torch.allclose(sample(3.0), plain)
-    unconditional = generate_volumes(unet, bundle.autoencoder, bundle.config, 1.0, 1, 2, "ddim",
-                                     torch.Generator().manual_seed(0), conditions=fitted.null(1))
+    unconditional = generate_volumes(unet, bundle.autoencoder, SamplingRequest(bundle.config, 1.0, 1, 2, "ddim",
+                                     torch.Generator().manual_seed(0), conditions=fitted.null(1)))
     torch.testing.assert_close(sample(0.0), unconditional, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(conditions.class_labels.numpy(), [1])
 

@@ -52,27 +52,27 @@ def test_sampling_runs_with_the_model_on_another_device_than_the_scheduler(kind)
     (a crash on every GPU); generate_volumes keeps the scheduler on the CPU."""
     from monai.networks.schedulers import DDIMScheduler
 
-    from monai_diffusion.generation.sampling import generate_volumes
+    from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 
     scheduler = DDIMScheduler(20)
     scheduler.set_timesteps(4, device="meta")  # what the old code did: it cannot work off the CPU
     with pytest.raises(RuntimeError):
         torch.cat((scheduler.timesteps[1:], torch.tensor([0])))
     config, unet, autoencoder = _tiny_sampling_setup()
-    volumes = generate_volumes(unet.to("meta"), autoencoder.to("meta"), config, 1.0, 2, 3, kind,
-                               torch.Generator().manual_seed(0))
+    volumes = generate_volumes(unet.to("meta"), autoencoder.to("meta"), SamplingRequest(config, 1.0, 2, 3, kind,
+                               torch.Generator().manual_seed(0)))
     assert volumes.device.type == "meta" and volumes.shape == (2, 1, 8, 8, 8)
 
 
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
 def test_sampling_is_fixed_by_its_seed_not_by_the_global_rng(kind):
-    from monai_diffusion.generation.sampling import generate_volumes
+    from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 
     config, unet, autoencoder = _tiny_sampling_setup()
 
     def sample(seed: int, global_seed: int) -> torch.Tensor:
         torch.manual_seed(global_seed)  # DDPM through MONAI's inferer drew its step noise from here
-        return generate_volumes(unet, autoencoder, config, 1.0, 2, 3, kind, torch.Generator().manual_seed(seed))
+        return generate_volumes(unet, autoencoder, SamplingRequest(config, 1.0, 2, 3, kind, torch.Generator().manual_seed(seed)))
 
     first = sample(7, 1)
     torch.testing.assert_close(sample(7, 2), first, rtol=0, atol=0)
@@ -290,7 +290,7 @@ def test_sampling_on_a_fake_gpu_under_autocast(monkeypatch, kind, guidance):
 
     from generative.networks.nets import AutoencoderKL
     from monai_diffusion.generation.conditioning import Conditioning, Conditions
-    from monai_diffusion.generation.sampling import generate_volumes
+    from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 
     config, _, _ = _tiny_sampling_setup()
     conditioning = Conditioning({"site": ["a", "b"]}, {}, 0.2) if guidance != 1.0 else Conditioning()
@@ -298,9 +298,9 @@ def test_sampling_on_a_fake_gpu_under_autocast(monkeypatch, kind, guidance):
         autoencoder = AutoencoderKL(**config.autoencoder.model_kwargs()).eval().to(META)
         unet = DiffusionModelUNet(**config.diffusion.unet_kwargs(3, 3), **conditioning.unet_kwargs()).eval().to(META)
         conditions = Conditions(torch.tensor([1, 2])) if conditioning.active else None
-        volumes = generate_volumes(unet, autoencoder, config, 1.0, 2, 2, kind, torch.Generator().manual_seed(0),
+        volumes = generate_volumes(unet, autoencoder, SamplingRequest(config, 1.0, 2, 2, kind, torch.Generator().manual_seed(0),
                                    precision=Precision(True, CUDA), conditions=conditions, conditioning=conditioning,
-                                   guidance_scale=guidance)
+                                   guidance_scale=guidance))
         assert volumes.device == META and volumes.shape == (2, 1, 8, 8, 8) and volumes.dtype == torch.float32
 
 

@@ -45,13 +45,13 @@ def _tiny(objective: str):
 @pytest.mark.parametrize("objective, kind", PAIRS)
 def test_every_sampler_is_fixed_by_its_seed(objective, kind):
     _needs(kind)
-    from monai_diffusion.generation.sampling import generate_volumes
+    from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 
     config, unet, autoencoder = _tiny(objective)
 
     def sample(seed: int, global_seed: int) -> torch.Tensor:
         torch.manual_seed(global_seed)
-        return generate_volumes(unet, autoencoder, config, 1.0, 2, 3, kind, torch.Generator().manual_seed(seed))
+        return generate_volumes(unet, autoencoder, SamplingRequest(config, 1.0, 2, 3, kind, torch.Generator().manual_seed(seed)))
 
     first = sample(7, 1)
     assert first.shape == (2, 1, 8, 8, 8) and torch.isfinite(first).all()
@@ -109,11 +109,11 @@ def test_sampler_lands_on_the_gaussian(objective, kind, steps):
     """Mean and standard deviation of the samples within 5 standard errors of the data's (the sample size
     gives them; the solver's own error must fit inside)."""
     _needs(kind)
-    from monai_diffusion.generation.sampling import generate_volumes
+    from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 
     config = load_config(CONFIG, [f"data.image_size=[{SIDE}, {SIDE}, {SIDE}]", f"diffusion.scheduler.type={objective}"])
     oracle = GaussianOracle(Objective(config.diffusion.scheduler))
-    samples = generate_volumes(oracle, Identity(), config, 1.0, 2, steps, kind, torch.Generator().manual_seed(0))
+    samples = generate_volumes(oracle, Identity(), SamplingRequest(config, 1.0, 2, steps, kind, torch.Generator().manual_seed(0)))
     n = samples.numel()
     mean_error, std_error = 5 * STD / math.sqrt(n), 5 * STD / math.sqrt(2 * n)
     assert abs(float(samples.mean()) - MEAN) < mean_error, float(samples.mean())
@@ -122,12 +122,12 @@ def test_sampler_lands_on_the_gaussian(objective, kind, steps):
 
 def test_a_wrong_oracle_misses_the_gaussian():
     """The check above can fail: velocity predictions fed to a noise sampler land far away."""
-    from monai_diffusion.generation.sampling import generate_volumes
+    from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 
     config = load_config(CONFIG, [f"data.image_size=[{SIDE}, {SIDE}, {SIDE}]"])
     rflow = load_config(CONFIG, ["diffusion.scheduler.type=rflow"])
     oracle = GaussianOracle(Objective(rflow.diffusion.scheduler))
-    samples = generate_volumes(oracle, Identity(), config, 1.0, 2, 20, "ddim", torch.Generator().manual_seed(0))
+    samples = generate_volumes(oracle, Identity(), SamplingRequest(config, 1.0, 2, 20, "ddim", torch.Generator().manual_seed(0)))
     assert abs(float(samples.std()) - STD) > 0.1 or abs(float(samples.mean()) - MEAN) > 0.1
 
 
@@ -211,9 +211,9 @@ def test_every_sampler_runs_with_the_model_on_another_device(objective, kind):
     """The ``meta`` device stands in for a GPU: the schedulers' tables and times stay on the CPU, the latents
     on the model's device, and nothing mixes them."""
     _needs(kind)
-    from monai_diffusion.generation.sampling import generate_volumes
+    from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 
     config, unet, autoencoder = _tiny(objective)
-    volumes = generate_volumes(unet.to("meta"), autoencoder.to("meta"), config, 1.0, 2, 3, kind,
-                               torch.Generator().manual_seed(0))
+    volumes = generate_volumes(unet.to("meta"), autoencoder.to("meta"), SamplingRequest(config, 1.0, 2, 3, kind,
+                               torch.Generator().manual_seed(0)))
     assert volumes.device.type == "meta" and volumes.shape == (2, 1, 8, 8, 8)

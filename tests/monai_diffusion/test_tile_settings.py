@@ -4,6 +4,7 @@ of the tile keys goes through it (one default for the overlap everywhere)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -50,9 +51,10 @@ def test_every_reader_of_the_tile_settings_goes_through_the_resolver():
             if relative in ALLOWED:
                 continue
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                # attribute reads such as config.inference_tile or ae.tile_overlap (not argparse's args.*)
+                # attribute reads such as config.inference_tile or ae.tile_overlap (not the command-line values of
+                # argparse's args.* or of a SamplingRequest, which are handed to the resolver)
                 if isinstance(node, ast.Attribute) and node.attr in KEYS and not (
-                        isinstance(node.value, ast.Name) and node.value.id == "args"):
+                        isinstance(node.value, ast.Name) and node.value.id in ("args", "request")):
                     readers.append(f"{relative}:{node.lineno}: .{node.attr}")
     assert readers == []
 
@@ -60,8 +62,9 @@ def test_every_reader_of_the_tile_settings_goes_through_the_resolver():
 def test_no_command_has_its_own_overlap_default():
     from monai_diffusion.evaluation.reconstruction import evaluate_autoencoder
     from monai_diffusion.generation.latents import encode_latents
-    from monai_diffusion.generation.sampling import generate_volumes, sample_volumes
+    from monai_diffusion.generation.sampling import SamplingRequest, sample_volumes
 
-    for function in (evaluate_autoencoder, generate_volumes, sample_volumes):
+    for function in (evaluate_autoencoder, sample_volumes):
         assert inspect.signature(function).parameters["tile_overlap"].default is None, function.__name__
+    assert {f.name: f.default for f in dataclasses.fields(SamplingRequest)}["tile_overlap"] is None
     assert "tile_overlap" not in inspect.signature(encode_latents).parameters

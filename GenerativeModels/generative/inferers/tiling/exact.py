@@ -203,8 +203,12 @@ def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _run_conv(conv: nn.Module, block: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
-    return _CONV_FN[block.dim() - 2](block, conv.weight, conv.bias, conv.stride, tuple(padding), conv.dilation,
-                                     conv.groups)
+    """``conv`` on ``block`` with explicit padding. A block in a half-precision buffer dtype meets the weights in
+    that dtype, as autocast would cast them (so the result does not depend on autocast reaching this call)."""
+    weight, bias = conv.weight, conv.bias
+    if block.dtype != weight.dtype and block.dtype in (torch.float16, torch.bfloat16):
+        weight, bias = weight.to(block.dtype), None if bias is None else bias.to(block.dtype)
+    return _CONV_FN[block.dim() - 2](block, weight, bias, conv.stride, tuple(padding), conv.dilation, conv.groups)
 
 
 class Stream:

@@ -11,5 +11,5 @@ cd "$(dirname "$0")/.."
 log="${1:-benchmarks/results/gpu_smoke.log}"
 source benchmarks/_python.sh
 mkdir -p "$(dirname "$log")"
-"$python" benchmarks/gpu_smoke.py --device "${DEVICE:-cuda}" 2>&1 | tee "$log"
+"$python" benchmarks/gpu_smoke.py --device "${DEVICE:-cuda}" ${TINY:+--tiny} 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

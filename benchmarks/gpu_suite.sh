@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/gpu_suite.md}"
 source benchmarks/_python.sh
 mkdir -p "$(dirname "$out")"
-"$python" benchmarks/gpu_suite.py --device "${DEVICE:-cuda}" --output "$out"
+"$python" benchmarks/gpu_suite.py --device "${DEVICE:-cuda}" ${TINY:+--tiny} --output "$out"

@@ -64,9 +64,16 @@ TINY_RUN = ["data.num_train=4", "diffusion.training.batch_size=2", "diffusion.tr
             "diffusion.sampling.num_inference_steps=10"]
 
 
+# with gpu_suite.py's 270 s, the two scripts take at most 8 minutes on one GPU; no check starts after it, and
+# each command's timeout is what is left of it
+BUDGET_S = 210.0
+COMMAND_TIMEOUT_S = 300
+
+
 class Smoke:
-    def __init__(self, device: str, workdir: Path, tiny: bool = False) -> None:
+    def __init__(self, device: str, workdir: Path, tiny: bool = False, budget_s: float = BUDGET_S) -> None:
         self.device, self.workdir, self.failures = device, workdir, 0
+        self.deadline = time.perf_counter() + budget_s
         self.on_cpu = device == "cpu"
         self.tiny = tiny
         self.steps = 4 if tiny else 8  # optimiser steps of each stage (TINY, TINY_RUN)
@@ -79,14 +86,22 @@ class Smoke:
             cmd += ["--set", item]
         return cmd + list(extra)
 
-    def run(self, cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-        result = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout)
+    def left(self) -> float:
+        """Seconds left of the budget, for a command's timeout (at least one second)."""
+        return max(1.0, min(COMMAND_TIMEOUT_S, self.deadline - time.perf_counter()))
+
+    def run(self, cmd: list[str]) -> subprocess.CompletedProcess:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=self.left())
         if result.returncode != 0:
             raise RuntimeError(f"exit {result.returncode}: {result.stderr.strip()[-1500:]}")
         return result
 
     def check(self, name: str, body: Callable[[], str]) -> None:
         started = time.perf_counter()
+        if started > self.deadline:
+            self.failures += 1
+            print(f"FAIL {name}: not run, the time budget is spent (--budget-s)", flush=True)
+            return
         try:
             detail = body()
             print(f"PASS {name} ({time.perf_counter() - started:.0f} s): {detail}", flush=True)
@@ -98,7 +113,7 @@ class Smoke:
         from monai_diffusion.runs.checkpoints import load_checkpoint
 
         process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
-        deadline = time.time() + 240
+        deadline = time.time() + self.left()
         while True:
             last = run_dir / "checkpoints" / "last.pt"
             try:
@@ -110,7 +125,7 @@ class Smoke:
                 raise RuntimeError(f"run ended before step {step}: {process.stderr.read().decode()[-1500:]}")
             if time.time() > deadline:
                 process.kill()
-                raise RuntimeError(f"no checkpoint at step {step} within 240 s")
+                raise RuntimeError(f"no checkpoint at step {step} within the time budget")
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -250,6 +265,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a new temporary folder)")
     parser.add_argument("--tiny", action="store_true", help="fewer steps and timesteps, to check the script on a CPU")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S,
+                        help=f"start no check after this many seconds (default {BUDGET_S:.0f}); later checks fail")
     parser.add_argument("--ddp-probe", action="store_true", help=argparse.SUPPRESS)  # run by the NCCL check
     args = parser.parse_args()
     if args.ddp_probe:
@@ -259,7 +276,7 @@ def main() -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_smoke_"))
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
     print(f"# gpu_smoke on {args.device} ({where}), torch {torch.__version__}, workdir {workdir}", flush=True)
-    smoke = Smoke(args.device, workdir, tiny=args.tiny)
+    smoke = Smoke(args.device, workdir, tiny=args.tiny, budget_s=args.budget_s)
     started = time.perf_counter()
     smoke.check("autoencoder: mixed precision, kill -9, --resume",
                 smoke.stage("train_autoencoder.py", "autoencoder", smoke.steps))

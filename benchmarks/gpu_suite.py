@@ -37,6 +37,8 @@ from monai_diffusion.runtime import resolve_device  # noqa: E402
 from monai_diffusion.training.measure import measure_training_step  # noqa: E402
 
 EXAMPLES = ROOT / "monai_diffusion" / "config" / "examples"
+# with gpu_smoke.py's 210 s, the two scripts take at most 8 minutes on one GPU (plus the last row's time)
+BUDGET_S = 270.0
 FAIL_ENV = "GPU_SUITE_FAIL"  # tests only: a row whose label contains this text raises, to check it is recorded
 
 
@@ -44,9 +46,10 @@ class Table:
     """Lines printed and appended to the output file as each one is known (flushed), so a crash or a time
     limit keeps every finished row."""
 
-    def __init__(self, output: str | None) -> None:
+    def __init__(self, output: str | None, budget_s: float = float("inf")) -> None:
         self.path = Path(output) if output else None
-        self.failures = 0
+        self.failures = self.skipped = 0
+        self.deadline = time.perf_counter() + budget_s
         if self.path is not None:
             self.path.write_text("", encoding="utf-8")
 
@@ -60,6 +63,10 @@ class Table:
     def row(self, label: str, cells: int, measure: Callable[[], str]) -> None:
         """One row: ``label`` then what ``measure`` returns; out of memory or any other error is recorded in the
         row (``cells`` empty cells follow it) and the suite goes on."""
+        if time.perf_counter() > self.deadline:  # a row started before the deadline finishes; none starts after
+            self.skipped += 1
+            self.add(f"{label} skipped: time budget spent |" + " |" * cells)
+            return
         try:
             if os.environ.get(FAIL_ENV) and os.environ[FAIL_ENV] in label:
                 raise RuntimeError(f"injected failure ({FAIL_ENV})")
@@ -187,11 +194,13 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, to check the script on a CPU")
     parser.add_argument("--output", default=None, help="also write the tables to this markdown file, row by row")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S,
+                        help=f"start no row after this many seconds (default {BUDGET_S:.0f}); later rows say skipped")
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     started = time.perf_counter()
-    table = Table(args.output)
+    table = Table(args.output, args.budget_s)
     table.add(f"# gpu_suite on {name}, torch {torch.__version__}{', --tiny' if args.tiny else ''}", "",
               "## Training step: measured vs estimated", "",
               "| config | mode | input | batch | precision | ckpt | estimate MiB | measured MiB | estimate / measured "
@@ -207,7 +216,9 @@ def main() -> int:
     kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "the profiler's peak"
     table.add("", f"Measured peaks: {kind} above the start, plus the weights and Adam state for training steps; "
               "reserved: torch.cuda.max_memory_reserved since the process started (n/a on a CPU). "
-              f"MiB = 2^20 bytes. {table.failures} row(s) failed. {time.perf_counter() - started:.0f} s in all.")
+              f"MiB = 2^20 bytes. {table.failures} row(s) failed, {table.skipped} skipped "
+              f"(budget {args.budget_s:.0f} s). "
+              f"{time.perf_counter() - started:.0f} s in all.")
     return 1 if table.failures else 0
 
 

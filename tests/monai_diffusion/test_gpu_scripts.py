@@ -4,6 +4,7 @@ recorded in the table instead of ending the suite."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -56,3 +57,29 @@ def test_gpu_suite_writes_every_row_and_records_a_failing_one(tmp_path: Path) ->
     phases = [line for line in lines if line.startswith(("| tiled encode", "| tiled decode", "| ControlNet step"))]
     assert len(phases) == 3 and not any("error" in line for line in phases), phases
     assert "1 row(s) failed" in lines[-1]
+
+
+def _suite_module():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suite_rows_are_written_as_they_finish_and_none_starts_after_the_budget(tmp_path: Path) -> None:
+    suite = _suite_module()
+    output = tmp_path / "table.md"
+    table = suite.Table(str(output), budget_s=3600)
+    table.add("| a | b | c |")
+    table.row("| one |", 1, lambda: "1 | 2 |")
+    assert output.read_text().splitlines() == ["| a | b | c |", "| one | 1 | 2 |"]  # on disk before the end
+
+    def broken() -> str:
+        raise ValueError("a | b")
+
+    table.row("| two |", 1, broken)
+    assert output.read_text().splitlines()[-1] == "| two | error: ValueError: a / b | |" and table.failures == 1
+    table.deadline = 0.0  # the budget is spent: the next row is not measured
+    table.row("| three |", 1, broken)
+    assert output.read_text().splitlines()[-1] == "| three | skipped: time budget spent | |"
+    assert table.skipped == 1 and table.failures == 1

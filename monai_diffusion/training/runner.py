@@ -140,7 +140,9 @@ def _open_writer(run_dir: Path, runtime: Runtime) -> Any | None:
 
 def _peak_memory(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
-        return {"kind": "CUDA max allocated", "GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
+        # reserved: what the caching allocator holds from the driver (allocated plus its cached blocks)
+        return {"kind": "CUDA max allocated", "GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+                "reserved_GiB": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
     return {"kind": "process peak RSS", "GiB": round(peak_rss_bytes() / 2**30, 3)}
 
 

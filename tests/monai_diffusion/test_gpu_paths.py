@@ -415,3 +415,41 @@ def _diffusion_step_on_a_fake_gpu(monkeypatch, fp16):
         with torch.no_grad():
             metrics = again.validation_step(batch)
         assert metrics["loss"].device == META
+
+
+def test_latent_cache_encodes_on_a_fake_gpu_and_keeps_latents_on_the_host(monkeypatch):
+    """The latent cache's encoder (encode_latents, which cached_latents runs) under autocast: batches from the
+    pinned DataLoader move to the GPU (fake CUDA tensors), are encoded and come back as float32 host latents,
+    with their label maps. (The tiled encode is covered by test_tiled_encode_and_decode_on_a_fake_gpu.)"""
+    from generative.networks.nets import AutoencoderKL
+    from monai_diffusion.generation.latents import encode_latents
+
+    config = _tiling_config()
+    volumes = [{"image": torch.rand(1, 16, 16, 16), "label": torch.randint(0, 3, (1, 16, 16, 16))} for _ in range(3)]
+    labels: list[torch.Tensor] = []
+    with fake_cuda(monkeypatch), Precision(True, CUDA).autocast():
+        model = AutoencoderKL(**config.autoencoder.model_kwargs()).eval().to(CUDA)
+        z_mu, z_sigma = encode_latents(model, volumes, [0, 2], 2, CUDA, "encode", labels=labels)
+        assert z_mu.device.type == "cpu" and z_sigma.device.type == "cpu"
+        assert z_mu.shape == (2, 3, 8, 8, 8) and z_mu.dtype == torch.float32 and z_sigma.dtype == torch.float32
+        assert [label.dtype for label in labels] == [torch.int16, torch.int16]
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_measured_training_step_on_a_fake_gpu(monkeypatch, fp16):
+    """The estimator's measured step (measure_training_step): the real autoencoder steps (generator and
+    discriminator, Adam's state created by the first) under CUDA's mixed precision on the GPU (the meta device),
+    counting the weights and Adam state that live there."""
+    from generative.networks.nets import AutoencoderKL
+    from monai_diffusion.training import measure as measure_module
+    from tests.helpers import tiny
+
+    config = load_config(CONFIG, [*tiny(), "autoencoder.training.mixed_precision=true"])
+    model = AutoencoderKL(**config.autoencoder.model_kwargs())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    with fake_gpu(monkeypatch):
+        precision = _precision(monkeypatch, fp16)
+        monkeypatch.setattr(measure_module, "Precision", lambda enabled, device: precision)
+        measured = measure_module.measure_training_step(config, META, repeats=1)
+    assert measured.peak_bytes >= 3 * weights  # weights plus Adam's two moments, at least
+    assert measured.seconds >= 0

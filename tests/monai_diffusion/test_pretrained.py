@@ -177,9 +177,9 @@ def test_init_from_refuses_another_architecture(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # through the command lines
 # ----------------------------------------------------------------------------------------------------
-FINE_TUNE = ["autoencoder.training.n_epochs=1", "autoencoder.training.batch_size=2", "autoencoder.training.val_interval=1",
+FINE_TUNE = ["autoencoder.training.n_epochs=1", "autoencoder.training.batch_size=1", "autoencoder.training.val_interval=1",
              "autoencoder.training.adversarial_warmup_epochs=0", "autoencoder.discriminator.num_channels=4",
-             "autoencoder.training.learning_rate=2e-5", "autoencoder.training.warmup_steps=2"]
+             "autoencoder.training.learning_rate=2e-5", "autoencoder.training.warmup_steps=1"]
 
 
 def _sets(*items: str) -> list[str]:

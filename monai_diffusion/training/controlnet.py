@@ -19,14 +19,14 @@ from torch.utils.data import Dataset
 
 from monai_diffusion.config import Config
 from monai_diffusion.config.schema import ControlNetTrainingConfig
-from monai_diffusion.data import LABEL_KEY, make_loader
+from monai_diffusion.data import LABEL_KEY
 from monai_diffusion.errors import CheckpointError, RunError
 from monai_diffusion.generation.controlnet import ControlledUNet, build_controlnet
 from monai_diffusion.generation.latents import LatentCache, cached_latents, volumes_to_encode
 from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 from monai_diffusion.runs.checkpoints import DiffusionBundle, load_checkpoint, load_diffusion, resolve_checkpoint
 from monai_diffusion.runtime import Precision, Runtime
-from monai_diffusion.training.diffusion import DiffusionTask
+from monai_diffusion.training.diffusion import DiffusionTask, latent_loaders
 from monai_diffusion.training.loop import LoopState
 from monai_diffusion.training.runner import Loaders, differences, run_stage
 from monai_diffusion.visualize import label_preview, volume_grid
@@ -176,15 +176,7 @@ class ControlNetStage:
                                                 self.volumes, conditioning=bundle.conditioning,
                                                 cache_on_disk=tr.cache_latents_on_disk)
         task = ControlNetTask(config, runtime, precision, bundle, latents.affine)
-        pin = runtime.device.type == "cuda"
-        sampler = torch.utils.data.DistributedSampler(latents.train, num_replicas=1, rank=0, shuffle=True,
-                                                      seed=config.seed + runtime.rank)
-        loaders = (
-            make_loader(latents.train, tr.batch_size, False, 0, config.seed, sampler=sampler, pin_memory=pin),
-            make_loader(latents.val, tr.batch_size, False, 0, config.seed, pin_memory=pin),
-            sampler,
-        )
-        return task, loaders
+        return task, latent_loaders(latents, tr.batch_size, config.seed, runtime)
 
     def check_resume(self, saved: dict[str, Any], task: ControlNetTask, config: Config, path: Path) -> None:
         changed = differences(saved["controlnet_spec"], task.controlnet_spec)

@@ -255,6 +255,17 @@ def _check_same_conditioning(stored: Conditioning, fitted: Conditioning, path: P
 # ----------------------------------------------------------------------------------------------------
 # the stage
 # ----------------------------------------------------------------------------------------------------
+
+def latent_loaders(latents: LatentCache, batch_size: int, seed: int, runtime: Runtime) -> Loaders:
+    """Loaders of one rank's cached latents (its own share, reshuffled every epoch with its own seed; the
+    validation latents in order), as the diffusion and ControlNet stages read them."""
+    pin = runtime.device.type == "cuda"
+    sampler = torch.utils.data.DistributedSampler(latents.train, num_replicas=1, rank=0, shuffle=True,
+                                                  seed=seed + runtime.rank)
+    return (make_loader(latents.train, batch_size, False, 0, seed, sampler=sampler, pin_memory=pin),
+            make_loader(latents.val, batch_size, False, 0, seed, pin_memory=pin),
+            sampler)
+
 class DiffusionStage:
     """Stage 2 for :func:`~monai_diffusion.training.runner.run_stage`."""
 
@@ -291,15 +302,7 @@ class DiffusionStage:
         if saved is None and config.diffusion.init_from:  # fine-tuning: its weights and scale factor
             _, task.scale_factor = unet_start(task.unet, task.unet_args, config.diffusion.init_from, task.ema)
         log.info("latent scale factor: %.4f", task.scale_factor)
-        pin = runtime.device.type == "cuda"
-        sampler = torch.utils.data.DistributedSampler(latents.train, num_replicas=1, rank=0, shuffle=True,
-                                                      seed=config.seed + runtime.rank)
-        loaders = (
-            make_loader(latents.train, tr.batch_size, False, 0, config.seed, sampler=sampler, pin_memory=pin),
-            make_loader(latents.val, tr.batch_size, False, 0, config.seed, pin_memory=pin),
-            sampler,
-        )
-        return task, loaders
+        return task, latent_loaders(latents, tr.batch_size, config.seed, runtime)
 
     def check_resume(self, saved: dict[str, Any], task: DiffusionTask, config: Config, path: Path) -> None:
         changed = differences(saved["unet_args"], task.unet_args)

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -193,7 +192,7 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
     try:
         item = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+    except Exception as err:  # noqa: BLE001 - damaged bytes make the unpickler raise almost anything; the cache is rebuilt
         log.warning("volume cache: %s is unreadable (%s); preparing the volume again", path, type(err).__name__)
         return None
     return item if isinstance(item, dict) else None

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -135,6 +136,34 @@ def _out_of_memory(err: BaseException) -> bool:
 
 def run_main(body: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None) -> int:
+    """Parse arguments, run ``body``, turn user errors into one line and exit code 2 (see :func:`_run_main`).
+
+    Under torchrun a process that failed leaves at once (``os._exit``) once its line is written: the normal
+    interpreter exit tears the process group down, which can wait forever for a peer still inside a collective
+    (pytorch#75097); torchrun then stops the other processes and reports the exit codes.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _run_main(body, parser, argv)
+    try:
+        code = _run_main(body, parser, argv)
+    except Exception:  # --debug, or an unexpected error: its traceback, then leave like any failed rank
+        traceback.print_exc()
+        code = 1
+    if code not in (0, None):
+        _leave_now(code)
+    return code
+
+
+def _leave_now(code: int) -> None:
+    """Flush what was written and end this process without the interpreter's teardown."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def _run_main(body: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+              argv: Sequence[str] | None) -> int:
     """Parse arguments, run ``body``, turn user errors into one line and exit code 2.
 
     Under torchrun (WORLD_SIZE > 1) one line is printed for the whole run: an error decided alike on every

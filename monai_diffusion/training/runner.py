@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -239,4 +240,7 @@ def run_stage(stage: Stage, config: Config, resume: bool = False) -> dict[str, A
         raise
     finally:
         lock.release()
-        runtime.close()
+        # only a run that ended alike on every rank takes the process group down: tearing it down after an error
+        # can wait forever on a peer still inside a collective (pytorch#75097); the process' exit frees it
+        if sys.exc_info()[0] is None:
+            runtime.close()

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +16,8 @@ from monai_diffusion.data import build_datasets
 from monai_diffusion.generation.latents import LatentDataset, compute_scale_factor, encode_latents
 from monai_diffusion.runs.checkpoints import load_autoencoder, load_checkpoint
 from monai_diffusion.runtime import Runtime
-from tests.helpers import CONFIG, SCRIPTS, TINY_LDM, cli_args, free_port, write_scans
+from tests.helpers import CONFIG, SCRIPTS, TINY_LDM, cli_args, write_scans
+from tests.helpers.distributed import torchrun
 
 
 def _args(out: Path, *overrides: str) -> list[str]:
@@ -111,10 +109,7 @@ def test_clear_errors(autoencoder_run, tmp_path, capsys):
 @pytest.mark.parametrize("objective", ["ddpm", "rflow"])
 def test_ddp_two_cpu_processes(autoencoder_run, tmp_path, objective):
     out = _fresh_output(autoencoder_run, tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(SCRIPTS / "train_diffusion.py"),
-           *_args(out, "device=cpu", f"diffusion.scheduler.type={objective}")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun(SCRIPTS / "train_diffusion.py", *_args(out, "device=cpu", f"diffusion.scheduler.type={objective}"))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "diffusion" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["optimizer_steps"] == 2  # 4 latents / (2 ranks x 2) x 2 epochs

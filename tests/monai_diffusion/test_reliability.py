@@ -25,7 +25,8 @@ from monai_diffusion.config import load_config
 from monai_diffusion.data import build_datasets
 from monai_diffusion.runs.checkpoints import load_checkpoint
 from monai_diffusion.runs.folders import LOCK_NAME, lock_holder
-from tests.helpers import CONFIG, SCRIPTS, TINY_LDM, cli_args, free_port, summary_of, tiny, train, write_scans
+from tests.helpers import CONFIG, SCRIPTS, TINY_LDM, cli_args, summary_of, tiny, train, write_scans
+from tests.helpers.distributed import torchrun
 
 _BAR = re.compile(r"\d+/\d+ \[")  # a tqdm progress bar: "epoch 2/3:  50%|##   | 1/2 [00:01<00:01, ...]"
 
@@ -245,10 +246,7 @@ def test_a_bare_config_name_says_which_file_it_used(tmp_path, monkeypatch, caplo
 # torchrun: one line for the whole run
 # ----------------------------------------------------------------------------------------------------
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(SCRIPTS / "train_autoencoder.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return torchrun(SCRIPTS / "train_autoencoder.py", *args)
 
 
 def _our_lines(stderr: str) -> list[str]:

@@ -3,7 +3,6 @@ resume, DDP, notebook loading and that a short training really learns."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,17 @@ from monai_diffusion.runs.checkpoints import load_checkpoint
 from monai_diffusion.runtime import Precision
 from monai_diffusion.training import load_autoencoder
 from monai_diffusion.training.loop import Optimization, TrainingError
-from tests.helpers import CONFIGS, SCRIPTS, free_port, summary_of, tiny, train, write_medicalnet_file, write_scans
+from tests.helpers import (
+    CONFIGS,
+    SCRIPTS,
+    cli_args,
+    summary_of,
+    tiny,
+    train,
+    write_medicalnet_file,
+    write_scans,
+)
+from tests.helpers.distributed import torchrun
 
 SCRIPT = SCRIPTS / "train_autoencoder.py"
 
@@ -153,13 +162,8 @@ def test_non_finite_loss_stops_with_the_terms():
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(SCRIPT), "--config", str(CONFIGS / "ldm_config.yaml"),
-           "--set", f"output_dir={tmp_path}"]
-    for item in [*tiny(), "data.num_train=8", "autoencoder.training.n_epochs=2", "device=cpu"]:
-        cmd += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = torchrun(SCRIPT, *cli_args(CONFIGS / "ldm_config.yaml", tmp_path, *tiny(), "data.num_train=8",
+                                        "autoencoder.training.n_epochs=2", "device=cpu"))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = summary_of(tmp_path / "autoencoder")
     assert summary["world_size"] == 2

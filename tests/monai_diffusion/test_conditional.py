@@ -163,6 +163,7 @@ def test_guidance_scale_changes_the_samples_and_one_is_plain_conditional():
 
 
 @pytest.mark.slow
+@pytest.mark.quality  # about 3 minutes: not in the default run (pytest -m quality); the mechanism is tested above
 def test_samples_follow_the_requested_class_and_size(tmp_path):
     """The conditional quickstart on CPU: an autoencoder and a conditional diffusion model trained on 64
     phantoms of 16^3 with the cavity class and the size covariate (benchmarks/conditional.py at a smaller

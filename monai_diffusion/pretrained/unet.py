@@ -9,13 +9,14 @@ concatenation inside ``forward``, so the sampler and the trainer call it like an
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-__all__ = ["ConcatConditionUNet", "build_unet", "CONCAT_KEY"]
+__all__ = ["ConcatConditionUNet", "build_unet", "unet_defaults", "CONCAT_KEY"]
 
 CONCAT_KEY = "concat_conditions"  # in a checkpoint's ``unet_args``: conditions read as input channels
 
@@ -58,3 +59,12 @@ def build_unet(unet_args: Mapping[str, Any]) -> DiffusionModelUNet:
         return ConcatConditionUNet(**args)
     args.pop(CONCAT_KEY, None)
     return DiffusionModelUNet(**args)
+
+
+def unet_defaults() -> dict[str, Any]:
+    """What an argument that a checkpoint's ``unet_args`` leave out means: core DiffusionModelUNet's defaults and
+    no concatenated conditions. Comparisons fill them in, so arguments stored before a key existed (e.g.
+    ``resblock_updown``) equal a config that leaves that key at its default."""
+    parameters = inspect.signature(DiffusionModelUNet.__init__).parameters.items()
+    defaults = {name: p.default for name, p in parameters if p.default is not inspect.Parameter.empty}
+    return {**defaults, CONCAT_KEY: 0}

@@ -29,6 +29,7 @@ from monai_diffusion.generation.latents import LatentCache, cached_latents, comp
 from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 from monai_diffusion.generation.schedulers import Objective
 from monai_diffusion.pretrained.init_from import unet_start
+from monai_diffusion.pretrained.unet import unet_defaults
 from monai_diffusion.runs.checkpoints import build_unet, checkpoint_path, load_autoencoder, weights_fingerprint
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import LoopState, Optimization, Task
@@ -38,6 +39,7 @@ from monai_diffusion.visualize import volume_grid
 __all__ = ["DiffusionTask", "DiffusionStage", "train_diffusion"]
 
 log = logging.getLogger("monai_diffusion")
+_NOT_ARCHITECTURE = ("use_flash_attention",)  # the attention kernel: build_unet's choice, not the network's
 
 
 class DiffusionTask(Task):
@@ -239,7 +241,8 @@ def _fit_conditioning(config: Config, train_ds: Dataset) -> Conditioning:
     """The conditioning the training set's covariates give (no image is read)."""
     cond = config.diffusion.conditioning
     items = [item_covariates(train_ds, i) for i in range(len(train_ds))]
-    return Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, items)
+    return Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, items, cond.standardize,
+                            cond.presence_flag)
 
 
 def _check_same_conditioning(stored: Conditioning, fitted: Conditioning, path: Path) -> None:
@@ -305,7 +308,8 @@ class DiffusionStage:
         return task, latent_loaders(latents, tr.batch_size, config.seed, runtime)
 
     def check_resume(self, saved: dict[str, Any], task: DiffusionTask, config: Config, path: Path) -> None:
-        changed = differences(saved["unet_args"], task.unet_args)
+        defaults = unet_defaults()  # an argument a checkpoint leaves out is at its default
+        changed = differences({**defaults, **saved["unet_args"]}, {**defaults, **task.unet_args}, _NOT_ARCHITECTURE)
         if changed:
             raise RunError(f"--resume: the config changes the UNet architecture ({'; '.join(changed)}) compared with "
                            f"{path}; restore those keys or start a new run in another output_dir")

@@ -283,3 +283,55 @@ def test_concat_condition_unet_needs_its_context():
         unet(x, t)
     with pytest.raises(ValueError, match=r"concat_conditions must be in \[1, in_channels\)"):
         build_unet({**args, "concat_conditions": 3})
+
+
+BRAIN_COVARIATES = ("sex", "age", "ventricular_vol", "brain_vol")
+UNET_FINE_TUNE = ["diffusion.training.n_epochs=1", "diffusion.training.batch_size=2", "diffusion.training.val_interval=1",
+                  "diffusion.training.preview_inference_steps=2", "diffusion.sampling.num_inference_steps=2",
+                  "diffusion.training.learning_rate=1e-4", "diffusion.training.warmup_steps=1"]
+
+
+@pytest.mark.slow
+def test_brain_ldm_unet_fine_tuning_through_the_commands(tmp_path, capsys):
+    """The imported config as it is (its datalist template filled in) fine-tunes the brain UNet with
+    diffusion.init_from: the imported weights and scale factor, the covariates as given (no normalisation, no
+    flag, also read as input channels) -> --resume -> sample.py from the fine-tuned run."""
+    from monai_diffusion.cli import sample_main, train_diffusion_main
+    from tests.helpers import write_scans
+
+    _, out = import_brain(tmp_path)
+    scans = write_scans(tmp_path / "scans", (16, 16, 16), (1.0, 1.0, 1.0), count=5)
+    rows = [f"{scans / f'case{i}.nii.gz'},{i % 2},{0.2 + 0.1 * i},{0.3 + 0.05 * i},{0.6 - 0.05 * i}" for i in range(5)]
+    with open(out / "datalist.csv", "a", encoding="utf-8") as handle:  # the header-only template the import wrote
+        handle.write("\n".join(rows) + "\n")
+    config = out / "diffusion" / "config.yaml"
+    tune = ["--config", str(config), *_sets(f"output_dir={tmp_path / 'tuned'}", f"diffusion.init_from={out / 'diffusion'}",
+                                            *UNET_FINE_TUNE)]
+    assert train_diffusion_main(tune) == 0
+    run = tmp_path / "tuned" / "diffusion"
+    tuned = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    imported = torch.load(out / "diffusion" / "checkpoints" / "last.pt", weights_only=True)
+    args = tuned["unet_args"]
+    assert args["resblock_updown"] and args["upcast_attention"] and args["concat_conditions"] == 4
+    assert args["in_channels"] == 7 and args["cross_attention_dim"] == 4
+    assert tuned["scale_factor"] == imported["scale_factor"] == 1.0  # the source's, not re-estimated
+    assert tuned["conditioning"]["continuous"] == {n: [0.0, 1.0] for n in BRAIN_COVARIATES}
+    assert not tuned["conditioning"]["flag"]
+    assert tuned["unet"].keys() == imported["unet"].keys()
+    moved = max(float((tuned["unet"][k] - v).abs().max()) for k, v in imported["unet"].items())
+    assert 0 < moved < 0.01  # started from the imported weights (a fresh UNet differs by O(0.1)), a few steps away
+    assert train_diffusion_main(tune + _sets("diffusion.training.n_epochs=2") + ["--resume"]) == 0
+    resumed = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    further = max(float((resumed["unet"][k] - v).abs().max()) for k, v in tuned["unet"].items())
+    assert 0 < further < 0.01 and resumed["scale_factor"] == 1.0
+    samples = tmp_path / "samples"
+    assert sample_main(["--config", str(config), *_sets(f"output_dir={tmp_path / 'tuned'}"), "--output", str(samples),
+                        "--steps", "2", "--condition", "sex=0", "age=0.7", "ventricular_vol=0.4", "brain_vol=0.5"]) == 0
+    assert len(list(samples.glob("sample_*.nii.gz"))) == 1
+    # a config that does not describe the weights: one line, exit code 2
+    capsys.readouterr()
+    wrong = tune[:2] + _sets(f"output_dir={tmp_path / 'wrong'}", f"diffusion.init_from={out / 'diffusion'}",
+                             *UNET_FINE_TUNE, "diffusion.resblock_updown=false")
+    assert train_diffusion_main(wrong) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "diffusion.init_from" in error and "resblock_updown: True -> False" in error

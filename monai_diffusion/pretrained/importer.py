@@ -31,9 +31,8 @@ from monai_diffusion.config import (
 from monai_diffusion.config.rules import discriminator_min_size
 from monai_diffusion.errors import CheckpointError, ConfigError
 from monai_diffusion.generation.conditioning import Conditioning
-from monai_diffusion.pretrained.init_from import differences_of
 from monai_diffusion.pretrained.layouts import load_strictly, maisi_to_ours, read_state_dict, unet_023_to_core
-from monai_diffusion.pretrained.unet import CONCAT_KEY, unet_defaults
+from monai_diffusion.pretrained.unet import CONCAT_KEY, unet_differences
 from monai_diffusion.runs.checkpoints import checkpoint_path, save_checkpoint
 from monai_diffusion.runs.folders import check_new_folder, make_output_folder
 
@@ -226,7 +225,7 @@ def import_weights(spec: ImportSpec, output: str | Path) -> dict[str, Path]:
 def _warn_unless_tunable(core_args: dict[str, Any], config_args: dict[str, Any]) -> None:
     """Say when the written config cannot describe the UNet (arguments our diffusion config has no key for, e.g. a
     per-level ``num_res_blocks``): sampling works, ``diffusion.init_from`` will refuse to fine-tune it."""
-    changed = differences_of(core_args, config_args, unet_defaults())
+    changed = unet_differences(core_args, config_args)
     if changed:
         log.warning("the written diffusion config cannot describe this UNet (%s): sample from it, but "
                     "diffusion.init_from will refuse to fine-tune it", "; ".join(changed))

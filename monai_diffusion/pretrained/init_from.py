@@ -16,27 +16,23 @@ import torch
 import torch.nn as nn
 
 from monai_diffusion.errors import CheckpointError, RunError
-from monai_diffusion.pretrained.unet import unet_defaults
+from monai_diffusion.pretrained.unet import unet_differences
 from monai_diffusion.runs.checkpoints import load_checkpoint, resolve_checkpoint
 
 __all__ = ["autoencoder_start", "unet_start", "differences_of"]
 
 log = logging.getLogger("monai_diffusion")
-_IGNORED = ("use_checkpointing", "use_flash_attention")  # memory settings and kernels, not architecture
+_IGNORED = ("use_checkpointing",)  # memory settings, not architecture
 
 
-def differences_of(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
-    """``key: old -> new`` for every constructor argument that differs (lists and tuples alike). An argument one
-    side leaves out takes its value from ``defaults``; one neither ``defaults`` nor that side holds is not
-    compared (it is at the constructor's default)."""
+def differences_of(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every constructor argument both give that differs (lists and tuples alike)."""
 
     def plain(value: Any) -> Any:
         return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
-    defaults = defaults or {}
-    known = {**defaults, **old}, {**defaults, **new}
-    keys = [k for k in {**old, **new} if k in known[0] and k in known[1] and k not in _IGNORED]
-    return [f"{k}: {known[0][k]} -> {known[1][k]}" for k in keys if plain(known[0][k]) != plain(known[1][k])]
+    keys = [k for k in old if k in new and k not in _IGNORED]  # arguments one side leaves at its default: equal
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if plain(old.get(k)) != plain(new.get(k))]
 
 
 def _read(source: str | Path, key: str) -> tuple[Path, dict[str, Any]]:
@@ -48,9 +44,7 @@ def _read(source: str | Path, key: str) -> tuple[Path, dict[str, Any]]:
             from None
 
 
-def _check(saved_args: dict[str, Any], args: dict[str, Any], path: Path, key: str, section: str,
-           defaults: dict[str, Any] | None = None) -> None:
-    changed = differences_of(saved_args, args, defaults)
+def _check(changed: list[str], path: Path, key: str, section: str) -> None:
     if changed:
         shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise RunError(f"{key}: {path} holds another architecture than the config's {section} section "
@@ -65,7 +59,7 @@ def autoencoder_start(model: nn.Module, source: str | Path, key: str = "autoenco
     if "autoencoder" not in state:
         raise RunError(f"{key}: {path} holds no autoencoder")
     saved_args = state.get("model_args") or state.get("autoencoder_args") or {}
-    _check(dict(saved_args), dict(model.init_args), path, key, "autoencoder")
+    _check(differences_of(dict(saved_args), dict(model.init_args)), path, key, "autoencoder")
     model.load_state_dict(state["autoencoder"], strict=True)
     log.info("autoencoder weights from %s (fresh optimiser, schedule and discriminator)", path)
     return path
@@ -79,7 +73,7 @@ def unet_start(unet: nn.Module, unet_args: dict[str, Any], source: str | Path, e
     if state.get("stage") != "diffusion":
         raise RunError(f"{key}: {path} is not a diffusion checkpoint (an autoencoder's goes to "
                        f"autoencoder.init_from or diffusion.autoencoder_run)")
-    _check(dict(state["unet_args"]), dict(unet_args), path, "diffusion.init_from", "diffusion", unet_defaults())
+    _check(unet_differences(state["unet_args"], unet_args), path, "diffusion.init_from", "diffusion")
     weights = state["unet"]
     if state.get("ema") is not None:
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}

@@ -29,7 +29,7 @@ from monai_diffusion.generation.latents import LatentCache, cached_latents, comp
 from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 from monai_diffusion.generation.schedulers import Objective
 from monai_diffusion.pretrained.init_from import unet_start
-from monai_diffusion.pretrained.unet import unet_defaults
+from monai_diffusion.pretrained.unet import unet_differences
 from monai_diffusion.runs.checkpoints import build_unet, checkpoint_path, load_autoencoder, weights_fingerprint
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import LoopState, Optimization, Task
@@ -39,7 +39,6 @@ from monai_diffusion.visualize import volume_grid
 __all__ = ["DiffusionTask", "DiffusionStage", "train_diffusion"]
 
 log = logging.getLogger("monai_diffusion")
-_NOT_ARCHITECTURE = ("use_flash_attention",)  # the attention kernel: build_unet's choice, not the network's
 
 
 class DiffusionTask(Task):
@@ -308,8 +307,7 @@ class DiffusionStage:
         return task, latent_loaders(latents, tr.batch_size, config.seed, runtime)
 
     def check_resume(self, saved: dict[str, Any], task: DiffusionTask, config: Config, path: Path) -> None:
-        defaults = unet_defaults()  # an argument a checkpoint leaves out is at its default
-        changed = differences({**defaults, **saved["unet_args"]}, {**defaults, **task.unet_args}, _NOT_ARCHITECTURE)
+        changed = unet_differences(saved["unet_args"], task.unet_args)  # an argument left out: its default
         if changed:
             raise RunError(f"--resume: the config changes the UNet architecture ({'; '.join(changed)}) compared with "
                            f"{path}; restore those keys or start a new run in another output_dir")

@@ -87,7 +87,7 @@ def test_brain_ldm_import_gives_the_bundle_outputs(tmp_path):
     assert (out / "datalist.csv").read_text().strip() == "image,sex,age,ventricular_vol,brain_vol"
 
 
-def test_generative_pair_import_gives_0_2_3_outputs(tmp_path):
+def test_generative_pair_import_gives_0_2_3_outputs(tmp_path, caplog):
     """Any 0.2.3 AutoencoderKL/DiffusionModelUNet pair (2D, with self-attention: 0.2.3 never applied the attention's
     output projection, core does, so the import makes it the identity)."""
     ae_ref = torch.load(FIXTURES / "generative_0_2_3" / "autoencoderkl.pth")
@@ -109,6 +109,16 @@ def test_generative_pair_import_gives_0_2_3_outputs(tmp_path):
         assert _relative(got[name], expected) < TOLERANCE, name
     assert _relative(out, unet_ref["outputs"]["out"]) < TOLERANCE
     assert bundle.scale_factor == 0.5 and not bundle.conditioning.active
+    # its config describes the UNet (diffusion.init_from accepts it); one it cannot describe is named at import
+    from monai_diffusion.memory.estimates import config_unet_args
+    from monai_diffusion.pretrained.importer import _warn_unless_tunable
+    from monai_diffusion.pretrained.unet import unet_differences
+
+    saved = torch.load(tmp_path / "run" / "diffusion" / "checkpoints" / "last.pt", weights_only=True)["unet_args"]
+    assert saved["num_head_channels"] == 8 and unet_differences(saved, config_unet_args(bundle.config)) == []
+    with caplog.at_level("WARNING", logger="monai_diffusion"):
+        _warn_unless_tunable({**saved, "transformer_num_layers": 2}, config_unet_args(bundle.config))
+    assert "transformer_num_layers: 2 -> 1" in caplog.text and "diffusion.init_from will refuse" in caplog.text
 
 
 def test_maisi_import_gives_autoencoderklmaisi_outputs(tmp_path):
@@ -335,3 +345,61 @@ def test_brain_ldm_unet_fine_tuning_through_the_commands(tmp_path, capsys):
     assert train_diffusion_main(wrong) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "diffusion.init_from" in error and "resblock_updown: True -> False" in error
+
+
+def test_unet_keys_at_their_defaults_leave_old_unet_args_unchanged():
+    """A 0.4.0 run's stored UNet arguments are what its config gives now (the new keys at their defaults add
+    nothing), so --resume and diffusion.init_from accept it; an argument one side leaves out is its default."""
+    from types import SimpleNamespace
+
+    from monai_diffusion.config import load_config
+    from monai_diffusion.errors import RunError
+    from monai_diffusion.pretrained.unet import unet_differences
+    from monai_diffusion.runs.checkpoints import load_checkpoint
+    from monai_diffusion.training.diffusion import DiffusionStage
+    from tests.helpers import OLD
+
+    path = OLD / "diffusion" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    config = load_config(OLD / "diffusion" / "config.yaml", stage="diffusion")
+    args = config.diffusion.unet_kwargs(config.autoencoder.latent_channels, config.autoencoder.spatial_dims)
+    assert args == state["unet_args"]
+    DiffusionStage().check_resume(state, SimpleNamespace(unet_args=args), config, path)
+    assert unet_differences(state["unet_args"], args) == []
+    changed = {**args, "resblock_updown": True}
+    assert unet_differences(state["unet_args"], changed) == ["resblock_updown: False -> True"]
+    # one value for every level is that value per level; the attention kernel is no architecture
+    same = {**args, "num_head_channels": [8, 8], "num_res_blocks": [1, 1], "use_flash_attention": True}
+    assert unet_differences({**args, "num_head_channels": 8}, same) == []
+    assert unet_differences(args, {**args, "num_res_blocks": [1, 2]}) == ["num_res_blocks: 1 -> [1, 2]"]
+    with pytest.raises(RunError, match=r"--resume: the config changes the UNet architecture \(resblock_updown: "
+                                       r"False -> True\)"):
+        DiffusionStage().check_resume(state, SimpleNamespace(unet_args=changed), config, path)
+
+
+def test_imported_brain_config_describes_its_unet(tmp_path):
+    """The imported config's UNet keys and conditioning give the imported UNet: the same arguments (up to
+    defaults), the same network for the memory estimate, the covariates as given without a flag."""
+    from monai_diffusion.config import load_config
+    from monai_diffusion.memory.estimates import config_unet_args, context_of
+    from monai_diffusion.pretrained.unet import ConcatConditionUNet, build_unet, unet_differences
+
+    _, out = import_brain(tmp_path)
+    config = load_config(out / "diffusion" / "config.yaml", stage="diffusion")
+    df = config.diffusion
+    assert df.resblock_updown and df.upcast_attention
+    assert df.conditioning.concat and not df.conditioning.standardize and not df.conditioning.presence_flag
+    assert config.autoencoder_source == out / "autoencoder"
+    bundle = load_diffusion(out / "diffusion")
+    imported = torch.load(out / "diffusion" / "checkpoints" / "last.pt", weights_only=True)["unet_args"]
+    args = config_unet_args(config)
+    assert unet_differences(imported, args) == []
+    fitted = Conditioning.fit([], df.conditioning.continuous, df.conditioning.dropout,
+                              [{"sex": 1, "age": 0.5, "ventricular_vol": 0.2, "brain_vol": 0.4},
+                               {"sex": 0, "age": 0.9, "ventricular_vol": 0.3, "brain_vol": 0.6}],
+                              df.conditioning.standardize, df.conditioning.presence_flag)
+    assert fitted == bundle.conditioning  # what the fine-tuning stage fits on a datalist: the import's
+    unet = build_unet(args)
+    assert isinstance(unet, ConcatConditionUNet)
+    unet.load_state_dict(bundle.unet.state_dict(), strict=True)  # the estimator's network is the imported one
+    assert context_of(config, 2)["context"].shape == (2, 1, 4)

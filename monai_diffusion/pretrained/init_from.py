@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from monai_diffusion.errors import CheckpointError, RunError
+from monai_diffusion.generation.conditioning import Conditioning
 from monai_diffusion.pretrained.unet import unet_differences
 from monai_diffusion.runs.checkpoints import load_checkpoint, resolve_checkpoint
 
@@ -65,14 +66,35 @@ def autoencoder_start(model: nn.Module, source: str | Path, key: str = "autoenco
     return path
 
 
+def _covariates(conditioning: Conditioning) -> str:
+    parts = [f"categorical {list(conditioning.categorical)}"] if conditioning.categorical else []
+    if conditioning.continuous:
+        parts.append(f"continuous {list(conditioning.continuous)} {'with' if conditioning.flag else 'without'} a "
+                     f"presence flag")
+    return ", ".join(parts) or "none"
+
+
+def _check_covariates(stored: Conditioning, fitted: Conditioning, path: Path, key: str) -> None:
+    """The UNet reads its conditions by position: the new run must give it the same covariates, in order."""
+    same = (list(stored.categorical) == list(fitted.categorical) and list(stored.continuous) == list(fitted.continuous)
+            and (stored.flag == fitted.flag or not stored.continuous))
+    if not same:
+        raise RunError(f"{key}: {path} was trained on the covariates ({_covariates(stored)}), the config's "
+                       f"diffusion.conditioning gives ({_covariates(fitted)}); the UNet reads them by position, so "
+                       f"list the same covariates in the same order ({path.parent.parent}/config.yaml)")
+
+
 def unet_start(unet: nn.Module, unet_args: dict[str, Any], source: str | Path, ema: Any = None,
-               key: str = "diffusion.init_from") -> tuple[Path, float]:
+               key: str = "diffusion.init_from", conditioning: Conditioning | None = None) -> tuple[Path, float]:
     """Load the UNet weights of the diffusion checkpoint ``source`` (its EMA weights when it kept them) into
-    ``unet`` and the EMA copy ``ema``. Returns the checkpoint's path and its latent scale factor."""
+    ``unet`` and the EMA copy ``ema``; ``conditioning`` (the new run's, when given) must name the covariates the
+    source was trained on. Returns the checkpoint's path and its latent scale factor."""
     path, state = _read(source, key)
     if state.get("stage") != "diffusion":
         raise RunError(f"{key}: {path} is not a diffusion checkpoint (an autoencoder's goes to "
                        f"autoencoder.init_from or diffusion.autoencoder_run)")
+    if conditioning is not None:
+        _check_covariates(Conditioning.from_state(state.get("conditioning")), conditioning, path, key)
     _check(unet_differences(state["unet_args"], unet_args), path, "diffusion.init_from", "diffusion")
     weights = state["unet"]
     if state.get("ema") is not None:

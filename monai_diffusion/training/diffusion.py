@@ -302,7 +302,8 @@ class DiffusionStage:
         task = DiffusionTask(config, runtime, precision, self.autoencoder, scale_factor, latents.affine,
                              latents.conditioning)
         if saved is None and config.diffusion.init_from:  # fine-tuning: its weights and scale factor
-            _, task.scale_factor = unet_start(task.unet, task.unet_args, config.diffusion.init_from, task.ema)
+            _, task.scale_factor = unet_start(task.unet, task.unet_args, config.diffusion.init_from, task.ema,
+                                              conditioning=task.conditioning)
         log.info("latent scale factor: %.4f", task.scale_factor)
         return task, latent_loaders(latents, tr.batch_size, config.seed, runtime)
 

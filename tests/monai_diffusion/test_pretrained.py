@@ -345,6 +345,13 @@ def test_brain_ldm_unet_fine_tuning_through_the_commands(tmp_path, capsys):
     assert train_diffusion_main(wrong) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "diffusion.init_from" in error and "resblock_updown: True -> False" in error
+    # the covariates in another order: the same shapes, but each value would reach the UNet as another covariate
+    reordered = tune[:2] + _sets(f"output_dir={tmp_path / 'reordered'}", f"diffusion.init_from={out / 'diffusion'}",
+                                 *UNET_FINE_TUNE, "diffusion.conditioning.continuous=[age, sex, ventricular_vol, brain_vol]")
+    assert train_diffusion_main(reordered) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "continuous ['sex', 'age', 'ventricular_vol', 'brain_vol'] without a presence flag" in error
+    assert "gives (continuous ['age', 'sex'" in error and "by position" in error
 
 
 def test_unet_keys_at_their_defaults_leave_old_unet_args_unchanged():

@@ -66,22 +66,30 @@ def autoencoder_start(model: nn.Module, source: str | Path, key: str = "autoenco
     return path
 
 
+def _as_given(conditioning: Conditioning) -> bool:
+    """The continuous covariates reach the UNet as they are (``standardize: false``: mean 0, std 1)."""
+    return all(tuple(stats) == (0.0, 1.0) for stats in conditioning.continuous.values())
+
+
 def _covariates(conditioning: Conditioning) -> str:
     parts = [f"categorical {list(conditioning.categorical)}"] if conditioning.categorical else []
     if conditioning.continuous:
-        parts.append(f"continuous {list(conditioning.continuous)} {'with' if conditioning.flag else 'without'} a "
-                     f"presence flag")
+        scale = "as given" if _as_given(conditioning) else "standardised"
+        flag = "with" if conditioning.flag else "without"
+        parts.append(f"continuous {list(conditioning.continuous)} {scale}, {flag} a presence flag")
     return ", ".join(parts) or "none"
 
 
 def _check_covariates(stored: Conditioning, fitted: Conditioning, path: Path, key: str) -> None:
-    """The UNet reads its conditions by position: the new run must give it the same covariates, in order."""
+    """The UNet reads its conditions by position and scale: the new run must give it the same covariates, in
+    order, standardised or as given as the source's were, with or without the flag as the source's."""
     same = (list(stored.categorical) == list(fitted.categorical) and list(stored.continuous) == list(fitted.continuous)
-            and (stored.flag == fitted.flag or not stored.continuous))
+            and (not stored.continuous or (stored.flag == fitted.flag and _as_given(stored) == _as_given(fitted))))
     if not same:
         raise RunError(f"{key}: {path} was trained on the covariates ({_covariates(stored)}), the config's "
                        f"diffusion.conditioning gives ({_covariates(fitted)}); the UNet reads them by position, so "
-                       f"list the same covariates in the same order ({path.parent.parent}/config.yaml)")
+                       f"list the same covariates in the same order, with the source's standardize and presence_flag "
+                       f"({path.parent.parent}/config.yaml)")
 
 
 def unet_start(unet: nn.Module, unet_args: dict[str, Any], source: str | Path, ema: Any = None,

@@ -350,8 +350,14 @@ def test_brain_ldm_unet_fine_tuning_through_the_commands(tmp_path, capsys):
                                  *UNET_FINE_TUNE, "diffusion.conditioning.continuous=[age, sex, ventricular_vol, brain_vol]")
     assert train_diffusion_main(reordered) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "continuous ['sex', 'age', 'ventricular_vol', 'brain_vol'] without a presence flag" in error
+    assert "continuous ['sex', 'age', 'ventricular_vol', 'brain_vol'] as given, without a presence flag" in error
     assert "gives (continuous ['age', 'sex'" in error and "by position" in error
+    # standardised covariates: the same names and shapes, but not the values the UNet learned
+    scaled = tune[:2] + _sets(f"output_dir={tmp_path / 'scaled'}", f"diffusion.init_from={out / 'diffusion'}",
+                              *UNET_FINE_TUNE, "diffusion.conditioning.standardize=true")
+    assert train_diffusion_main(scaled) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "gives (continuous ['sex', 'age', 'ventricular_vol', 'brain_vol'] standardised, without" in error
 
 
 def test_unet_keys_at_their_defaults_leave_old_unet_args_unchanged():

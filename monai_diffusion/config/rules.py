@@ -32,7 +32,8 @@ from monai_diffusion.data.keys import PHANTOM_COVARIATES
 from monai_diffusion.errors import ConfigError
 
 __all__ = ["STAGES", "validate", "check_limits", "discriminator_min_size", "autoencoder_totals", "latent_size",
-           "training_size", "check_tiles"]  # the geometry helpers live in config/geometry.py, re-exported here
+           "training_size", "check_tiles",  # the geometry helpers live in config/geometry.py, re-exported here
+           "check_controlnet_unet"]
 
 STAGES = ("autoencoder", "diffusion", "controlnet")
 
@@ -308,6 +309,13 @@ def _validate_sampler(scheduler: Any, sampler: str) -> None:
 def _validate_conditioning(config: Config) -> None:
     cond, df, data = config.diffusion.conditioning, config.diffusion, config.data
     names = cond.categorical + cond.continuous
+    if cond.concat and not cond.continuous:
+        raise ConfigError("diffusion.conditioning.concat: true reads the continuous covariates as input channels, "
+                          "but diffusion.conditioning.continuous is empty; list them there or set concat: false")
+    if cond.continuous and not cond.presence_flag and cond.dropout > 0:
+        raise ConfigError(f"diffusion.conditioning.dropout: {cond.dropout} drops conditions, but presence_flag: false "
+                          f"leaves a dropped sample looking like one whose covariates are all 0; set dropout: 0 or "
+                          f"presence_flag: true")
     if not names:
         return
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -348,10 +356,19 @@ def validate(config: Config, stage: str = "autoencoder") -> Config:
     return config
 
 
+def check_controlnet_unet(config: Config) -> None:
+    """Refuse a diffusion UNet that MONAI's ControlNet cannot copy (ConfigError)."""
+    if config.diffusion.conditioning.concat:
+        raise ConfigError("diffusion.conditioning.concat: the ControlNet stage cannot steer a UNet that reads its "
+                          "conditions as input channels (MONAI's ControlNet copies the UNet's input layer, which "
+                          "expects them); train the ControlNet on a UNet with concat: false")
+
+
 def _validate_controlnet(config: Config) -> None:
     if config.data.num_classes is None:
         raise ConfigError("data.num_classes: the ControlNet stage learns to follow label maps; set data.num_classes "
                           "(the phantoms: 22; a datalist: its label column's classes, background included)")
+    check_controlnet_unet(config)
     tr, steps = config.controlnet.training, config.diffusion.scheduler.num_train_timesteps
     if tr.preview_inference_steps > steps:
         raise ConfigError(f"controlnet.training.preview_inference_steps: {tr.preview_inference_steps} exceeds "

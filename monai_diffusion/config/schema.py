@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 
+from monai_diffusion.config.schema_conditioning import ConditioningConfig  # (re-exported)
 from monai_diffusion.config.schema_data import (  # noqa: F401  (re-exported: the schema's one import path)
     PHANTOM_NUM_CLASSES,
     AugmentationConfig,
@@ -319,26 +320,6 @@ class SamplingConfig:
 
 
 @dataclass
-class ConditioningConfig:
-    """Conditional diffusion on per-volume covariates (from a datalist, or the phantoms' ``cavity`` and ``size``).
-
-    Attributes:
-        categorical: covariates with a few values (e.g. sex): class embeddings (MONAI's ``num_class_embeds``);
-            several combine into one class per combination of values. The values seen in training are the
-            classes.
-        continuous: numeric covariates (e.g. age): normalised with the training set's mean and standard
-            deviation (stored in the checkpoint), given to the UNet through cross-attention (needs an
-            attention level).
-        dropout: probability of dropping a training sample's conditions, which teaches the UNet the
-            unconditional model that classifier-free guidance needs (``sample.py --guidance-scale``).
-    """
-
-    categorical: list[str] = field(default_factory=list)
-    continuous: list[str] = field(default_factory=list)
-    dropout: float = bounded(0.1, ge=0, lt=1)
-
-
-@dataclass
 class DiffusionConfig:
     """Stage 2: MONAI core's DiffusionModelUNet trained on the frozen autoencoder's latents.
 
@@ -353,6 +334,10 @@ class DiffusionConfig:
             deepest level always has attention in MONAI's middle block).
         num_res_blocks: residual blocks per level.
         norm_num_groups: GroupNorm groups of the UNet.
+        resblock_updown: down- and upsample with residual blocks rather than strided / interpolating
+            convolutions (MONAI's ``resblock_updown``; the brain LDM's UNet has them).
+        upcast_attention: cast the attention's queries and keys to float32 (MONAI's ``upcast_attention``, for
+            mixed precision; the brain LDM's UNet has it).
         scheduler: see SchedulerConfig.
         training: see DiffusionTrainingConfig.
         sampling: see SamplingConfig.
@@ -366,22 +351,31 @@ class DiffusionConfig:
     num_head_channels: list[int] = bounded(factory=lambda: [0, 32, 32], ge=0)
     num_res_blocks: int = bounded(1, ge=1)
     norm_num_groups: int = bounded(16, ge=1)
+    resblock_updown: bool = False
+    upcast_attention: bool = False
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
 
     def unet_kwargs(self, latent_channels: int, spatial_dims: int) -> dict[str, Any]:
-        """Keyword arguments for ``monai.networks.nets.DiffusionModelUNet``."""
+        """Keyword arguments for ``monai.networks.nets.DiffusionModelUNet`` (with ``concat_conditions`` when
+        ``conditioning.concat``: ``monai_diffusion.pretrained.unet.build_unet`` builds that network). The
+        conditions' cross-attention arguments come from the fitted conditioning (``Conditioning.unet_kwargs``).
+        Keys at their defaults are left out, so the arguments stored by earlier runs stay equal on --resume."""
+        concat = len(self.conditioning.continuous) if self.conditioning.concat else 0
+        optional = {"resblock_updown": self.resblock_updown, "upcast_attention": self.upcast_attention,
+                    "concat_conditions": concat}
         return dict(
             spatial_dims=spatial_dims,
-            in_channels=latent_channels,
+            in_channels=latent_channels + concat,
             out_channels=latent_channels,
             num_res_blocks=self.num_res_blocks,
             channels=list(self.num_channels),
             attention_levels=list(self.attention_levels),
             num_head_channels=list(self.num_head_channels),
             norm_num_groups=self.norm_num_groups,
+            **{key: value for key, value in optional.items() if value},
         )
 
 

@@ -113,8 +113,10 @@ class Conditioning:
 
     @classmethod
     def fit(cls, categorical: Sequence[str], continuous: Sequence[str], dropout: float,
-            items: Sequence[Mapping[str, Any]]) -> Conditioning:
-        """Classes and statistics of the training ``items`` (dicts holding the covariates)."""
+            items: Sequence[Mapping[str, Any]], standardize: bool = True, flag: bool = True) -> Conditioning:
+        """Classes and statistics of the training ``items`` (dicts holding the covariates); ``standardize``
+        False keeps the continuous values as given (mean 0, std 1), ``flag`` False gives no presence flag
+        (``diffusion.conditioning.standardize`` / ``presence_flag``)."""
         for item in items:
             missing = [n for n in (*categorical, *continuous) if n not in item]
             if missing:
@@ -131,8 +133,8 @@ class Conditioning:
         for name in continuous:
             values = torch.tensor([cls.number(name, item[name], _where(item)) for item in items], dtype=torch.float64)
             std = float(values.std()) if len(values) > 1 else 0.0
-            stats[name] = (float(values.mean()), std if std > 0 else 1.0)
-        return cls(classes, stats, dropout)
+            stats[name] = (float(values.mean()), std if std > 0 else 1.0) if standardize else (0.0, 1.0)
+        return cls(classes, stats, dropout, flag)
 
     def state_dict(self) -> dict[str, Any]:
         return {"categorical": {k: list(v) for k, v in self.categorical.items()},

@@ -190,7 +190,8 @@ def cached_latents(config: Config, runtime: Runtime, autoencoder: AutoencoderKL,
     # the conditions come from the covariates alone (no image is read), fitted on the whole training set
     train_items = [item_covariates(train_ds, i) for i in range(len(train_ds))]
     if conditioning is None:
-        conditioning = Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, train_items)
+        conditioning = Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, train_items,
+                                        cond.standardize, cond.presence_flag)
     train_conditions = conditioning.encode([train_items[i] for i in train_idx])
     val_conditions = conditioning.encode([item_covariates(val_ds, i) for i in val_idx])
     fingerprint = _fingerprint(config, source, runtime, weights_fingerprint(autoencoder.state_dict()))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from monai_diffusion.config import Config
-from monai_diffusion.config.rules import autoencoder_totals
+from monai_diffusion.config.rules import autoencoder_totals, check_controlnet_unet
 
 __all__ = ["ControlNetEstimate", "estimate_controlnet", "controlnet_phases", "measure_controlnet_step"]
 
@@ -52,6 +52,7 @@ def _networks(config: Config) -> tuple[Any, Any, tuple[int, ...]]:
 
     from monai_diffusion.generation.controlnet import build_controlnet
 
+    check_controlnet_unet(config)  # a UNet with concatenated conditions has no ControlNet
     ae, df = config.autoencoder, config.diffusion
     totals = tuple(autoencoder_totals(config))
     unet_args = df.unet_kwargs(ae.latent_channels, ae.spatial_dims)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,7 +31,7 @@ from monai_diffusion.config.geometry import autoencoder_totals, training_size
 from monai_diffusion.memory.counting import _autocast, count_saved
 
 __all__ = ["LevelRow", "MemoryEstimate", "estimate_autoencoder", "DiffusionEstimate", "estimate_diffusion",
-           "training_batch", "ddp_world_size"]
+           "training_batch", "ddp_world_size", "config_unet_args", "context_of"]
 
 
 def ddp_world_size(world_size: int | None = None) -> int:
@@ -245,6 +246,20 @@ class DiffusionEstimate:
                 + self.optimizer_state + self.ema + self.ddp_buckets)
 
 
+def config_unet_args(config: Config) -> dict[str, Any]:
+    """The UNet arguments the config gives before any data are read: its UNet keys and the cross-attention of its
+    continuous covariates (the classes of categorical ones come from the datalist; their embedding is small)."""
+    ae, df = config.autoencoder, config.diffusion
+    return {**df.unet_kwargs(ae.latent_channels, ae.spatial_dims), **df.conditioning.unet_kwargs()}
+
+
+def context_of(config: Config, batch: int) -> dict[str, torch.Tensor]:
+    """A cross-attention context of ``batch`` samples (``B x 1 x context_dim``) for a UNet with continuous
+    covariates, as keyword arguments of its forward (none for other UNets)."""
+    dim = config.diffusion.conditioning.context_dim
+    return {"context": torch.zeros((batch, 1, dim))} if dim else {}
+
+
 def estimate_diffusion(config: Config, batch_size: int | None = None, mixed_precision: bool | None = None,
                        target: str = "cuda", world_size: int | None = None) -> DiffusionEstimate:
     """Count one training step of the diffusion stage (MONAI's DiffusionModelUNet with SDPA attention on the
@@ -258,13 +273,13 @@ def estimate_diffusion(config: Config, batch_size: int | None = None, mixed_prec
     size = tuple(config.data.image_size)[: ae.spatial_dims]
     latent = (ae.latent_channels, *(s // f for s, f in zip(size, autoencoder_totals(config))))
     with FakeTensorMode():
-        unet = build_unet(df.unet_kwargs(ae.latent_channels, ae.spatial_dims)).train()
+        unet = build_unet(config_unet_args(config)).train()
         blocks = {f"down.{i}": b for i, b in enumerate(unet.down_blocks)}
         blocks.update({"middle": unet.middle_block, **{f"up.{i}": b for i, b in enumerate(unet.up_blocks)}})
         x = torch.empty((batch, *latent))
         timesteps = torch.zeros((batch,), dtype=torch.long)
         with count_saved(blocks, exclude=(unet,), fake=True) as record, _autocast(amp, target):
-            loss = F.mse_loss(unet(x, timesteps=timesteps).float(), x)
+            loss = F.mse_loss(unet(x, timesteps=timesteps, **context_of(config, batch)).float(), x)
         del loss
         params = sum(p.numel() for p in unet.parameters())
     return DiffusionEstimate(

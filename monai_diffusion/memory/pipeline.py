@@ -20,7 +20,7 @@ from monai_diffusion.config import Config
 from monai_diffusion.config.geometry import training_size
 from monai_diffusion.config.tiles import resolve_tiles
 from monai_diffusion.memory.counting import LiveBytes, PhaseEstimate, _autocast
-from monai_diffusion.memory.estimates import estimate_autoencoder, estimate_diffusion
+from monai_diffusion.memory.estimates import config_unet_args, context_of, estimate_autoencoder, estimate_diffusion
 
 __all__ = ["PhaseEstimate", "estimate_autoencoder_inference", "estimate_pipeline"]
 
@@ -149,11 +149,12 @@ def estimate_pipeline(config: Config, target: str = "cuda", world_size: int | No
     guided = bool(df.conditioning.categorical or df.conditioning.continuous) and df.sampling.guidance_scale != 1.0
     latent = diffusion.latent_shape
     with FakeTensorMode():
-        unet = build_unet(df.unet_kwargs(ae.latent_channels, ae.spatial_dims)).eval()
+        unet = build_unet(config_unet_args(config)).eval()
         live = LiveBytes()
         with torch.no_grad(), live, _autocast(amp_df, target):
             inputs = torch.empty((samples * (2 if guided else 1), *latent))
-            prediction = unet(inputs, timesteps=torch.zeros((len(inputs),), dtype=torch.long))
+            prediction = unet(inputs, timesteps=torch.zeros((len(inputs),), dtype=torch.long),
+                              **context_of(config, len(inputs)))
             del prediction
     latents = f"{samples} latent{'s' if samples > 1 else ''}{' x 2 (guidance)' if guided else ''}"
     phases.append(PhaseEstimate("sampling: denoising", latents, ae_params + unet_params + live.peak))

@@ -130,3 +130,6 @@ def import_command(args: argparse.Namespace) -> None:
         log.info("next: sample.py --config %s --output <folder> [--condition NAME=VALUE ...]", config)
     log.info("fine-tune: train_autoencoder.py --config %s --set autoencoder.init_from=%s --set output_dir=<new>",
              config, written["autoencoder"])
+    if "diffusion" in written:
+        log.info("fine-tune the UNet: train_diffusion.py --config %s --set diffusion.init_from=%s "
+                 "--set output_dir=<new> --set data.paths=<your datalist or folder>", config, written["diffusion"])

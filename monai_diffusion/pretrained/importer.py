@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from monai_diffusion.config.rules import discriminator_min_size
 from monai_diffusion.errors import CheckpointError, ConfigError
 from monai_diffusion.generation.conditioning import Conditioning
 from monai_diffusion.pretrained.layouts import load_strictly, maisi_to_ours, read_state_dict, unet_023_to_core
-from monai_diffusion.pretrained.unet import CONCAT_KEY
+from monai_diffusion.pretrained.unet import CONCAT_KEY, unet_differences
 from monai_diffusion.runs.checkpoints import checkpoint_path, save_checkpoint
 from monai_diffusion.runs.folders import check_new_folder, make_output_folder
 
@@ -61,6 +62,8 @@ BRAIN_LDM_IMAGE_SIZE = [160, 224, 160]
 DISCRIMINATOR_LAYERS = 3  # the schema's default depth of the fine-tuning discriminator, at most
 DATALIST = "datalist.csv"  # the template written for a conditioned UNet: image + one column per condition
 MAISI_UPSAMPLE_MODE = "trilinear"  # AutoencoderKlMaisi's decoder interpolates trilinearly, ours nearest by default
+
+log = logging.getLogger("monai_diffusion")
 
 _AE_FIELDS = {f.name for f in dataclasses.fields(AutoencoderConfig)} - {"training", "discriminator", "perceptual",
                                                                          "tile_size", "tile_overlap"}
@@ -126,8 +129,13 @@ def _diffusion_section(spec: ImportSpec) -> dict[str, Any]:
         "num_head_channels": list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(channels),
         "num_res_blocks": res if isinstance(res, int) else int(res[0]),
         "norm_num_groups": args.get("norm_num_groups", 32),
+        "resblock_updown": bool(args.get("resblock_updown", False)),
+        "upcast_attention": bool(args.get("upcast_attention", False)),
         "scheduler": dict(spec.scheduler),
-        "conditioning": {"categorical": [], "continuous": list(spec.conditions), "dropout": 0.0},
+        # the context values as given, without a presence flag (0.2.3 models had neither normalisation nor flag)
+        "conditioning": {"categorical": [], "continuous": list(spec.conditions), "dropout": 0.0,
+                         "standardize": False, "presence_flag": False,
+                         "concat": bool(spec.concat_conditions and spec.conditions)},
     }
 
 
@@ -143,8 +151,10 @@ def _config(spec: ImportSpec, output: Path) -> Config:
     depth = max([1] + [n for n in range(1, DISCRIMINATOR_LAYERS + 1) if discriminator_min_size(n) <= smallest])
     ae["discriminator"] = {"num_layers_d": depth}  # for fine-tuning: as deep as the volumes allow
     mapping: dict[str, Any] = {"output_dir": str(output), "data": data, "autoencoder": ae}
+    # the imported autoencoder stays stage 2's when output_dir is changed (fine-tuning, a new UNet on it)
+    mapping["diffusion"] = {"autoencoder_run": str(output / "autoencoder")}
     if spec.unet is not None:
-        mapping["diffusion"] = _diffusion_section(spec)
+        mapping["diffusion"].update(_diffusion_section(spec))
     mapping = apply_overrides(mapping, spec.overrides)
     return config_from_dict(mapping, stage="diffusion" if spec.unet is not None else "autoencoder")
 
@@ -212,6 +222,15 @@ def import_weights(spec: ImportSpec, output: str | Path) -> dict[str, Path]:
     return written
 
 
+def _warn_unless_tunable(core_args: dict[str, Any], config_args: dict[str, Any]) -> None:
+    """Say when the written config cannot describe the UNet (arguments our diffusion config has no key for, e.g. a
+    per-level ``num_res_blocks``): sampling works, ``diffusion.init_from`` will refuse to fine-tune it."""
+    changed = unet_differences(core_args, config_args)
+    if changed:
+        log.warning("the written diffusion config cannot describe this UNet (%s): sample from it, but "
+                    "diffusion.init_from will refuse to fine-tune it", "; ".join(changed))
+
+
 def _diffusion_state(spec: ImportSpec, config: Config, autoencoder: AutoencoderKL,
                      model_args: dict[str, Any]) -> dict[str, Any]:
     if spec.unet_args is None:
@@ -231,7 +250,11 @@ def _diffusion_state(spec: ImportSpec, config: Config, autoencoder: AutoencoderK
                           f"{len(spec.conditions)} condition names were given ({spec.conditions})")
     if extra:
         core_args[CONCAT_KEY] = extra
-    conditioning = Conditioning({}, {name: (0.0, 1.0) for name in spec.conditions}, 0.0, flag=False)
+    cond = config.diffusion.conditioning
+    conditioning = Conditioning({}, {name: (0.0, 1.0) for name in cond.continuous}, cond.dropout,
+                                flag=cond.presence_flag)
+    _warn_unless_tunable(core_args, {**config.diffusion.unet_kwargs(latent, config.autoencoder.spatial_dims),
+                                     **conditioning.unet_kwargs()})
     return {
         "stage": "diffusion", "unet_args": core_args, "unet": unet.state_dict(), "ema": None,
         "scale_factor": float(spec.scale_factor), "reference_affine": torch.eye(4, dtype=torch.float64),

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 
 from monai_diffusion.errors import CheckpointError, RunError
+from monai_diffusion.generation.conditioning import Conditioning
+from monai_diffusion.pretrained.unet import unet_differences
 from monai_diffusion.runs.checkpoints import load_checkpoint, resolve_checkpoint
 
 __all__ = ["autoencoder_start", "unet_start", "differences_of"]
@@ -43,8 +45,7 @@ def _read(source: str | Path, key: str) -> tuple[Path, dict[str, Any]]:
             from None
 
 
-def _check(saved_args: dict[str, Any], args: dict[str, Any], path: Path, key: str, section: str) -> None:
-    changed = differences_of(saved_args, args)
+def _check(changed: list[str], path: Path, key: str, section: str) -> None:
     if changed:
         shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise RunError(f"{key}: {path} holds another architecture than the config's {section} section "
@@ -59,21 +60,50 @@ def autoencoder_start(model: nn.Module, source: str | Path, key: str = "autoenco
     if "autoencoder" not in state:
         raise RunError(f"{key}: {path} holds no autoencoder")
     saved_args = state.get("model_args") or state.get("autoencoder_args") or {}
-    _check(dict(saved_args), dict(model.init_args), path, key, "autoencoder")
+    _check(differences_of(dict(saved_args), dict(model.init_args)), path, key, "autoencoder")
     model.load_state_dict(state["autoencoder"], strict=True)
     log.info("autoencoder weights from %s (fresh optimiser, schedule and discriminator)", path)
     return path
 
 
+def _as_given(conditioning: Conditioning) -> bool:
+    """The continuous covariates reach the UNet as they are (``standardize: false``: mean 0, std 1)."""
+    return all(tuple(stats) == (0.0, 1.0) for stats in conditioning.continuous.values())
+
+
+def _covariates(conditioning: Conditioning) -> str:
+    parts = [f"categorical {list(conditioning.categorical)}"] if conditioning.categorical else []
+    if conditioning.continuous:
+        scale = "as given" if _as_given(conditioning) else "standardised"
+        flag = "with" if conditioning.flag else "without"
+        parts.append(f"continuous {list(conditioning.continuous)} {scale}, {flag} a presence flag")
+    return ", ".join(parts) or "none"
+
+
+def _check_covariates(stored: Conditioning, fitted: Conditioning, path: Path, key: str) -> None:
+    """The UNet reads its conditions by position and scale: the new run must give it the same covariates, in
+    order, standardised or as given as the source's were, with or without the flag as the source's."""
+    same = (list(stored.categorical) == list(fitted.categorical) and list(stored.continuous) == list(fitted.continuous)
+            and (not stored.continuous or (stored.flag == fitted.flag and _as_given(stored) == _as_given(fitted))))
+    if not same:
+        raise RunError(f"{key}: {path} was trained on the covariates ({_covariates(stored)}), the config's "
+                       f"diffusion.conditioning gives ({_covariates(fitted)}); the UNet reads them by position, so "
+                       f"list the same covariates in the same order, with the source's standardize and presence_flag "
+                       f"({path.parent.parent}/config.yaml)")
+
+
 def unet_start(unet: nn.Module, unet_args: dict[str, Any], source: str | Path, ema: Any = None,
-               key: str = "diffusion.init_from") -> tuple[Path, float]:
+               key: str = "diffusion.init_from", conditioning: Conditioning | None = None) -> tuple[Path, float]:
     """Load the UNet weights of the diffusion checkpoint ``source`` (its EMA weights when it kept them) into
-    ``unet`` and the EMA copy ``ema``. Returns the checkpoint's path and its latent scale factor."""
+    ``unet`` and the EMA copy ``ema``; ``conditioning`` (the new run's, when given) must name the covariates the
+    source was trained on. Returns the checkpoint's path and its latent scale factor."""
     path, state = _read(source, key)
     if state.get("stage") != "diffusion":
         raise RunError(f"{key}: {path} is not a diffusion checkpoint (an autoencoder's goes to "
                        f"autoencoder.init_from or diffusion.autoencoder_run)")
-    _check(dict(state["unet_args"]), dict(unet_args), path, "diffusion.init_from", "diffusion")
+    if conditioning is not None:
+        _check_covariates(Conditioning.from_state(state.get("conditioning")), conditioning, path, key)
+    _check(unet_differences(state["unet_args"], unet_args), path, "diffusion.init_from", "diffusion")
     weights = state["unet"]
     if state.get("ema") is not None:
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}

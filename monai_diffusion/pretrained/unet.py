@@ -9,13 +9,14 @@ concatenation inside ``forward``, so the sampler and the trainer call it like an
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-__all__ = ["ConcatConditionUNet", "build_unet", "CONCAT_KEY"]
+__all__ = ["ConcatConditionUNet", "build_unet", "unet_defaults", "unet_differences", "CONCAT_KEY"]
 
 CONCAT_KEY = "concat_conditions"  # in a checkpoint's ``unet_args``: conditions read as input channels
 
@@ -58,3 +59,37 @@ def build_unet(unet_args: Mapping[str, Any]) -> DiffusionModelUNet:
         return ConcatConditionUNet(**args)
     args.pop(CONCAT_KEY, None)
     return DiffusionModelUNet(**args)
+
+
+
+def unet_defaults() -> dict[str, Any]:
+    """What an argument that a checkpoint's ``unet_args`` leave out means: core DiffusionModelUNet's defaults and
+    no concatenated conditions."""
+    parameters = inspect.signature(DiffusionModelUNet.__init__).parameters.items()
+    defaults = {name: p.default for name, p in parameters if p.default is not inspect.Parameter.empty}
+    return {**defaults, CONCAT_KEY: 0}
+
+
+_PER_LEVEL = ("num_head_channels", "num_res_blocks")  # one value for every level, or one per level
+_NOT_ARCHITECTURE = ("use_flash_attention", "use_checkpointing")  # kernels and memory settings
+
+
+def unet_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every UNet constructor argument in which two ``unet_args`` differ, lists and tuples
+    alike. An argument one side leaves out is at its default (:func:`unet_defaults`), so arguments stored before a
+    key existed (e.g. ``resblock_updown``) equal a config that leaves it at its default, and an imported UNet's
+    full argument list equals the few keys our config gives; one value for all levels equals that value per level.
+    """
+
+    def plain(value: Any) -> Any:
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    defaults = unet_defaults()
+    full = [{**defaults, **old}, {**defaults, **new}]
+    comparable = []
+    for args in full:
+        levels = len(args["channels"])
+        comparable.append({k: ([v] * levels if k in _PER_LEVEL and isinstance(v, int) else plain(v))
+                           for k, v in args.items()})
+    keys = [k for k in {**old, **new} if k not in _NOT_ARCHITECTURE]
+    return [f"{k}: {full[0][k]} -> {full[1][k]}" for k in keys if comparable[0][k] != comparable[1][k]]

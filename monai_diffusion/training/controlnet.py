@@ -24,6 +24,7 @@ from monai_diffusion.errors import CheckpointError, RunError
 from monai_diffusion.generation.controlnet import ControlledUNet, build_controlnet
 from monai_diffusion.generation.latents import LatentCache, cached_latents, volumes_to_encode
 from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
+from monai_diffusion.pretrained.unet import unet_differences
 from monai_diffusion.runs.checkpoints import DiffusionBundle, load_checkpoint, load_diffusion, resolve_checkpoint
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.diffusion import DiffusionTask, latent_loaders
@@ -142,7 +143,7 @@ def _load_frozen_diffusion(config: Config, device: torch.device) -> tuple[Diffus
     ae = config.autoencoder
     unet_expected = {**config.diffusion.unet_kwargs(ae.latent_channels, ae.spatial_dims),
                      **bundle.conditioning.unet_kwargs()}
-    mismatch = differences(found, expected) + differences(state["unet_args"], unet_expected)
+    mismatch = differences(found, expected) + unet_differences(state["unet_args"], unet_expected)
     if mismatch:
         raise RunError(f"controlnet.diffusion_run: the diffusion model in {path} does not match the config's "
                        f"autoencoder and diffusion sections ({'; '.join(mismatch)}); use the config it was trained "

@@ -29,6 +29,7 @@ from monai_diffusion.generation.latents import LatentCache, cached_latents, comp
 from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
 from monai_diffusion.generation.schedulers import Objective
 from monai_diffusion.pretrained.init_from import unet_start
+from monai_diffusion.pretrained.unet import unet_differences
 from monai_diffusion.runs.checkpoints import build_unet, checkpoint_path, load_autoencoder, weights_fingerprint
 from monai_diffusion.runtime import Precision, Runtime
 from monai_diffusion.training.loop import LoopState, Optimization, Task
@@ -239,7 +240,8 @@ def _fit_conditioning(config: Config, train_ds: Dataset) -> Conditioning:
     """The conditioning the training set's covariates give (no image is read)."""
     cond = config.diffusion.conditioning
     items = [item_covariates(train_ds, i) for i in range(len(train_ds))]
-    return Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, items)
+    return Conditioning.fit(cond.categorical, cond.continuous, cond.dropout, items, cond.standardize,
+                            cond.presence_flag)
 
 
 def _check_same_conditioning(stored: Conditioning, fitted: Conditioning, path: Path) -> None:
@@ -300,12 +302,13 @@ class DiffusionStage:
         task = DiffusionTask(config, runtime, precision, self.autoencoder, scale_factor, latents.affine,
                              latents.conditioning)
         if saved is None and config.diffusion.init_from:  # fine-tuning: its weights and scale factor
-            _, task.scale_factor = unet_start(task.unet, task.unet_args, config.diffusion.init_from, task.ema)
+            _, task.scale_factor = unet_start(task.unet, task.unet_args, config.diffusion.init_from, task.ema,
+                                              conditioning=task.conditioning)
         log.info("latent scale factor: %.4f", task.scale_factor)
         return task, latent_loaders(latents, tr.batch_size, config.seed, runtime)
 
     def check_resume(self, saved: dict[str, Any], task: DiffusionTask, config: Config, path: Path) -> None:
-        changed = differences(saved["unet_args"], task.unet_args)
+        changed = unet_differences(saved["unet_args"], task.unet_args)  # an argument left out: its default
         if changed:
             raise RunError(f"--resume: the config changes the UNet architecture ({'; '.join(changed)}) compared with "
                            f"{path}; restore those keys or start a new run in another output_dir")

@@ -87,7 +87,7 @@ def test_brain_ldm_import_gives_the_bundle_outputs(tmp_path):
     assert (out / "datalist.csv").read_text().strip() == "image,sex,age,ventricular_vol,brain_vol"
 
 
-def test_generative_pair_import_gives_0_2_3_outputs(tmp_path):
+def test_generative_pair_import_gives_0_2_3_outputs(tmp_path, caplog):
     """Any 0.2.3 AutoencoderKL/DiffusionModelUNet pair (2D, with self-attention: 0.2.3 never applied the attention's
     output projection, core does, so the import makes it the identity)."""
     ae_ref = torch.load(FIXTURES / "generative_0_2_3" / "autoencoderkl.pth")
@@ -109,6 +109,16 @@ def test_generative_pair_import_gives_0_2_3_outputs(tmp_path):
         assert _relative(got[name], expected) < TOLERANCE, name
     assert _relative(out, unet_ref["outputs"]["out"]) < TOLERANCE
     assert bundle.scale_factor == 0.5 and not bundle.conditioning.active
+    # its config describes the UNet (diffusion.init_from accepts it); one it cannot describe is named at import
+    from monai_diffusion.memory.estimates import config_unet_args
+    from monai_diffusion.pretrained.importer import _warn_unless_tunable
+    from monai_diffusion.pretrained.unet import unet_differences
+
+    saved = torch.load(tmp_path / "run" / "diffusion" / "checkpoints" / "last.pt", weights_only=True)["unet_args"]
+    assert saved["num_head_channels"] == 8 and unet_differences(saved, config_unet_args(bundle.config)) == []
+    with caplog.at_level("WARNING", logger="monai_diffusion"):
+        _warn_unless_tunable({**saved, "transformer_num_layers": 2}, config_unet_args(bundle.config))
+    assert "transformer_num_layers: 2 -> 1" in caplog.text and "diffusion.init_from will refuse" in caplog.text
 
 
 def test_maisi_import_gives_autoencoderklmaisi_outputs(tmp_path):
@@ -283,3 +293,129 @@ def test_concat_condition_unet_needs_its_context():
         unet(x, t)
     with pytest.raises(ValueError, match=r"concat_conditions must be in \[1, in_channels\)"):
         build_unet({**args, "concat_conditions": 3})
+
+
+BRAIN_COVARIATES = ("sex", "age", "ventricular_vol", "brain_vol")
+UNET_FINE_TUNE = ["diffusion.training.n_epochs=1", "diffusion.training.batch_size=2", "diffusion.training.val_interval=1",
+                  "diffusion.training.preview_inference_steps=2", "diffusion.sampling.num_inference_steps=2",
+                  "diffusion.training.learning_rate=1e-4", "diffusion.training.warmup_steps=1",
+                  "diffusion.training.ema_decay=0.9"]
+
+
+@pytest.mark.slow
+def test_brain_ldm_unet_fine_tuning_through_the_commands(tmp_path, capsys):
+    """The imported config as it is (its datalist template filled in) fine-tunes the brain UNet with
+    diffusion.init_from: the imported weights and scale factor, the covariates as given (no normalisation, no
+    flag, also read as input channels) -> --resume -> sample.py from the fine-tuned run."""
+    from monai_diffusion.cli import sample_main, train_diffusion_main
+    from tests.helpers import write_scans
+
+    _, out = import_brain(tmp_path)
+    scans = write_scans(tmp_path / "scans", (16, 16, 16), (1.0, 1.0, 1.0), count=5)
+    rows = [f"{scans / f'case{i}.nii.gz'},{i % 2},{0.2 + 0.1 * i},{0.3 + 0.05 * i},{0.6 - 0.05 * i}" for i in range(5)]
+    with open(out / "datalist.csv", "a", encoding="utf-8") as handle:  # the header-only template the import wrote
+        handle.write("\n".join(rows) + "\n")
+    config = out / "diffusion" / "config.yaml"
+    tune = ["--config", str(config), *_sets(f"output_dir={tmp_path / 'tuned'}", f"diffusion.init_from={out / 'diffusion'}",
+                                            *UNET_FINE_TUNE)]
+    assert train_diffusion_main(tune) == 0
+    run = tmp_path / "tuned" / "diffusion"
+    tuned = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    imported = torch.load(out / "diffusion" / "checkpoints" / "last.pt", weights_only=True)
+    args = tuned["unet_args"]
+    assert args["resblock_updown"] and args["upcast_attention"] and args["concat_conditions"] == 4
+    assert args["in_channels"] == 7 and args["cross_attention_dim"] == 4
+    assert tuned["scale_factor"] == imported["scale_factor"] == 1.0  # the source's, not re-estimated
+    assert tuned["conditioning"]["continuous"] == {n: [0.0, 1.0] for n in BRAIN_COVARIATES}
+    assert not tuned["conditioning"]["flag"]
+    assert tuned["unet"].keys() == imported["unet"].keys()
+    moved = max(float((tuned["unet"][k] - v).abs().max()) for k, v in imported["unet"].items())
+    assert 0 < moved < 0.01  # started from the imported weights (a fresh UNet differs by O(1)), a few steps away
+    ema = {k.removeprefix("module."): v for k, v in tuned["ema"].items() if k.startswith("module.")}
+    assert 0 < max(float((ema[k] - v).abs().max()) for k, v in imported["unet"].items()) < 0.01  # the EMA copy too
+    assert train_diffusion_main(tune + _sets("diffusion.training.n_epochs=2") + ["--resume"]) == 0
+    resumed = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    further = max(float((resumed["unet"][k] - v).abs().max()) for k, v in tuned["unet"].items())
+    assert 0 < further < 0.01 and resumed["scale_factor"] == 1.0
+    samples = tmp_path / "samples"
+    assert sample_main(["--config", str(config), *_sets(f"output_dir={tmp_path / 'tuned'}"), "--output", str(samples),
+                        "--steps", "2", "--condition", "sex=0", "age=0.7", "ventricular_vol=0.4", "brain_vol=0.5"]) == 0
+    assert len(list(samples.glob("sample_*.nii.gz"))) == 1
+    # a config that does not describe the weights: one line, exit code 2
+    capsys.readouterr()
+    wrong = tune[:2] + _sets(f"output_dir={tmp_path / 'wrong'}", f"diffusion.init_from={out / 'diffusion'}",
+                             *UNET_FINE_TUNE, "diffusion.resblock_updown=false")
+    assert train_diffusion_main(wrong) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "diffusion.init_from" in error and "resblock_updown: True -> False" in error
+    # the covariates in another order: the same shapes, but each value would reach the UNet as another covariate
+    reordered = tune[:2] + _sets(f"output_dir={tmp_path / 'reordered'}", f"diffusion.init_from={out / 'diffusion'}",
+                                 *UNET_FINE_TUNE, "diffusion.conditioning.continuous=[age, sex, ventricular_vol, brain_vol]")
+    assert train_diffusion_main(reordered) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "continuous ['sex', 'age', 'ventricular_vol', 'brain_vol'] as given, without a presence flag" in error
+    assert "gives (continuous ['age', 'sex'" in error and "by position" in error
+    # standardised covariates: the same names and shapes, but not the values the UNet learned
+    scaled = tune[:2] + _sets(f"output_dir={tmp_path / 'scaled'}", f"diffusion.init_from={out / 'diffusion'}",
+                              *UNET_FINE_TUNE, "diffusion.conditioning.standardize=true")
+    assert train_diffusion_main(scaled) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "gives (continuous ['sex', 'age', 'ventricular_vol', 'brain_vol'] standardised, without" in error
+
+
+def test_unet_keys_at_their_defaults_leave_old_unet_args_unchanged():
+    """A 0.4.0 run's stored UNet arguments are what its config gives now (the new keys at their defaults add
+    nothing), so --resume and diffusion.init_from accept it; an argument one side leaves out is its default."""
+    from types import SimpleNamespace
+
+    from monai_diffusion.config import load_config
+    from monai_diffusion.errors import RunError
+    from monai_diffusion.pretrained.unet import unet_differences
+    from monai_diffusion.runs.checkpoints import load_checkpoint
+    from monai_diffusion.training.diffusion import DiffusionStage
+    from tests.helpers import OLD
+
+    path = OLD / "diffusion" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    config = load_config(OLD / "diffusion" / "config.yaml", stage="diffusion")
+    args = config.diffusion.unet_kwargs(config.autoencoder.latent_channels, config.autoencoder.spatial_dims)
+    assert args == state["unet_args"]
+    DiffusionStage().check_resume(state, SimpleNamespace(unet_args=args), config, path)
+    assert unet_differences(state["unet_args"], args) == []
+    changed = {**args, "resblock_updown": True}
+    assert unet_differences(state["unet_args"], changed) == ["resblock_updown: False -> True"]
+    # one value for every level is that value per level; the attention kernel is no architecture
+    same = {**args, "num_head_channels": [8, 8], "num_res_blocks": [1, 1], "use_flash_attention": True}
+    assert unet_differences({**args, "num_head_channels": 8}, same) == []
+    assert unet_differences(args, {**args, "num_res_blocks": [1, 2]}) == ["num_res_blocks: 1 -> [1, 2]"]
+    with pytest.raises(RunError, match=r"--resume: the config changes the UNet architecture \(resblock_updown: "
+                                       r"False -> True\)"):
+        DiffusionStage().check_resume(state, SimpleNamespace(unet_args=changed), config, path)
+
+
+def test_imported_brain_config_describes_its_unet(tmp_path):
+    """The imported config's UNet keys and conditioning give the imported UNet: the same arguments (up to
+    defaults), the same network for the memory estimate, the covariates as given without a flag."""
+    from monai_diffusion.config import load_config
+    from monai_diffusion.memory.estimates import config_unet_args, context_of
+    from monai_diffusion.pretrained.unet import ConcatConditionUNet, build_unet, unet_differences
+
+    _, out = import_brain(tmp_path)
+    config = load_config(out / "diffusion" / "config.yaml", stage="diffusion")
+    df = config.diffusion
+    assert df.resblock_updown and df.upcast_attention
+    assert df.conditioning.concat and not df.conditioning.standardize and not df.conditioning.presence_flag
+    assert config.autoencoder_source == out / "autoencoder"
+    bundle = load_diffusion(out / "diffusion")
+    imported = torch.load(out / "diffusion" / "checkpoints" / "last.pt", weights_only=True)["unet_args"]
+    args = config_unet_args(config)
+    assert unet_differences(imported, args) == []
+    fitted = Conditioning.fit([], df.conditioning.continuous, df.conditioning.dropout,
+                              [{"sex": 1, "age": 0.5, "ventricular_vol": 0.2, "brain_vol": 0.4},
+                               {"sex": 0, "age": 0.9, "ventricular_vol": 0.3, "brain_vol": 0.6}],
+                              df.conditioning.standardize, df.conditioning.presence_flag)
+    assert fitted == bundle.conditioning  # what the fine-tuning stage fits on a datalist: the import's
+    unet = build_unet(args)
+    assert isinstance(unet, ConcatConditionUNet)
+    unet.load_state_dict(bundle.unet.state_dict(), strict=True)  # the estimator's network is the imported one
+    assert context_of(config, 2)["context"].shape == (2, 1, 4)

@@ -293,3 +293,15 @@ def test_patch_trained_pipeline_runs_whole_volumes_by_tiles(tmp_path, monkeypatc
     sample = nib.load(str(out / "sample_000.nii.gz"))
     assert sample.shape == (64, 64, 48)
     np.testing.assert_allclose(sample.affine, affine, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_classes", [None, 22])
+def test_example4_16gb_every_phase_fits_16gb_with_the_margin(num_classes):
+    """Every phase of the pipeline, the ControlNet's with the phantoms' 22 label classes included."""
+    from monai_diffusion.memory import estimate_pipeline, with_margin
+
+    extra = [f"data.num_classes={num_classes}"] if num_classes else []
+    config = load_config(CONFIGS / "examples" / "example4_512x512x128_16gb.yaml", extra, stage="diffusion")
+    phases = {phase.name: with_margin(phase.device_bytes) for phase in estimate_pipeline(config)}
+    assert ("ControlNet training step" in phases) == bool(num_classes)
+    assert max(phases.values()) <= 16e9, phases

@@ -5,7 +5,7 @@ benchmark (``benchmarks/conditional.py``: its phantoms, settings, training, clas
 
 One autoencoder; three conditional diffusion models on its latents with the same UNet and the same training
 budget: ``ddpm`` (noise prediction, ``diffusion.scheduler.type=ddpm``), ``rflow`` (rectified flow with the config's
-defaults) and ``rflow-unshifted`` (the same without the latent-size time shift, ``timestep_transform: false``). The
+defaults) and ``rflow-shifted`` (the same with MAISI v2's latent-size time shift, ``timestep_transform: true``). The
 ddpm model is sampled with DDPM (1000 steps, twice: two seeds, the run-to-run noise), DDIM and DPM-Solver++; the
 rflow models with their Euler sampler. For every row, on the same requests (class, size):
 
@@ -51,14 +51,14 @@ BRIGHT = 0.5  # intensity above which a voxel belongs to the bright organs
 # the diffusion models, each trained with the same budget: its overrides of the benchmark's settings
 MODELS = {
     "ddpm": (),
-    "rflow": ("diffusion.scheduler.type=rflow",),  # the config's defaults: logit-normal times, shifted by latent size
-    # the shift's base is a 32^3 latent; this benchmark's are 4^3, which it shifts to far less noise
-    "rflow-unshifted": ("diffusion.scheduler.type=rflow", "diffusion.scheduler.timestep_transform=false"),
+    "rflow": ("diffusion.scheduler.type=rflow",),  # the config's defaults: logit-normal times, not shifted
+    # MAISI v2's shift by latent size: its base is a 32^3 latent; this benchmark's are 4^3, shifted to far less noise
+    "rflow-shifted": ("diffusion.scheduler.type=rflow", "diffusion.scheduler.timestep_transform=true"),
 }
 ROWS = [("ddpm", "ddpm", 1000), ("ddpm", "ddim", 50), ("ddpm", "ddim", 20), ("ddpm", "ddim", 10),
         ("ddpm", "dpm-solver++", 20), ("ddpm", "dpm-solver++", 10), ("ddpm", "dpm-solver++", 5),
         ("rflow", "rflow", 30), ("rflow", "rflow", 10), ("rflow", "rflow", 5),
-        ("rflow-unshifted", "rflow", 30), ("rflow-unshifted", "rflow", 10), ("rflow-unshifted", "rflow", 5)]
+        ("rflow-shifted", "rflow", 30), ("rflow-shifted", "rflow", 10), ("rflow-shifted", "rflow", 5)]
 FEATURES = ["body volume", "body mean", "bright volume", "bright mean", "centre mean"]
 SECOND_SEED = 1000  # the repeated DDPM row's generator offset
 

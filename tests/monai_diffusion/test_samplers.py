@@ -135,7 +135,8 @@ def test_a_wrong_oracle_misses_the_gaussian():
 # the objectives
 # ----------------------------------------------------------------------------------------------------
 def test_rflow_objective_predicts_the_velocity_at_shifted_logit_normal_times():
-    config = load_config(CONFIG, ["diffusion.scheduler.type=rflow"]).diffusion.scheduler
+    config = load_config(CONFIG, ["diffusion.scheduler.type=rflow",
+                                  "diffusion.scheduler.timestep_transform=true"]).diffusion.scheduler
     objective = Objective(config)
     x0, noise = torch.randn(4, 2, 8, 8, 8), torch.randn(4, 2, 8, 8, 8)
     torch.testing.assert_close(objective.target(x0, noise), x0 - noise)

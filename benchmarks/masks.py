@@ -120,12 +120,16 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=48)
     parser.add_argument("--steps", type=int, nargs=3, default=[500, 800, 600], metavar=("AE", "LDM", "CONTROLNET"))
     parser.add_argument("--masks", type=int, default=8, help="held-out masks (one sample each)")
+    parser.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "dpm-solver++"],
+                        help="the sampler of both rows (ddpm: ancestral, all training steps with --sampling-steps 1000)")
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--conditioning-scale", type=float, default=1.0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of every stage (after the script's own; repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     output = args.output
-    overrides = settings(args.size, tuple(args.steps), args.num_train)
+    overrides = settings(args.size, tuple(args.steps), args.num_train) + args.overrides
     seconds = _train(output, overrides)
     masks = _write_masks(output / "masks", args.masks, args.size)
     pairs, unconditional = output / "pairs", output / "unconditional"
@@ -134,10 +138,10 @@ def main() -> None:
             for path in sorted(folder.rglob("*"), reverse=True):
                 path.unlink() if path.is_file() else path.rmdir()
     started = time.perf_counter()
-    sample_from_masks(output / "controlnet", masks, 1, pairs, steps=args.sampling_steps, batch_size=4, device="cpu",
-                      conditioning_scale=args.conditioning_scale)
-    sample_volumes(output / "diffusion", len(masks), unconditional, steps=args.sampling_steps, batch_size=4,
-                   device="cpu")
+    sample_from_masks(output / "controlnet", masks, 1, pairs, scheduler=args.scheduler, steps=args.sampling_steps,
+                      batch_size=4, device="cpu", conditioning_scale=args.conditioning_scale)
+    sample_volumes(output / "diffusion", len(masks), unconditional, scheduler=args.scheduler,
+                   steps=args.sampling_steps, batch_size=4, device="cpu")
     seconds["sampling"] = round(time.perf_counter() - started, 1)
     segmenter, ceiling = fit_phantom_segmenter((args.size,) * 3, PHANTOM_NUM_CLASSES)
     measured = evaluate_pairs(pairs, segmenter, range(1, PHANTOM_NUM_CLASSES), unconditional)
@@ -148,7 +152,8 @@ def main() -> None:
               "headline": {row: _headline(result_row, organs) for row, result_row in
                            (("controlnet", measured["dice"]), ("chance", measured["chance"]), ("ceiling", ceiling))},
               "settings": {"size": args.size, "num_train": args.num_train, "steps": args.steps, "masks": args.masks,
-                           "sampling_steps": args.sampling_steps, "conditioning_scale": args.conditioning_scale},
+                           "scheduler": args.scheduler, "sampling_steps": args.sampling_steps, "conditioning_scale": args.conditioning_scale,
+                           "overrides": args.overrides},
               "seconds": seconds, "segmenter": segmenter.state()}
     (output / "results.json").write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
     head = result["headline"]

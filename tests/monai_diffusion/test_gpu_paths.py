@@ -477,7 +477,7 @@ def _controlnet_step_on_a_fake_gpu(monkeypatch, fp16):
     GradScaler's own)."""
     from generative.networks.nets import AutoencoderKL
     from monai_diffusion.generation.conditioning import Conditioning, Conditions
-    from monai_diffusion.generation.controlnet import ControlledUNet
+    from monai_diffusion.generation.controlnet import ControlledUNet, MaskControlNet
     from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
     from monai_diffusion.runs.checkpoints import DiffusionBundle, build_unet
     from monai_diffusion.training.controlnet import ControlNetTask
@@ -491,6 +491,14 @@ def _controlnet_step_on_a_fake_gpu(monkeypatch, fp16):
              "class_labels": torch.tensor([1, 2]), "context": torch.rand(2, 1, 2), "label": labels}
     # hashing the autoencoder's bytes reads values, which fake tensors have not: the one host read, replaced
     monkeypatch.setattr("monai_diffusion.training.diffusion.weights_fingerprint", lambda state: "fake weights")
+    # where the label maps are one-hot encoded (fake mode lets some no-grad convolutions mix CPU and meta inputs)
+    encoded_on, one_hot = [], MaskControlNet.one_hot
+
+    def spy(self, label, dtype):
+        encoded_on.append(label.device)
+        return one_hot(self, label, dtype)
+
+    monkeypatch.setattr(MaskControlNet, "one_hot", spy)
     with fake_gpu(monkeypatch) as fake:
         precision = _precision(monkeypatch, fp16)
         autoencoder = AutoencoderKL(**config.autoencoder.model_kwargs()).to(META)
@@ -518,3 +526,4 @@ def _controlnet_step_on_a_fake_gpu(monkeypatch, fp16):
                 conditions=Conditions(torch.tensor([1, 2]), torch.rand(2, 1, 2)), conditioning=conditioning,
                 guidance_scale=3.0))
         assert volumes.device == META and volumes.shape == (2, 1, 16, 16, 16)
+    assert len(encoded_on) == 7 and set(encoded_on) == {META}  # 4 training, 1 validation, 2 sampling steps

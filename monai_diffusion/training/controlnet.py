@@ -80,7 +80,14 @@ class ControlNetTask(DiffusionTask):
         return [self.controlnet_train]
 
     def train(self, mode: bool = True) -> None:
-        self.controlnet.train(mode)  # the UNet stays in eval mode: frozen
+        # only the ControlNet trains. The frozen UNet and the EMA copy stay in eval mode, also after a preview: its
+        # sampler restores the mode it found on the ControlledUNet, which is the sampling ControlNet's (an EMA copy
+        # left in training mode switched the frozen UNet to training mode after the first validation, so a run and
+        # a copy resumed after that validation ran the UNet in different modes)
+        self.controlnet.train(mode)
+        self.unet.eval()
+        if self.ema is not None:
+            self.ema.module.eval()
 
     def after_optimizer_step(self) -> None:
         if self.ema is not None:

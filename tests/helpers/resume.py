@@ -46,14 +46,27 @@ def _command(script: str, out: Path, *extra: str) -> list[str]:
     return cmd + list(extra)
 
 
+_SEEN: dict[Path, tuple[tuple[int, int, int], int]] = {}  # last.pt's identity -> its step, read once
+
+
 def _last_step(run_dir: Path) -> int:
+    """The step of ``run_dir``'s ``last.pt`` (-1 when there is none yet); the file is read only when it has changed,
+    so polling it leaves the cores to the run being watched."""
     path = run_dir / "checkpoints" / "last.pt"
-    if not path.is_file():
-        return -1
     try:
-        return load_checkpoint(path)["loop"]["global_step"]
+        stat = path.stat()
+    except FileNotFoundError:
+        return -1
+    identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    seen = _SEEN.get(path)
+    if seen is not None and seen[0] == identity:
+        return seen[1]
+    try:
+        step = load_checkpoint(path)["loop"]["global_step"]
     except Exception:  # noqa: BLE001 - polling a file another process is replacing; try again
         return -1
+    _SEEN[path] = (identity, step)
+    return step
 
 
 def _kill_after_step(cmd: list[str], run_dir: Path, step: int) -> None:

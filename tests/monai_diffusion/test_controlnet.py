@@ -126,3 +126,31 @@ def test_memory_estimate_of_the_controlnet_step_and_the_pipeline():
     plain = load_config(ROOT / "monai_diffusion" / "config" / "quickstart.yaml", ["data.image_size=[16, 16, 16]", "autoencoder.discriminator.num_layers_d=1"],
                         stage="diffusion")
     assert "ControlNet training step" not in [phase.name for phase in estimate_pipeline(plain, target="cpu")]
+
+
+def test_the_frozen_unet_and_the_ema_stay_in_eval_mode_through_a_preview():
+    """The preview samples with the EMA ControlNet and the sampler restores the mode it found: the frozen UNet's mode
+    must not turn to training after the first validation (and so differ between a run and its resumed copy)."""
+    from generative.networks.nets import AutoencoderKL
+    from monai_diffusion.config import load_config
+    from monai_diffusion.generation.conditioning import Conditioning
+    from monai_diffusion.runs.checkpoints import DiffusionBundle, build_unet
+    from monai_diffusion.runtime import Precision, Runtime
+    from monai_diffusion.training.controlnet import ControlNetTask
+    from tests.helpers import CONFIG, TINY_LDM
+
+    config = load_config(CONFIG, [*TINY_LDM, "data.num_classes=22", "controlnet.conditioning_channels=4",
+                                  "controlnet.training.ema_decay=0.9", "controlnet.training.preview_inference_steps=2"])
+    ae = config.autoencoder
+    torch.manual_seed(0)
+    bundle = DiffusionBundle(build_unet(config.diffusion.unet_kwargs(ae.latent_channels, ae.spatial_dims)).eval(),
+                             AutoencoderKL(**ae.model_kwargs()).eval(), config, 1.0, torch.eye(4), Conditioning())
+    cpu = torch.device("cpu")
+    task = ControlNetTask(config, Runtime(cpu), Precision(False, cpu), bundle, torch.eye(4))
+    batch = {"z_mu": torch.rand(2, 3, 4, 4, 4), "z_sigma": torch.rand(2, 3, 4, 4, 4),
+             "label": torch.randint(0, 22, (2, 1, 16, 16, 16), dtype=torch.int16)}
+    task.train(False)  # what the loop's validation does around the preview
+    task.preview(batch)
+    task.train(True)
+    assert task.controlnet.training
+    assert not task.unet.training and not task.ema.module.training

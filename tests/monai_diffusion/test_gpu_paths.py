@@ -455,3 +455,75 @@ def test_measured_training_step_on_a_fake_gpu(monkeypatch, fp16):
         measured = measure_module.measure_training_step(config, META, repeats=1)
     assert measured.peak_bytes >= 3 * weights  # weights plus Adam's two moments, at least
     assert measured.seconds >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fp16", [False, True])
+def test_controlnet_training_step_with_labels_ema_and_conditions_on_a_fake_gpu(fp16):
+    """Run in a fresh process, as the diffusion step's test (the EMA's deep copy of fake parameters)."""
+    import subprocess
+    import sys
+
+    code = (f"import pytest; from tests.monai_diffusion.test_gpu_paths import _controlnet_step_on_a_fake_gpu as check; "
+            f"check(pytest.MonkeyPatch(), {fp16})")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _controlnet_step_on_a_fake_gpu(monkeypatch, fp16):
+    """The ControlNet's step on the GPU: cached CPU latents, CPU label maps (one-hot encoded on the GPU) and CPU
+    conditions (dropped for guidance), the frozen GPU UNet steered by it, the EMA update, resume of the task's
+    state, validation and guided sampling with the label maps; one host sync per optimiser step (plus
+    GradScaler's own)."""
+    from generative.networks.nets import AutoencoderKL
+    from monai_diffusion.generation.conditioning import Conditioning, Conditions
+    from monai_diffusion.generation.controlnet import ControlledUNet, MaskControlNet
+    from monai_diffusion.generation.sampling import SamplingRequest, generate_volumes
+    from monai_diffusion.runs.checkpoints import DiffusionBundle, build_unet
+    from monai_diffusion.training.controlnet import ControlNetTask
+    from tests.helpers import TINY_LDM
+
+    config = load_config(CONFIG, [*TINY_LDM, "data.num_classes=22", "controlnet.conditioning_channels=4",
+                                  "controlnet.training.ema_decay=0.9"])
+    conditioning = Conditioning({"site": ["a", "b"]}, {"age": (50.0, 10.0)}, 0.5)
+    labels = torch.randint(0, 22, (2, 1, 16, 16, 16), dtype=torch.int16)  # as the latent cache keeps them
+    batch = {"z_mu": torch.rand(2, 3, 4, 4, 4), "z_sigma": torch.rand(2, 3, 4, 4, 4),
+             "class_labels": torch.tensor([1, 2]), "context": torch.rand(2, 1, 2), "label": labels}
+    # hashing the autoencoder's bytes reads values, which fake tensors have not: the one host read, replaced
+    monkeypatch.setattr("monai_diffusion.training.diffusion.weights_fingerprint", lambda state: "fake weights")
+    # where the label maps are one-hot encoded (fake mode lets some no-grad convolutions mix CPU and meta inputs)
+    encoded_on, one_hot = [], MaskControlNet.one_hot
+
+    def spy(self, label, dtype):
+        encoded_on.append(label.device)
+        return one_hot(self, label, dtype)
+
+    monkeypatch.setattr(MaskControlNet, "one_hot", spy)
+    with fake_gpu(monkeypatch) as fake:
+        precision = _precision(monkeypatch, fp16)
+        autoencoder = AutoencoderKL(**config.autoencoder.model_kwargs()).to(META)
+        unet_args = {**config.diffusion.unet_kwargs(3, 3), **conditioning.unet_kwargs()}
+        bundle = DiffusionBundle(build_unet(unet_args).to(META).eval(), autoencoder, config, 1.0, torch.eye(4),
+                                 conditioning)
+        task = ControlNetTask(config, Runtime(META), precision, bundle, torch.eye(4))
+        _train_steps(task, precision, batch)
+        assert fake.syncs == 2 * (2 if fp16 else 1)
+        for module in (task.controlnet, task.ema.module, task.unet):
+            assert {p.device for p in module.parameters()} == {META}
+        assert not any(p.requires_grad for p in task.unet.parameters())  # frozen
+        # --resume: the state saved and restored on the GPU (Adam's moments there, its step on the CPU)
+        state = task.state_dict()
+        again = ControlNetTask(config, Runtime(META), precision, bundle, torch.eye(4))
+        again.load_state_dict(state)
+        moments = next(iter(again.optimizers()["controlnet"].state.values()))
+        assert moments["exp_avg"].device == META and moments["step"].device.type == "cpu"
+        with torch.no_grad():
+            assert again.validation_step(batch)["loss"].device == META
+            # guided sampling with the EMA ControlNet: the CPU label maps repeated for both halves on the GPU
+            steered = ControlledUNet(again.unet, again.sampling_controlnet(), labels)
+            volumes = generate_volumes(steered, autoencoder, SamplingRequest(
+                config, 1.0, 2, 2, "ddim", torch.Generator().manual_seed(0), precision=precision,
+                conditions=Conditions(torch.tensor([1, 2]), torch.rand(2, 1, 2)), conditioning=conditioning,
+                guidance_scale=3.0))
+        assert volumes.device == META and volumes.shape == (2, 1, 16, 16, 16)
+    assert len(encoded_on) == 7 and set(encoded_on) == {META}  # 4 training, 1 validation, 2 sampling steps

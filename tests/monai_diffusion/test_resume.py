@@ -1,7 +1,6 @@
 """Crash safety: kill -9 at random moments, --resume, and the final weights equal an uninterrupted run's,
-bit for bit (CPU, deterministic settings), for the autoencoder and diffusion scripts (the ControlNet stage:
-resumed from a stopped run): the autoencoder on random patches with
-augmentation, a warm-up and a cosine schedule and gradient clipping. Also checkpoint rotation."""
+bit for bit (CPU, deterministic settings), for the autoencoder, diffusion and ControlNet scripts: the autoencoder
+on random patches with augmentation, a warm-up and a cosine schedule and gradient clipping. Also checkpoint rotation."""
 
 from __future__ import annotations
 
@@ -50,10 +49,8 @@ def test_kill_and_resume_is_bit_exact_for_every_stage(tmp_path, seed):
     _assert_identical(ref, got, ["unet", "ema", "optimizers"])
 
     # stage 3 on the reference diffusion model: a ControlNet on the phantoms' label maps (cached beside the
-    # latents on disk and reused on resume), with EMA: 2 epochs x 4 steps, stopped at steps 3 and 6 by max_steps
-    # (a step checkpoint in mid-epoch, then one after an epoch's validation) and resumed each time. (Stopped by
-    # kill -9 instead, one run of this test ended with one conditioning-embedding weight differing in its last
-    # bits; see docs/masks.md.)
+    # latents on disk and reused on resume), with EMA: 2 epochs x 4 steps; killed once in the first epoch (mid-epoch)
+    # and once in the second (after the first epoch's validation), each resumed
     controlnet = ["--set", f"controlnet.diffusion_run={reference / 'diffusion'}", "--set", "data.num_classes=22",
                   "--set", "controlnet.training.n_epochs=2", "--set", "controlnet.training.batch_size=2",
                   "--set", "controlnet.training.val_interval=1", "--set", "controlnet.training.ema_decay=0.9",
@@ -62,8 +59,9 @@ def test_kill_and_resume_is_bit_exact_for_every_stage(tmp_path, seed):
                   "--set", "controlnet.training.cache_latents_on_disk=true", "--set", "controlnet.conditioning_channels=4"]
     _run(_command("train_controlnet.py", reference, *controlnet))
     run_dir = crashed / "controlnet"
-    _run(_command("train_controlnet.py", crashed, *controlnet, "--set", "controlnet.training.max_steps=3"))
-    _run(_command("train_controlnet.py", crashed, *controlnet, "--set", "controlnet.training.max_steps=6", "--resume"))
+    kills = [rng.randrange(1, 4), rng.randrange(4, 7)]  # >= 4: after the first validation; <= 6: before the end
+    _kill_after_step(_command("train_controlnet.py", crashed, *controlnet), run_dir, kills[0])
+    _kill_after_step(_command("train_controlnet.py", crashed, *controlnet, "--resume"), run_dir, kills[1])
     _run(_command("train_controlnet.py", crashed, *controlnet, "--resume"))
     ref, got = (load_checkpoint(p / "controlnet" / "checkpoints" / "last.pt") for p in (reference, crashed))
     assert got["loop"]["global_step"] == ref["loop"]["global_step"] == 8

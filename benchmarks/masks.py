@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=3, default=[500, 800, 600], metavar=("AE", "LDM", "CONTROLNET"))
     parser.add_argument("--masks", type=int, default=8, help="held-out masks (one sample each)")
     parser.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "dpm-solver++"],
-                        help="the sampler of both rows (ddpm: ancestral, all training steps with --sampling-steps 1000)")
+                        help="the sampler of both rows (ddpm: ancestral, with --sampling-steps 1000)")
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--conditioning-scale", type=float, default=1.0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -152,7 +152,8 @@ def main() -> None:
               "headline": {row: _headline(result_row, organs) for row, result_row in
                            (("controlnet", measured["dice"]), ("chance", measured["chance"]), ("ceiling", ceiling))},
               "settings": {"size": args.size, "num_train": args.num_train, "steps": args.steps, "masks": args.masks,
-                           "scheduler": args.scheduler, "sampling_steps": args.sampling_steps, "conditioning_scale": args.conditioning_scale,
+                           "scheduler": args.scheduler, "sampling_steps": args.sampling_steps,
+                           "conditioning_scale": args.conditioning_scale,
                            "overrides": args.overrides},
               "seconds": seconds, "segmenter": segmenter.state()}
     (output / "results.json").write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")

@@ -138,9 +138,10 @@ def run_main(body: Callable[[argparse.Namespace], object], parser: argparse.Argu
              argv: Sequence[str] | None) -> int:
     """Parse arguments, run ``body``, turn user errors into one line and exit code 2 (see :func:`_run_main`).
 
-    Under torchrun a process that failed leaves at once (``os._exit``) once its line is written: the normal
-    interpreter exit tears the process group down, which can wait forever for a peer still inside a collective
-    (pytorch#75097); torchrun then stops the other processes and reports the exit codes.
+    Under torchrun every process leaves with ``os._exit`` once its output is written, whatever the outcome: the
+    interpreter's normal exit tears the process group down, and a gloo group's teardown was seen waiting
+    forever for a peer that had already exited (pytorch#75097). After an error torchrun stops the other
+    processes and reports the exit codes.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _run_main(body, parser, argv)
@@ -149,9 +150,8 @@ def run_main(body: Callable[[argparse.Namespace], object], parser: argparse.Argu
     except Exception:  # --debug, or an unexpected error: its traceback, then leave like any failed rank
         traceback.print_exc()
         code = 1
-    if code not in (0, None):
-        _leave_now(code)
-    return code
+    _leave_now(code)
+    return code  # not reached
 
 
 def _leave_now(code: int) -> None:

@@ -79,10 +79,6 @@ class Runtime:
             raise outcome[1]
         return outcome[0]
 
-    def close(self) -> None:
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def _cuda_index(spec: str, local_rank: int, world_size: int) -> int:
     """The GPU index of this process for ``cuda`` / ``cuda:N``."""

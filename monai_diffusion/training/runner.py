@@ -11,14 +11,14 @@ The order of a run (every process takes the same steps; rank 0 alone writes):
 4. now that the run has really started: remove what interrupted saves left, save the resolved
    ``config.yaml``, open TensorBoard, train (a run stopped by non-finite values deletes its unconfirmed
    checkpoints: ``last.pt`` stays the last good one);
-5. write ``summary.json`` and log it.
+5. write ``summary.json`` and log it; a last barrier, so that no rank leaves while another still talks to it.
+   The process group stays up: the command lines end torchrun's processes with ``os._exit``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -233,6 +233,7 @@ def run_stage(stage: Stage, config: Config, resume: bool = False) -> dict[str, A
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
             for line in _describe(summary, stage.describe(summary)):
                 log.info(line)
+        runtime.barrier()  # the last collective: no rank leaves while another still talks to it
         return summary
     except TrainingError:
         if runtime.is_main:  # what was written since the last good state (``last.pt`` never named it)
@@ -240,7 +241,6 @@ def run_stage(stage: Stage, config: Config, resume: bool = False) -> dict[str, A
         raise
     finally:
         lock.release()
-        # only a run that ended alike on every rank takes the process group down: tearing it down after an error
-        # can wait forever on a peer still inside a collective (pytorch#75097); the process' exit frees it
-        if sys.exc_info()[0] is None:
-            runtime.close()
+        # the process group is left to the process' end: tearing it down (or a gloo group's destructor) waited
+        # forever on a peer that had already exited, in CI and in the suite (pytorch#75097); under torchrun the
+        # command lines end each process with os._exit (command_line.run_main), which frees it without waiting

@@ -213,3 +213,22 @@ def fake_gpu(monkeypatch: Any) -> Iterator[FakeCuda]:
             yield seen
     finally:
         gc.collect()  # free this mode's fake tensors now: freed later, inside another mode, they crashed
+
+
+def run_in_fresh_process(code: str, timeout: float = 300) -> None:
+    """Run ``code`` (a fake-GPU check) with this interpreter in a new process; AssertionError with its stderr
+    when it fails.
+
+    A process killed by a signal is run once more: copying a module whose parameters are fake tensors (the
+    EMA's ``deepcopy``) makes torch read a fake tensor's data pointer, which torch itself warns is undefined
+    behaviour, and one of about a dozen runs here crashed with SIGSEGV. A failure of the code under test (a device
+    mismatch, a wrong dtype, a count) raises in Python and exits with 1: it is never retried.
+    """
+    import subprocess
+    import sys
+
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+        if result.returncode >= 0:
+            break
+    assert result.returncode == 0, f"exit code {result.returncode}:\n{result.stderr[-3000:]}"

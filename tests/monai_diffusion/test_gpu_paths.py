@@ -22,7 +22,7 @@ from monai_diffusion.runtime import Precision, Runtime, capture_rng, choose_auto
 from monai_diffusion.training.loop import all_finite, build_loaders
 from monai_diffusion.training.runner import restore_loop
 from tests.helpers import CONFIG, free_port
-from tests.helpers.fake_cuda import CUDA, META, fake_cuda, fake_gpu
+from tests.helpers.fake_cuda import CUDA, META, fake_cuda, fake_gpu, run_in_fresh_process
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -378,13 +378,9 @@ def test_autoencoder_training_step_on_a_fake_gpu(monkeypatch, tmp_path, fp16):
 def test_diffusion_training_step_with_ema_and_conditions_on_a_fake_gpu(fp16):
     """Run in a fresh process: the EMA's deep copy of fake parameters, freed later in another test's fake
     mode, crashed the process (a FakeTensorMode limitation, not the code under test)."""
-    import subprocess
-    import sys
-
     code = (f"import pytest; from tests.monai_diffusion.test_gpu_paths import _diffusion_step_on_a_fake_gpu as check; "
             f"check(pytest.MonkeyPatch(), {fp16})")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_fresh_process(code)
 
 
 def _diffusion_step_on_a_fake_gpu(monkeypatch, fp16):
@@ -461,13 +457,9 @@ def test_measured_training_step_on_a_fake_gpu(monkeypatch, fp16):
 @pytest.mark.parametrize("fp16", [False, True])
 def test_controlnet_training_step_with_labels_ema_and_conditions_on_a_fake_gpu(fp16):
     """Run in a fresh process, as the diffusion step's test (the EMA's deep copy of fake parameters)."""
-    import subprocess
-    import sys
-
     code = (f"import pytest; from tests.monai_diffusion.test_gpu_paths import _controlnet_step_on_a_fake_gpu as check; "
             f"check(pytest.MonkeyPatch(), {fp16})")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_fresh_process(code)
 
 
 def _controlnet_step_on_a_fake_gpu(monkeypatch, fp16):

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from monai_diffusion.cli import train_autoencoder_main, train_controlnet_main, train_diffusion_main  # noqa: E402
-from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES  # noqa: E402
+from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES, SAMPLERS  # noqa: E402
 from monai_diffusion.data import LABEL_KEY, SyntheticPhantomDataset  # noqa: E402
 from monai_diffusion.evaluation.mask_metrics import BODY, evaluate_pairs, fit_phantom_segmenter  # noqa: E402
 from monai_diffusion.generation.mask_sampling import sample_from_masks  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=64)
     parser.add_argument("--steps", type=int, nargs=3, default=[1500, 3000, 3000], metavar=("AE", "LDM", "CONTROLNET"))
     parser.add_argument("--masks", type=int, default=16, help="held-out masks (one sample each)")
-    parser.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "dpm-solver++"],
+    parser.add_argument("--scheduler", default="ddim", choices=SAMPLERS["ddpm"],
                         help="the sampler of both rows (ddpm: ancestral, with --sampling-steps 1000)")
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--conditioning-scale", type=float, default=1.0)

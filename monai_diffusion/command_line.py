@@ -151,10 +151,9 @@ def run_main(body: Callable[[argparse.Namespace], object], parser: argparse.Argu
         traceback.print_exc()
         code = 1
     _leave_now(code)
-    return code  # not reached
 
 
-def _leave_now(code: int) -> None:
+def _leave_now(code: int) -> NoReturn:
     """Flush what was written and end this process without the interpreter's teardown."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -304,8 +304,9 @@ def evaluate_samples_main(argv: Sequence[str] | None = None) -> int:
                         help="--samples holds image/label pairs (sample.py --mask): report the Dice per class between "
                              "a segmentation of each image and its mask")
     parser.add_argument("--segmenter", default="phantom",
-                        help="with --masks: a TorchScript segmentation network, or 'phantom' (an intensity segmenter "
-                             "fitted on real phantoms; its Dice on real phantoms is reported as the ceiling)")
+                        help="with --masks: a TorchScript segmentation network, or 'phantom' / 'phantom-typed' (an "
+                             "intensity segmenter fitted on real phantoms with data.phantom_organs random / typed; its "
+                             "Dice on real phantoms is reported as the ceiling)")
     parser.add_argument("--unconditional", default=None,
                         help="with --masks: unconditional samples of the same run (sample.py without --mask), scored "
                              "against the same masks as the chance level")

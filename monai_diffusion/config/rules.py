@@ -119,6 +119,9 @@ def _validate_data(config: Config) -> None:
         raise ConfigError(f"data.phantom_covariates: only used with data.source: synthetic (the phantoms' own "
                           f"covariates), but data.source is {data.source}; drop it (your covariates come from a "
                           f"datalist in data.paths)")
+    if data.phantom_organs != "random" and data.source != "synthetic":
+        raise ConfigError(f"data.phantom_organs: only used with data.source: synthetic (the phantoms' layout), "
+                          f"but data.source is {data.source}; drop it")
     lower, upper = data.intensity_percentiles
     if not lower < upper:
         raise ConfigError(f"data.intensity_percentiles: expected [lower, upper] with lower < upper, got "

@@ -54,7 +54,8 @@ def preprocessing_key(cfg: DataConfig, in_channels: int) -> str:
     settings = {"version": CACHE_VERSION, "in_channels": in_channels, "source": cfg.source,
                 "image_size": cfg.image_size, "spacing": cfg.spacing,
                 "intensity_percentiles": cfg.intensity_percentiles, "intensity_window": cfg.intensity_window,
-                "phantom_covariates": cfg.phantom_covariates, "patch_size": cfg.patch_size}
+                "phantom_covariates": cfg.phantom_covariates, "phantom_organs": cfg.phantom_organs,
+                "patch_size": cfg.patch_size}
     if cfg.patch_size is not None:  # the patch-centre weights are part of a prepared volume
         settings.update(patch_random_fraction=cfg.patch_random_fraction,
                         foreground_threshold=cfg.foreground_threshold)

@@ -134,9 +134,9 @@ def build_datasets(
     if cfg.source == "synthetic":
         labels = cfg.num_classes is not None
         train = SyntheticPhantomDataset(cfg.num_train, cfg.image_size, seed, in_channels, cfg.phantom_covariates,
-                                        labels)
+                                        labels, cfg.phantom_organs)
         val = SyntheticPhantomDataset(cfg.num_val, cfg.image_size, seed + 1, in_channels, cfg.phantom_covariates,
-                                      labels)
+                                      labels, cfg.phantom_organs)
         return train, val
     if is_datalist(cfg.paths):
         train_files, val_files = _datalist_split(cfg, seed, in_channels)

@@ -83,6 +83,66 @@ def _box(center: np.ndarray, radius: float, shape: tuple[int, ...]) -> tuple[sli
 CAVITY_RADIUS = 0.5  # of the body (a unit ball in body coordinates)
 CAVITY_INTENSITY = 0.03
 
+PHANTOM_ORGANS = ("random", "typed")  # the organ layouts (data.phantom_organs)
+TYPED_ORGANS = 3  # organs of the typed layout: classes 3, 4, 5
+TYPED_INTENSITIES = (0.0, 0.22, 0.42, 0.9, 0.1, 0.65)  # background, shell, soft tissue, bright, dark, grey organ
+TYPED_ORGAN_AXES = (0.38, 0.46)  # range of a typed organ's mean semi-axis, in body units
+TYPED_ORGAN_DISTANCE = (0.42, 0.48)  # range of a typed organ centre's distance from the body's centre
+TYPED_INNER_LIMIT = 0.82  # a typed organ reaches this radius at most (the soft tissue reaches 0.8-0.9)
+
+
+def _body_frame(shape: tuple[int, ...], rng: np.random.Generator,
+                body_scale: float) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Coordinates ``p`` in which the body is the unit ball (p = R^T (x - c) / a), with c, a and R."""
+    ndim = len(shape)
+    coords = _grid(shape)
+    body_center = rng.uniform(-0.05, 0.05, size=ndim)
+    body_axes = rng.uniform(0.75, 0.92, size=ndim) * body_scale
+    body_rot = _rotation(rng, ndim, math.radians(20.0))
+    p = [
+        sum(body_rot[j, k] * (coords[j] - np.float32(body_center[j])) for j in range(ndim)) / np.float32(body_axes[k])
+        for k in range(ndim)
+    ]
+    return p, body_center, body_axes, body_rot
+
+
+def _typed_labels(shape: tuple[int, ...], rng: np.random.Generator, body_scale: float,
+                  cavity: bool) -> tuple[np.ndarray, int]:
+    """Label map of a phantom with typed organs: 1 shell, 2 soft tissue, then ``TYPED_ORGANS`` organs of fixed
+    kinds (classes 3, 4, 5), each a rotated ellipsoid; their centres lie 120 degrees apart, in a random plane
+    through the body's centre, at random distances (neighbours may overlap: the later organ covers the earlier).
+    The cavity (last label) lies under the organs."""
+    ndim = len(shape)
+    p, _, _, _ = _body_frame(shape, rng, body_scale)
+    radius2 = sum(pk * pk for pk in p)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[radius2 <= 1.0] = 1
+    labels[radius2 <= rng.uniform(0.8, 0.9) ** 2] = 2
+    num_labels = 3 + TYPED_ORGANS
+    if cavity:
+        labels[radius2 <= CAVITY_RADIUS**2] = num_labels
+    plane = np.linalg.qr(rng.normal(size=(ndim, 2)))[0]  # two orthonormal directions
+    start = rng.uniform(0.0, 2.0 * math.pi)
+    for organ in range(TYPED_ORGANS):
+        angle = start + 2.0 * math.pi * organ / TYPED_ORGANS
+        axes = rng.uniform(*TYPED_ORGAN_AXES) * rng.uniform(0.8, 1.2, size=ndim)
+        distance = min(rng.uniform(*TYPED_ORGAN_DISTANCE), TYPED_INNER_LIMIT - float(axes.max()))
+        center = distance * (math.cos(angle) * plane[:, 0] + math.sin(angle) * plane[:, 1])
+        rot = _rotation(rng, ndim, math.pi)
+        u2 = sum((sum(rot[j, k] * (p[j] - np.float32(center[j])) for j in range(ndim)) / np.float32(axes[k])) ** 2
+                 for k in range(ndim))
+        labels[u2 <= 1.0] = 3 + organ
+    return labels, num_labels + int(cavity)
+
+
+def _typed_intensities(num_labels: int) -> np.ndarray:
+    """Per-label mean intensity of the typed layout: the same for every phantom (``TYPED_INTENSITIES``), like
+    a tissue's value in CT."""
+    lut = np.zeros(num_labels, dtype=np.float32)
+    lut[: len(TYPED_INTENSITIES)] = TYPED_INTENSITIES
+    return lut
+
+
 
 def _phantom_labels(shape: tuple[int, ...], rng: np.random.Generator, body_scale: float = 1.0,
                     cavity: bool = False) -> tuple[np.ndarray, int]:
@@ -102,15 +162,7 @@ def _phantom_labels(shape: tuple[int, ...], rng: np.random.Generator, body_scale
         (labels of ``shape`` as uint8, number of labels including background).
     """
     ndim = len(shape)
-    coords = _grid(shape)
-    body_center = rng.uniform(-0.05, 0.05, size=ndim)
-    body_axes = rng.uniform(0.75, 0.92, size=ndim) * body_scale
-    body_rot = _rotation(rng, ndim, math.radians(20.0))
-    # Body-frame coordinates p = R^T (x - c) / a: the body is the unit ball.
-    p = [
-        sum(body_rot[j, k] * (coords[j] - np.float32(body_center[j])) for j in range(ndim)) / np.float32(body_axes[k])
-        for k in range(ndim)
-    ]
+    p, body_center, body_axes, body_rot = _body_frame(shape, rng, body_scale)
     radius2 = sum(pk * pk for pk in p)
     labels = np.zeros(shape, dtype=np.uint8)
     labels[radius2 <= 1.0] = 1
@@ -159,7 +211,8 @@ def _intensities(num_labels: int, rng: np.random.Generator) -> np.ndarray:
 
 def label_classes(labels: np.ndarray, num_labels: int, cavity: bool) -> np.ndarray:
     """The phantom's label map in the fixed classes of ``PHANTOM_NUM_CLASSES``: 0 background, 1 body shell,
-    2 soft tissue, 3-20 the organs and their nested parts (in the order drawn), 21 the cavity; int16."""
+    2 soft tissue, 3-20 the organs and their nested parts (in the order drawn; typed organs: 3 bright, 4 dark,
+    5 grey), 21 the cavity; int16."""
     classes = labels.astype(np.int16)
     if cavity:
         classes[labels == num_labels - 1] = PHANTOM_NUM_CLASSES - 1
@@ -167,20 +220,28 @@ def label_classes(labels: np.ndarray, num_labels: int, cavity: bool) -> np.ndarr
 
 
 def _phantom_channels(shape: tuple[int, ...], seed: int, num_channels: int, body_scale: float = 1.0,
-                      cavity: bool = False, with_labels: bool = False) -> Any:
+                      cavity: bool = False, with_labels: bool = False, organs: str = "random") -> Any:
     """Render ``num_channels`` contrasts of one phantom, shape (num_channels, *shape), float32 in [0, 1]; with
-    ``with_labels`` also its label map (see :func:`label_classes`)."""
+    ``with_labels`` also its label map (see :func:`label_classes`). ``organs``: one of ``PHANTOM_ORGANS``."""
     if len(shape) not in (2, 3) or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
         raise DataError(f"phantom shape: expected 2 or 3 positive integers, got {tuple(shape)!r}")
+    if organs not in PHANTOM_ORGANS:
+        raise DataError(f"phantom organs: expected one of {list(PHANTOM_ORGANS)}, got {organs!r}")
     shape = tuple(int(n) for n in shape)
     rng = seeded_rng(seed)
-    labels, num_labels = _phantom_labels(shape, rng, body_scale, cavity)
+    typed = organs == "typed"
+    labels, num_labels = (_typed_labels if typed else _phantom_labels)(shape, rng, body_scale, cavity)
     texture = 0.6 * _value_noise(shape, 4, rng) + 0.4 * _value_noise(shape, 8, rng)
     inside = labels > 0
     out = np.empty((num_channels, *shape), dtype=np.float32)
     for channel in range(num_channels):
         chan_rng = rng if channel == 0 else seeded_rng(seed, channel)
-        lut = _intensities(num_labels, chan_rng)
+        if not typed:
+            lut = _intensities(num_labels, chan_rng)
+        elif channel == 0:
+            lut = _typed_intensities(num_labels)
+        else:  # another contrast, the same for every phantom
+            lut = _intensities(num_labels, seeded_rng(channel))
         if cavity:
             lut[-1] = CAVITY_INTENSITY
         image = lut[labels] * (1.0 + 0.15 * texture)
@@ -191,7 +252,8 @@ def _phantom_channels(shape: tuple[int, ...], seed: int, num_channels: int, body
     return out
 
 
-def make_phantom(shape: tuple[int, ...], seed: int, body_scale: float = 1.0, cavity: bool = False) -> np.ndarray:
+def make_phantom(shape: tuple[int, ...], seed: int, body_scale: float = 1.0, cavity: bool = False,
+                 organs: str = "random") -> np.ndarray:
     """Generate a deterministic anatomy-like phantom.
 
     A rotated/shifted body ellipsoid (outer shell and inner soft tissue) with
@@ -204,6 +266,9 @@ def make_phantom(shape: tuple[int, ...], seed: int, body_scale: float = 1.0, cav
         seed: Any integer; the same seed always gives the same array.
         body_scale: scale of the body (1 with the defaults: the phantoms every other test and result uses).
         cavity: a dark cavity at the body's centre.
+        organs: ``random``: 5 to 9 organs (some with a nested part), their intensities shuffled from phantom to
+            phantom; ``typed``: three organs of fixed kinds and intensities (classes 3 bright, 4 dark, 5 grey),
+            placed at random, the shell and soft tissue at fixed intensities too (for masks, docs/masks.md).
 
     Returns:
         float32 array of exactly ``shape`` with values in [0, 1].
@@ -211,14 +276,14 @@ def make_phantom(shape: tuple[int, ...], seed: int, body_scale: float = 1.0, cav
     Raises:
         DataError: If ``shape`` is not 2 or 3 positive integers.
     """
-    return _phantom_channels(tuple(shape), seed, 1, body_scale, cavity)[0]
+    return _phantom_channels(tuple(shape), seed, 1, body_scale, cavity, organs=organs)[0]
 
 
-def make_labelled_phantom(shape: tuple[int, ...], seed: int, body_scale: float = 1.0,
-                          cavity: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def make_labelled_phantom(shape: tuple[int, ...], seed: int, body_scale: float = 1.0, cavity: bool = False,
+                          organs: str = "random") -> tuple[np.ndarray, np.ndarray]:
     """:func:`make_phantom` and its label map: (image float32, classes int16), both of ``shape``; the image is
     the one :func:`make_phantom` returns for the same arguments."""
-    image, classes = _phantom_channels(tuple(shape), seed, 1, body_scale, cavity, with_labels=True)
+    image, classes = _phantom_channels(tuple(shape), seed, 1, body_scale, cavity, with_labels=True, organs=organs)
     return image[0], classes
 
 
@@ -237,7 +302,7 @@ class SyntheticPhantomDataset(Dataset):
     """
 
     def __init__(self, num: int, shape: tuple[int, int, int], seed: int, in_channels: int = 1,
-                 covariates: bool = False, labels: bool = False) -> None:
+                 covariates: bool = False, labels: bool = False, organs: str = "random") -> None:
         """Create the dataset.
 
         Args:
@@ -247,6 +312,7 @@ class SyntheticPhantomDataset(Dataset):
             in_channels: Channels per volume (>= 1).
             covariates: phantoms with a ``cavity`` class and a ``size`` factor.
             labels: items carry their label maps.
+            organs: the organ layout, ``random`` or ``typed`` (see :func:`make_phantom`).
 
         Raises:
             DataError: On a bad argument.
@@ -256,7 +322,7 @@ class SyntheticPhantomDataset(Dataset):
                              f"expected num >= 0, three positive sizes and in_channels >= 1")
         self.num, self.shape = int(num), tuple(int(s) for s in shape)
         self.seed, self.in_channels, self.with_covariates = int(seed), int(in_channels), covariates
-        self.with_labels = labels
+        self.with_labels, self.organs = labels, organs
 
     def __len__(self) -> int:
         return self.num
@@ -277,7 +343,8 @@ class SyntheticPhantomDataset(Dataset):
         seed = self.seed * 100003 + index
         extra = self.covariates(index)
         rendered = _phantom_channels(self.shape, seed, self.in_channels, extra.get(SIZE_KEY, 1.0),
-                                     bool(extra.get(CAVITY_KEY, False)), with_labels=self.with_labels)
+                                     bool(extra.get(CAVITY_KEY, False)), with_labels=self.with_labels,
+                                     organs=self.organs)
         if self.with_labels:
             volume, classes = rendered
             extra[LABEL_KEY] = torch.from_numpy(classes[None].astype(np.float32))

@@ -81,8 +81,8 @@ def load_torchscript_segmenter(path: str | Path, device: str = "cpu") -> Callabl
     """A TorchScript segmentation network as a (H, W, D) volume -> (H, W, D) classes function."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--segmenter: {path} does not exist; give a TorchScript file (torch.jit.save) or "
-                          f"'phantom'")
+        raise ConfigError(f"--segmenter: {path} does not exist; give a TorchScript file (torch.jit.save), "
+                          f"'phantom' or 'phantom-typed'")
     try:
         network = torch.jit.load(str(path), map_location=device).eval()
     except (RuntimeError, ValueError) as err:
@@ -147,17 +147,22 @@ def evaluate_pairs(pairs: Path, segment: Callable[[torch.Tensor], torch.Tensor],
 PHANTOM_FIT_SEED, PHANTOM_CEILING_SEED, PHANTOM_FIT_VOLUMES = 7000, 8000, 16
 
 
-def fit_phantom_segmenter(shape: tuple[int, int, int], num_classes: int,
-                          num: int = PHANTOM_FIT_VOLUMES) -> tuple[IntensitySegmenter, dict[str, float]]:
+PHANTOM_SEGMENTERS = {"phantom": "random", "phantom-typed": "typed"}  # --segmenter names: data.phantom_organs
+
+
+def fit_phantom_segmenter(shape: tuple[int, int, int], num_classes: int, num: int = PHANTOM_FIT_VOLUMES,
+                          organs: str = "random") -> tuple[IntensitySegmenter, dict[str, float]]:
     """An :class:`IntensitySegmenter` fitted on ``num`` real labelled phantoms of ``shape`` (bodies of every size,
-    half with a cavity), and its Dice on ``num // 2`` other phantoms (the ceiling)."""
+    half with a cavity; ``organs``: their layout, see ``data.phantom_organs``), and its Dice on ``num // 2``
+    other phantoms (the ceiling)."""
     from monai_diffusion.data import LABEL_KEY, SyntheticPhantomDataset
 
-    fit = SyntheticPhantomDataset(num, shape, PHANTOM_FIT_SEED, covariates=True, labels=True)
+    fit = SyntheticPhantomDataset(num, shape, PHANTOM_FIT_SEED, covariates=True, labels=True, organs=organs)
     items = [fit[i] for i in range(num)]
     segmenter = IntensitySegmenter(num_classes).fit([it["image"][0] for it in items],
                                                     [it[LABEL_KEY][0] for it in items])
-    held = SyntheticPhantomDataset(max(1, num // 2), shape, PHANTOM_CEILING_SEED, covariates=True, labels=True)
+    held = SyntheticPhantomDataset(max(1, num // 2), shape, PHANTOM_CEILING_SEED, covariates=True, labels=True,
+                                   organs=organs)
     rows = [dice_per_class(segmenter(held[i]["image"][0]), held[i][LABEL_KEY][0].long(), range(1, num_classes))
             for i in range(len(held))]
     return segmenter, mean_dice(rows)
@@ -166,9 +171,9 @@ def fit_phantom_segmenter(shape: tuple[int, int, int], num_classes: int,
 def evaluate_masks(samples: str | Path, segmenter: str, unconditional: str | Path | None = None,
                    output: str | Path | None = None, num_classes: int | None = None) -> dict[str, Any]:
     """``evaluate_samples.py --masks``: Dice of the pairs in ``samples`` (written by ``sample.py --mask``) with
-    ``segmenter`` (a TorchScript file, or ``phantom`` for the intensity segmenter fitted on real phantoms, whose
-    ceiling is reported too), and of ``unconditional`` samples as the chance level; ``results.json`` goes to
-    ``output`` (default ``<samples>/mask_evaluation``)."""
+    ``segmenter`` (a TorchScript file, or ``phantom`` / ``phantom-typed`` for the intensity segmenter fitted on
+    real phantoms with random / typed organs, whose ceiling is reported too), and of ``unconditional`` samples
+    as the chance level; ``results.json`` goes to ``output`` (default ``<samples>/mask_evaluation``)."""
     from monai_diffusion.runs.folders import check_new_folder, make_output_folder
 
     samples = Path(samples)
@@ -181,11 +186,11 @@ def evaluate_masks(samples: str | Path, segmenter: str, unconditional: str | Pat
     first = _read(samples / rows[0]["label"])
     classes = num_classes or int(max(float(_read(samples / r["label"]).max()) for r in rows)) + 1
     ceiling = None
-    if segmenter == "phantom":
+    if segmenter in PHANTOM_SEGMENTERS:
         from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES
 
         classes = max(classes, PHANTOM_NUM_CLASSES)
-        segment, ceiling = fit_phantom_segmenter(tuple(first.shape), classes)
+        segment, ceiling = fit_phantom_segmenter(tuple(first.shape), classes, organs=PHANTOM_SEGMENTERS[segmenter])
     else:
         segment = load_torchscript_segmenter(segmenter)
     result = evaluate_pairs(samples, segment, range(1, classes), Path(unconditional) if unconditional else None)

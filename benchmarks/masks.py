@@ -1,5 +1,5 @@
 """Do generated volumes follow their masks? Labelled phantoms (``data.phantom_organs: typed`` by default: a body
-of shell and soft tissue with three organs of fixed kinds, bright, dark and grey, at random places), the three
+of shell and soft tissue with two organs of fixed kinds, bright and grey, at random places), the three
 stages trained on them (autoencoder, unconditional latent diffusion, ControlNet on the label maps), then volumes
 generated from the label maps of held-out phantoms (shapes never seen in training) and segmented.
 
@@ -151,7 +151,8 @@ def main() -> None:
     sample_volumes(output / "diffusion", len(masks), unconditional, scheduler=args.scheduler,
                    steps=args.sampling_steps, batch_size=4, device="cpu")
     seconds["sampling"] = round(time.perf_counter() - started, 1)
-    segmenter, ceiling = fit_phantom_segmenter((args.size,) * 3, PHANTOM_NUM_CLASSES, organs=args.organs)
+    segmenter, ceiling = fit_phantom_segmenter((args.size,) * 3, PHANTOM_NUM_CLASSES, organs=args.organs,
+                                               covariates=args.covariates)  # phantoms like the masks
     measured = evaluate_pairs(pairs, segmenter, range(1, PHANTOM_NUM_CLASSES), unconditional)
     # the means cover the classes the segmenter can name on real phantoms (ceiling >= SEEN) that the masks hold
     seen = [k for k in ceiling

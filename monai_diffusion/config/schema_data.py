@@ -88,9 +88,9 @@ class DataConfig:
         phantom_covariates: synthetic phantoms with a class ``cavity`` (0/1: a dark cavity at the body's
             centre) and a continuous ``size`` (the body's scale), for conditional diffusion.
         phantom_organs: the phantoms' organs: ``random``, 5 to 9 organ-like ellipsoids (some with a nested
-            part) whose intensities are shuffled from phantom to phantom; ``typed``, three organs of fixed kinds
-            (classes 3 bright, 4 dark, 5 grey) at random places, every tissue at a fixed intensity as in CT, so a
-            class has one appearance (for masks: docs/masks.md).
+            part) whose intensities are shuffled from phantom to phantom; ``typed``, two organs of fixed kinds
+            (classes 3 bright, 4 grey) at random places, every tissue at a fixed intensity as in CT, so a class
+            has one appearance (for masks: docs/masks.md).
         num_classes: classes of the label maps (background 0 included). Set, every volume comes with an
             integer label map that follows it through the same spatial pipeline (nearest-neighbour): a
             datalist's ``label`` column, or the phantoms' own (which need at least ``PHANTOM_NUM_CLASSES`` =

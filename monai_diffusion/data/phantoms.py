@@ -84,8 +84,10 @@ CAVITY_RADIUS = 0.5  # of the body (a unit ball in body coordinates)
 CAVITY_INTENSITY = 0.03
 
 PHANTOM_ORGANS = ("random", "typed")  # the organ layouts (data.phantom_organs)
-TYPED_ORGANS = 3  # organs of the typed layout: classes 3, 4, 5
-TYPED_INTENSITIES = (0.0, 0.22, 0.42, 0.9, 0.1, 0.65)  # background, shell, soft tissue, bright, dark, grey organ
+TYPED_ORGANS = 2  # organs of the typed layout: classes 3 and 4
+# background, shell, soft tissue, bright organ, grey organ: each class touches the next one up, so the blurred edge
+# between two of them passes through no third class's intensity (only the bright organ's edge passes the grey's)
+TYPED_INTENSITIES = (0.0, 0.15, 0.35, 0.95, 0.65)
 TYPED_ORGAN_AXES = (0.38, 0.46)  # range of a typed organ's mean semi-axis, in body units
 TYPED_ORGAN_DISTANCE = (0.42, 0.48)  # range of a typed organ centre's distance from the body's centre
 TYPED_INNER_LIMIT = 0.82  # a typed organ reaches this radius at most (the soft tissue reaches 0.8-0.9)
@@ -109,9 +111,9 @@ def _body_frame(shape: tuple[int, ...], rng: np.random.Generator,
 def _typed_labels(shape: tuple[int, ...], rng: np.random.Generator, body_scale: float,
                   cavity: bool) -> tuple[np.ndarray, int]:
     """Label map of a phantom with typed organs: 1 shell, 2 soft tissue, then ``TYPED_ORGANS`` organs of fixed
-    kinds (classes 3, 4, 5), each a rotated ellipsoid; their centres lie 120 degrees apart, in a random plane
-    through the body's centre, at random distances (neighbours may overlap: the later organ covers the earlier).
-    The cavity (last label) lies under the organs."""
+    kinds (classes 3 and 4), each a rotated ellipsoid; their centres lie on opposite sides of the body's centre,
+    along a random direction, at random distances (they may touch: the later organ covers the earlier). The
+    cavity (last label) lies under the organs."""
     ndim = len(shape)
     p, _, _, _ = _body_frame(shape, rng, body_scale)
     radius2 = sum(pk * pk for pk in p)
@@ -211,8 +213,8 @@ def _intensities(num_labels: int, rng: np.random.Generator) -> np.ndarray:
 
 def label_classes(labels: np.ndarray, num_labels: int, cavity: bool) -> np.ndarray:
     """The phantom's label map in the fixed classes of ``PHANTOM_NUM_CLASSES``: 0 background, 1 body shell,
-    2 soft tissue, 3-20 the organs and their nested parts (in the order drawn; typed organs: 3 bright, 4 dark,
-    5 grey), 21 the cavity; int16."""
+    2 soft tissue, 3-20 the organs and their nested parts (in the order drawn; typed organs: 3 bright, 4 grey),
+    21 the cavity; int16."""
     classes = labels.astype(np.int16)
     if cavity:
         classes[labels == num_labels - 1] = PHANTOM_NUM_CLASSES - 1
@@ -267,8 +269,8 @@ def make_phantom(shape: tuple[int, ...], seed: int, body_scale: float = 1.0, cav
         body_scale: scale of the body (1 with the defaults: the phantoms every other test and result uses).
         cavity: a dark cavity at the body's centre.
         organs: ``random``: 5 to 9 organs (some with a nested part), their intensities shuffled from phantom to
-            phantom; ``typed``: three organs of fixed kinds and intensities (classes 3 bright, 4 dark, 5 grey),
-            placed at random, the shell and soft tissue at fixed intensities too (for masks, docs/masks.md).
+            phantom; ``typed``: two organs of fixed kinds and intensities (classes 3 bright, 4 grey), placed at
+            random, the shell and soft tissue at fixed intensities too (for masks, docs/masks.md).
 
     Returns:
         float32 array of exactly ``shape`` with values in [0, 1].

@@ -150,19 +150,21 @@ PHANTOM_FIT_SEED, PHANTOM_CEILING_SEED, PHANTOM_FIT_VOLUMES = 7000, 8000, 16
 PHANTOM_SEGMENTERS = {"phantom": "random", "phantom-typed": "typed"}  # --segmenter names: data.phantom_organs
 
 
-def fit_phantom_segmenter(shape: tuple[int, int, int], num_classes: int, num: int = PHANTOM_FIT_VOLUMES,
-                          organs: str = "random") -> tuple[IntensitySegmenter, dict[str, float]]:
-    """An :class:`IntensitySegmenter` fitted on ``num`` real labelled phantoms of ``shape`` (bodies of every size,
-    half with a cavity; ``organs``: their layout, see ``data.phantom_organs``), and its Dice on ``num // 2``
-    other phantoms (the ceiling)."""
+def fit_phantom_segmenter(
+    shape: tuple[int, int, int], num_classes: int, num: int = PHANTOM_FIT_VOLUMES, organs: str = "random",
+    covariates: bool = True,
+) -> tuple[IntensitySegmenter, dict[str, float]]:
+    """An :class:`IntensitySegmenter` fitted on ``num`` real labelled phantoms of ``shape`` (``organs``: their
+    layout, see ``data.phantom_organs``; ``covariates``: bodies of every size, half with a cavity), and its Dice on
+    ``num // 2`` other phantoms (the ceiling)."""
     from monai_diffusion.data import LABEL_KEY, SyntheticPhantomDataset
 
-    fit = SyntheticPhantomDataset(num, shape, PHANTOM_FIT_SEED, covariates=True, labels=True, organs=organs)
+    fit = SyntheticPhantomDataset(num, shape, PHANTOM_FIT_SEED, covariates=covariates, labels=True, organs=organs)
     items = [fit[i] for i in range(num)]
     segmenter = IntensitySegmenter(num_classes).fit([it["image"][0] for it in items],
                                                     [it[LABEL_KEY][0] for it in items])
-    held = SyntheticPhantomDataset(max(1, num // 2), shape, PHANTOM_CEILING_SEED, covariates=True, labels=True,
-                                   organs=organs)
+    held = SyntheticPhantomDataset(max(1, num // 2), shape, PHANTOM_CEILING_SEED, covariates=covariates,
+                                   labels=True, organs=organs)
     rows = [dice_per_class(segmenter(held[i]["image"][0]), held[i][LABEL_KEY][0].long(), range(1, num_classes))
             for i in range(len(held))]
     return segmenter, mean_dice(rows)

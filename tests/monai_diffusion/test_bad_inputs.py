@@ -499,6 +499,8 @@ CASES = [
     ("warmup-beyond-the-run", train_autoencoder_main, lambda w, o: _argv(o, "autoencoder.training.warmup_steps=1000"), r"autoencoder\.training\.warmup_steps: 1000 warm-up steps, but the run has 2 optimiser steps \(1 epochs of 2\)"),
     ("diffusion-warmup-beyond-the-run", train_diffusion_main, lambda w, o: _argv(o, *DIFFUSION, f"diffusion.autoencoder_run={w['trained'] / 'autoencoder'}", "diffusion.training.warmup_steps=50", "diffusion.training.lr_schedule=cosine"), r"diffusion\.training\.warmup_steps: 50 warm-up steps, but the run has \d+ optimiser steps"),
     ("phantom-covariates-nifti", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "good"), "data.phantom_covariates=true"), r"data\.phantom_covariates: only used with data\.source: synthetic .* but data\.source is nifti"),
+    ("phantom-organs-nifti", train_autoencoder_main, lambda w, o: _argv(o, *_nifti(w, "good"), "data.phantom_organs=typed"), r"data\.phantom_organs: only used with data\.source: synthetic .* but data\.source is nifti"),
+    ("phantom-organs-unknown", train_autoencoder_main, lambda w, o: _argv(o, "data.phantom_organs=fixed"), r"data\.phantom_organs: expected one of 'random', 'typed', got 'fixed'"),
     # evaluate_samples.py: a broken generated volume is named, never scored
     ("samples-all-nan", evaluate_samples_main, lambda w, o: _samples(w, "samples_all_nan", "--output", str(o)), r"--samples: .*all_nan\.nii\.gz holds 4,096 non-finite voxels \(NaN or inf\) of 4,096"),
     ("samples-one-inf-line", evaluate_samples_main, lambda w, o: _samples(w, "samples_one_inf", "--output", str(o)), r"--samples: .*one_inf\.nii\.gz holds 256 non-finite voxels"),

@@ -34,6 +34,25 @@ def test_phantom_labels_match_the_images():
                 assert region.std() < 0.1, (seed, value)
 
 
+def test_typed_phantom_organs_have_one_intensity_each_and_random_places():
+    """``organs="typed"``: classes 3, 4, 5 in every phantom, each at its fixed intensity (the texture varies it
+    by at most 15 %), at other places from phantom to phantom; the cavity lies under the organs."""
+    from monai_diffusion.data.phantoms import TYPED_INTENSITIES
+
+    centres = []
+    for seed in range(4):
+        image, classes = make_labelled_phantom((24, 24, 24), seed, cavity=seed % 2 == 1, organs="typed")
+        assert np.array_equal(image, make_phantom((24, 24, 24), seed, cavity=seed % 2 == 1, organs="typed"))
+        assert set(np.unique(classes)) == {0, 1, 2, 3, 4, 5} | ({PHANTOM_NUM_CLASSES - 1} if seed % 2 else set())
+        for value in range(1, 6):
+            region = image[classes == value]
+            assert abs(float(np.median(region)) - TYPED_INTENSITIES[value]) < 0.15 * TYPED_INTENSITIES[value], value
+        centres.append(np.argwhere(classes == 3).mean(0))
+    assert max(np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]) > 3.0
+    with pytest.raises(DataError, match="phantom organs: expected one of"):
+        make_phantom((8, 8, 8), 0, organs="fixed")
+
+
 def test_phantom_dataset_carries_labels():
     cfg = DataConfig(image_size=(16, 16, 16), num_train=2, num_val=1, num_classes=PHANTOM_NUM_CLASSES)
     train, _ = build_datasets(cfg, seed=3)

@@ -82,7 +82,8 @@ def test_file_cache_hit_equals_a_fresh_load_and_misses_on_changes(tmp_path: Path
     assert CDF_KEY in fresh[0] and fresh[0]["image"].shape == (1, 8, 8, 8)
 
     # a changed preprocessing setting misses (and so does a changed patch setting, which changes the weights)
-    for change in ({"intensity_window": (0.0, 1.0)}, {"foreground_threshold": 0.5}, {"image_size": (8, 8, 4)}):
+    for change in ({"intensity_window": (0.0, 1.0)}, {"foreground_threshold": 0.5}, {"image_size": (8, 8, 4)},
+                   {"phantom_organs": "typed"}):
         other = preprocessing_key(dataclasses.replace(cfg, **change), 1)
         assert other != key
         assert CachedVolumes(counted, weights, "files", other, tmp_path / "cache").file_of(0) != first.file_of(0)

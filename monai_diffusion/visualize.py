@@ -82,5 +82,10 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
 
 
 def label_preview(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Label maps B x 1 x [SPATIAL DIMS] as images in [0, 1] (class / (num_classes - 1)), for the previews."""
-    return label.float() / max(num_classes - 1, 1)
+    """Label maps B x 1 x [SPATIAL DIMS] as images in [0, 1], for the previews: background black, and the classes
+    present (in the whole batch) at evenly spaced greys in class order, so a few classes of many stay apart."""
+    classes = label.long()
+    present = torch.unique(torch.cat([classes.flatten(), classes.new_zeros(1)]))  # sorted, with background
+    grey = torch.zeros(max(num_classes, int(present.max()) + 1))
+    grey[present] = torch.linspace(0.0, 1.0, len(present)) if len(present) > 1 else 0.0
+    return grey[classes]

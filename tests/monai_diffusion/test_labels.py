@@ -35,7 +35,7 @@ def test_phantom_labels_match_the_images():
 
 
 def test_typed_phantom_organs_have_one_intensity_each_and_random_places():
-    """``organs="typed"``: classes 3, 4, 5 in every phantom, each at its fixed intensity (the texture varies it
+    """``organs="typed"``: classes 3 and 4 in every phantom, each at its fixed intensity (the texture varies it
     by at most 15 %), at other places from phantom to phantom; the cavity lies under the organs."""
     from monai_diffusion.data.phantoms import TYPED_INTENSITIES
 
@@ -43,11 +43,14 @@ def test_typed_phantom_organs_have_one_intensity_each_and_random_places():
     for seed in range(4):
         image, classes = make_labelled_phantom((24, 24, 24), seed, cavity=seed % 2 == 1, organs="typed")
         assert np.array_equal(image, make_phantom((24, 24, 24), seed, cavity=seed % 2 == 1, organs="typed"))
-        assert set(np.unique(classes)) == {0, 1, 2, 3, 4, 5} | ({PHANTOM_NUM_CLASSES - 1} if seed % 2 else set())
-        for value in range(1, 6):
+        assert set(np.unique(classes)) == {0, 1, 2, 3, 4} | ({PHANTOM_NUM_CLASSES - 1} if seed % 2 else set())
+        for value in range(1, len(TYPED_INTENSITIES)):
             region = image[classes == value]
             assert abs(float(np.median(region)) - TYPED_INTENSITIES[value]) < 0.15 * TYPED_INTENSITIES[value], value
         centres.append(np.argwhere(classes == 3).mean(0))
+        if seed % 2:  # the same phantom without its cavity has the same organs: the cavity lies under them
+            _, plain = make_labelled_phantom((24, 24, 24), seed, organs="typed")
+            assert np.array_equal(np.isin(classes, (3, 4)), np.isin(plain, (3, 4)))
     assert max(np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]) > 3.0
     with pytest.raises(DataError, match="phantom organs: expected one of"):
         make_phantom((8, 8, 8), 0, organs="fixed")
@@ -126,3 +129,13 @@ def test_datalist_label_column(tmp_path):
     with pytest.raises(DataError, match=r"nolabel\.csv, line 2: no 'label'"):
         read_datalist(tmp_path / "nolabel.csv", labels=True)
     assert LABEL_KEY not in read_datalist(tmp_path / "nolabel.csv")[0][0]
+
+
+def test_label_preview_spreads_the_classes_present_over_the_greys():
+    from monai_diffusion.visualize import label_preview
+
+    label = torch.tensor([0.0, 3.0, 3.0, 21.0, 4.0]).reshape(1, 1, 5, 1, 1)
+    grey = label_preview(label, PHANTOM_NUM_CLASSES).flatten()
+    expected = torch.tensor([0.0, 1 / 3, 1 / 3, 1.0, 2 / 3])  # background, then classes 3 < 4 < 21 evenly spaced
+    assert torch.allclose(grey, expected, atol=1e-6)
+    assert label_preview(torch.zeros(1, 1, 2, 2, 2), PHANTOM_NUM_CLASSES).abs().sum() == 0

@@ -3,7 +3,7 @@ of shell and soft tissue with two organs of fixed kinds, bright and grey, at ran
 stages trained on them (autoencoder, unconditional latent diffusion, ControlNet on the label maps), then volumes
 generated from the label maps of held-out phantoms (shapes never seen in training) and segmented.
 
-    OMP_NUM_THREADS=1 python benchmarks/masks.py --output runs/masks   # about 25 minutes on one CPU core
+    OMP_NUM_THREADS=1 python benchmarks/masks.py --output runs/masks   # about 27 minutes on one CPU core
 
 * Segmenter: ``IntensitySegmenter`` (per-class Gaussian of intensity and local mean) fitted on real phantoms;
   its Dice on other real phantoms against their own label maps is the ceiling.
@@ -12,6 +12,8 @@ generated from the label maps of held-out phantoms (shapes never seen in trainin
   segmenter can name (with ``--organs random`` the organs' intensities are shuffled from phantom to phantom, so
   none can); the mean over every class it can name (shell and soft tissue too) is reported beside it.
 * Chance: the same diffusion model without the ControlNet (unconditional samples), against the same masks.
+* Autoencoder: the segmenter on the autoencoder's reconstructions of the masks' own real phantoms: the most a
+  generator that decodes through this autoencoder could score.
 
 Writes ``results.json`` and ``results.md`` (and the runs) into ``--output``; prints the same table. Existing runs
 in ``--output`` are reused (delete them to retrain).
@@ -36,14 +38,22 @@ import torch  # noqa: E402
 from monai_diffusion.cli import train_autoencoder_main, train_controlnet_main, train_diffusion_main  # noqa: E402
 from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES, SAMPLERS  # noqa: E402
 from monai_diffusion.data import LABEL_KEY, SyntheticPhantomDataset  # noqa: E402
-from monai_diffusion.evaluation.mask_metrics import BODY, evaluate_pairs, fit_phantom_segmenter  # noqa: E402
+from monai_diffusion.evaluation.mask_metrics import (  # noqa: E402
+    BODY,
+    dice_per_class,
+    evaluate_pairs,
+    fit_phantom_segmenter,
+    mean_dice,
+)
 from monai_diffusion.generation.mask_sampling import sample_from_masks  # noqa: E402
 from monai_diffusion.generation.sampling import sample_volumes  # noqa: E402
+from monai_diffusion.runs.checkpoints import load_autoencoder  # noqa: E402
 
 CONFIG = ROOT / "monai_diffusion" / "config" / "ldm_config.yaml"
 SEEN = 0.8  # a class enters the headline when the segmenter's Dice on real phantoms reaches this
 MASK_SEED = 5000  # held-out phantoms (training uses seed 0, validation 1, the segmenter 7000 and 8000)
 FIRST_ORGAN = 3  # classes 1 and 2 are the body's shell and soft tissue
+ROWS = ("controlnet", "chance", "autoencoder", "ceiling")  # rows of the results table
 
 
 def settings(size: int, steps: tuple[int, int, int], num_train: int, organs: str, covariates: bool) -> list[str]:
@@ -81,14 +91,14 @@ def _phantoms(num: int, size: int, seed: int, organs: str, covariates: bool) -> 
 
 
 def _train(output: Path, overrides: list[str]) -> dict[str, float]:
+    """Train the stages not yet in ``output``; every stage's training seconds (from its summary.json)."""
     seconds = {}
     for name, main in (("autoencoder", train_autoencoder_main), ("diffusion", train_diffusion_main),
                        ("controlnet", train_controlnet_main)):
-        started = time.perf_counter()
-        if not (output / name / "summary.json").is_file():
-            if main(_argv(output, overrides)) != 0:
-                raise SystemExit(f"training the {name} failed")
-        seconds[name] = round(time.perf_counter() - started, 1)
+        summary = output / name / "summary.json"
+        if not summary.is_file() and main(_argv(output, overrides)) != 0:
+            raise SystemExit(f"training the {name} failed")
+        seconds[name] = round(float(json.loads(summary.read_text(encoding="utf-8"))["seconds"]), 1)
     return seconds
 
 
@@ -102,6 +112,18 @@ def _write_masks(folder: Path, phantoms: SyntheticPhantomDataset) -> list[Path]:
     return paths
 
 
+def _reconstruction_dice(run: Path, phantoms: SyntheticPhantomDataset, segmenter) -> dict[str, float]:
+    """The segmenter's Dice on the autoencoder's reconstructions of the masks' own phantoms: what a generator in
+    this latent space could reach (the decoder's blur included)."""
+    autoencoder, _ = load_autoencoder(run)
+    rows = []
+    with torch.no_grad():
+        for item in phantoms:
+            volume = autoencoder.reconstruct(item["image"][None])[0, 0].clamp(0, 1)
+            rows.append(dice_per_class(segmenter(volume), item[LABEL_KEY][0].long(), range(1, PHANTOM_NUM_CLASSES)))
+    return mean_dice(rows)
+
+
 def _mean(dice: dict[str, float], keys: list[str]) -> float:
     values = [dice[k] for k in keys if k in dice and not math.isnan(dice[k])]
     return float(np.mean(values)) if values else math.nan
@@ -111,7 +133,7 @@ def _table(result: dict) -> str:
     keys = [k for k in result["ceiling"] if not math.isnan(result["ceiling"][k])]
     lines = ["| Dice | " + " | ".join(("class " + k) if k != BODY else BODY for k in keys) + " |",
              "|---|" + "---|" * len(keys)]
-    for row in ("controlnet", "chance", "ceiling"):
+    for row in ROWS:
         values = result[row]
         lines.append(f"| {row} | " + " | ".join("-" if math.isnan(values.get(k, math.nan)) else f"{values[k]:.3f}"
                                                  for k in keys) + " |")
@@ -123,7 +145,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "masks")
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--num-train", type=int, default=64)
-    parser.add_argument("--steps", type=int, nargs=3, default=[1500, 3000, 3000], metavar=("AE", "LDM", "CONTROLNET"))
+    parser.add_argument("--steps", type=int, nargs=3, default=[4500, 3000, 3000], metavar=("AE", "LDM", "CONTROLNET"))
     parser.add_argument("--masks", type=int, default=16, help="held-out masks (one sample each)")
     parser.add_argument("--organs", default="typed", choices=["typed", "random"], help="data.phantom_organs")
     parser.add_argument("--covariates", action="store_true",
@@ -139,7 +161,8 @@ def main() -> None:
     output = args.output
     overrides = settings(args.size, tuple(args.steps), args.num_train, args.organs, args.covariates) + args.overrides
     seconds = _train(output, overrides)
-    masks = _write_masks(output / "masks", _phantoms(args.masks, args.size, MASK_SEED, args.organs, args.covariates))
+    held_out = _phantoms(args.masks, args.size, MASK_SEED, args.organs, args.covariates)
+    masks = _write_masks(output / "masks", held_out)
     pairs, unconditional = output / "pairs", output / "unconditional"
     for folder in (pairs, unconditional):
         if folder.exists():
@@ -158,9 +181,10 @@ def main() -> None:
     seen = [k for k in ceiling
             if k.isdigit() and ceiling[k] >= SEEN and not math.isnan(measured["dice"].get(k, math.nan))]
     headline = [BODY, *(k for k in seen if FIRST_ORGAN <= int(k) < PHANTOM_NUM_CLASSES - 1)]
-    rows = (("controlnet", measured["dice"]), ("chance", measured["chance"]), ("ceiling", ceiling))
-    result = {"controlnet": measured["dice"], "chance": measured["chance"], "ceiling": ceiling,
-              "headline_classes": headline, "headline": {row: _mean(values, headline) for row, values in rows},
+    reconstructed = _reconstruction_dice(output / "autoencoder", held_out, segmenter)
+    rows = tuple(zip(ROWS, (measured["dice"], measured["chance"], reconstructed, ceiling)))
+    result = {**dict(rows), "headline_classes": headline,
+              "headline": {row: _mean(values, headline) for row, values in rows},
               "seen_classes": [BODY, *seen], "seen": {row: _mean(values, [BODY, *seen]) for row, values in rows},
               "settings": {"size": args.size, "num_train": args.num_train, "steps": args.steps, "masks": args.masks,
                            "organs": args.organs, "covariates": args.covariates, "scheduler": args.scheduler,
@@ -172,7 +196,8 @@ def main() -> None:
     for key, title in (("headline", "body and organs"), ("seen", "every class the segmenter names")):
         mean = result[key]
         text += (f"* mean Dice over {title} {result[key + '_classes']}: ControlNet {mean['controlnet']:.3f}, "
-                 f"without it (chance) {mean['chance']:.3f}, segmenter ceiling {mean['ceiling']:.3f}\n")
+                 f"without it (chance) {mean['chance']:.3f}, the autoencoder's reconstructions "
+                 f"{mean['autoencoder']:.3f}, segmenter ceiling {mean['ceiling']:.3f}\n")
     text += f"\n{_table(result)}\n\nseconds: {seconds}\n"
     (output / "results.md").write_text(text, encoding="utf-8")
     print(text)

@@ -5,6 +5,9 @@ unconditional samples of the same run."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -90,3 +93,23 @@ def test_three_stages_on_a_labelled_datalist_then_pairs_from_masks(tmp_path):
     assert result["pairs"] == 4 and result["unconditional_samples"] == 2
     assert {"body", "1", "2", "3", "4"} <= set(result["dice"]) and 0 <= result["dice"]["body"] <= 1
     assert result["ceiling"]["body"] > 0.8 and result["ceiling"]["3"] > 0.9  # the segmenter on real phantoms
+
+
+@pytest.mark.slow
+def test_masks_benchmark_runs_end_to_end_and_reports_every_row(tmp_path):
+    """benchmarks/masks.py with a few steps of each stage (its numbers are meaningless here; the results files of
+    the full run are in benchmarks/results/masks*.md): it trains, samples, segments and writes every row."""
+    out = tmp_path / "bench"
+    command = [sys.executable, str(ROOT / "benchmarks" / "masks.py"), "--output", str(out), "--steps", "2", "2", "2",
+               "--masks", "2", "--num-train", "4", "--sampling-steps", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["headline_classes"] == ["body", "3", "4"]  # typed organs: the segmenter names both
+    assert report["settings"]["organs"] == "typed" and report["settings"]["steps"] == [2, 2, 2]
+    for row in ("controlnet", "chance", "autoencoder", "ceiling"):
+        assert 0.0 <= report["headline"][row] <= 1.0 and {"body", "3", "4"} <= set(report[row]), row
+    assert min(report["ceiling"][c] for c in ("body", "3", "4")) > 0.95
+    assert all(report["seconds"][stage] > 0 for stage in ("autoencoder", "diffusion", "controlnet"))
+    assert "| autoencoder |" in (out / "results.md").read_text() and len(list((out / "pairs").rglob("*.nii.gz"))) == 4

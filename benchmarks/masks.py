@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from monai_diffusion.cli import train_autoencoder_main, train_controlnet_main, train_diffusion_main  # noqa: E402
 from monai_diffusion.config.schema import PHANTOM_NUM_CLASSES, SAMPLERS  # noqa: E402
 from monai_diffusion.data import LABEL_KEY, SyntheticPhantomDataset  # noqa: E402
+from monai_diffusion.data.phantoms import PHANTOM_ORGANS  # noqa: E402
 from monai_diffusion.evaluation.mask_metrics import (  # noqa: E402
     BODY,
     dice_per_class,
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=64)
     parser.add_argument("--steps", type=int, nargs=3, default=[4500, 3000, 3000], metavar=("AE", "LDM", "CONTROLNET"))
     parser.add_argument("--masks", type=int, default=16, help="held-out masks (one sample each)")
-    parser.add_argument("--organs", default="typed", choices=["typed", "random"], help="data.phantom_organs")
+    parser.add_argument("--organs", default="typed", choices=PHANTOM_ORGANS, help="data.phantom_organs")
     parser.add_argument("--covariates", action="store_true",
                         help="data.phantom_covariates: bodies of varying size, half with a cavity")
     parser.add_argument("--scheduler", default="ddim", choices=SAMPLERS["ddpm"],

@@ -4,7 +4,7 @@ by a seed. They let every command run without data and the tests check learning 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -93,9 +93,20 @@ TYPED_ORGAN_DISTANCE = (0.42, 0.48)  # range of a typed organ centre's distance 
 TYPED_INNER_LIMIT = 0.82  # a typed organ reaches this radius at most (the soft tissue reaches 0.8-0.9)
 
 
-def _body_frame(shape: tuple[int, ...], rng: np.random.Generator,
-                body_scale: float) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
-    """Coordinates ``p`` in which the body is the unit ball (p = R^T (x - c) / a), with c, a and R."""
+class _Body(NamedTuple):
+    """A phantom's body: ``labels`` (1 shell, 2 soft tissue), the body-frame coordinates ``p`` in which it is the
+    unit ball (p = R^T (x - c) / a), their squared radius, and c, a and R."""
+
+    labels: np.ndarray
+    p: list[np.ndarray]
+    radius2: np.ndarray
+    center: np.ndarray
+    axes: np.ndarray
+    rot: np.ndarray
+
+
+def _body(shape: tuple[int, ...], rng: np.random.Generator, body_scale: float) -> _Body:
+    """Draw the body (a rotated, shifted ellipsoid) and label its shell and soft tissue."""
     ndim = len(shape)
     coords = _grid(shape)
     body_center = rng.uniform(-0.05, 0.05, size=ndim)
@@ -105,7 +116,11 @@ def _body_frame(shape: tuple[int, ...], rng: np.random.Generator,
         sum(body_rot[j, k] * (coords[j] - np.float32(body_center[j])) for j in range(ndim)) / np.float32(body_axes[k])
         for k in range(ndim)
     ]
-    return p, body_center, body_axes, body_rot
+    radius2 = sum(pk * pk for pk in p)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[radius2 <= 1.0] = 1
+    labels[radius2 <= rng.uniform(0.8, 0.9) ** 2] = 2
+    return _Body(labels, p, radius2, body_center, body_axes, body_rot)
 
 
 def _typed_labels(shape: tuple[int, ...], rng: np.random.Generator, body_scale: float,
@@ -115,11 +130,7 @@ def _typed_labels(shape: tuple[int, ...], rng: np.random.Generator, body_scale: 
     along a random direction, at random distances (they may touch: the later organ covers the earlier). The
     cavity (last label) lies under the organs."""
     ndim = len(shape)
-    p, _, _, _ = _body_frame(shape, rng, body_scale)
-    radius2 = sum(pk * pk for pk in p)
-    labels = np.zeros(shape, dtype=np.uint8)
-    labels[radius2 <= 1.0] = 1
-    labels[radius2 <= rng.uniform(0.8, 0.9) ** 2] = 2
+    labels, p, radius2 = _body(shape, rng, body_scale)[:3]
     num_labels = 3 + TYPED_ORGANS
     if cavity:
         labels[radius2 <= CAVITY_RADIUS**2] = num_labels
@@ -145,7 +156,6 @@ def _typed_intensities(num_labels: int) -> np.ndarray:
     return lut
 
 
-
 def _phantom_labels(shape: tuple[int, ...], rng: np.random.Generator, body_scale: float = 1.0,
                     cavity: bool = False) -> tuple[np.ndarray, int]:
     """Label map of an anatomy-like phantom.
@@ -164,11 +174,7 @@ def _phantom_labels(shape: tuple[int, ...], rng: np.random.Generator, body_scale
         (labels of ``shape`` as uint8, number of labels including background).
     """
     ndim = len(shape)
-    p, body_center, body_axes, body_rot = _body_frame(shape, rng, body_scale)
-    radius2 = sum(pk * pk for pk in p)
-    labels = np.zeros(shape, dtype=np.uint8)
-    labels[radius2 <= 1.0] = 1
-    labels[radius2 <= rng.uniform(0.8, 0.9) ** 2] = 2
+    labels, p, radius2, body_center, body_axes, body_rot = _body(shape, rng, body_scale)
     next_label = 3
     for _ in range(int(rng.integers(5, 10))):
         axes = np.clip(rng.uniform(0.12, 0.4) * rng.uniform(0.7, 1.3, size=ndim), 0.08, 0.5)
